@@ -1,0 +1,155 @@
+"""The only module that runs processes.
+
+It runs plans (one `tc -batch` per device), prints them instead under
+`--dry-run`, echoes them under `-v`, checks what must hold before anything
+changes (root, binaries, devices, kernel features), and undoes a tree that
+failed half-way so a device is never left half-shaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from shapekit.errors import CommandFailed, UsageError
+from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
+
+# The Debian package that ships each binary shapekit runs.
+PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux"}
+
+_BATCH_FAILED_LINE = re.compile(r"^Command failed -:(\d+)\s*$", re.MULTILINE)
+_NOISE = re.compile(r"^(Command failed -:\d+|Warning: .*)\s*$")
+
+
+def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
+    """Run one process; its stdout, or CommandFailed with its stderr."""
+    import sh  # slow to import (~60 ms): only commands that run something pay for it
+
+    try:
+        command = sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise UsageError(missing_binary(argv[0])) from None
+    try:
+        return str(command(*argv[1:], _in=stdin, _tty_out=False, _env=_c_locale()))
+    except sh.ErrorReturnCode as exc:
+        raise CommandFailed(shlex.join(argv), exc.stderr.decode(errors="replace")) from None
+
+
+def _c_locale() -> dict[str, str]:
+    # Error text we parse (tc's "Command failed -:N") must not be translated.
+    return {**os.environ, "LC_ALL": "C"}
+
+
+def missing_binary(name: str) -> str:
+    package = PACKAGES.get(name, name)
+    return f"`{name}` is not installed or not in PATH: install it (apt-get install {package})"
+
+
+@dataclass
+class Runner:
+    """Runs plans, or prints them (`dry_run`), echoing each command when `verbose`."""
+
+    dry_run: bool = False
+    verbose: bool = False
+    out: TextIO = sys.stdout
+    err: TextIO = sys.stderr
+
+    def query(self, argv: Argv) -> str:
+        """A read-only command: it runs under --dry-run too."""
+        return run_command(argv)
+
+    def tc_batch(self, header: str, cmds: list[Argv]) -> None:
+        if not cmds:
+            return
+        if self.dry_run:
+            self.out.write(shell_script(header, cmds))
+            return
+        if self.verbose:
+            self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
+        run_command(("tc", "-batch", "-"), batch_text(cmds))
+
+
+def require_root(dry_run: bool, command: str) -> None:
+    if not dry_run and os.geteuid() != 0:
+        raise UsageError(f"{command} changes the kernel's shaping and must run as root (or review it with --dry-run)")
+
+
+def require_binaries(names: Sequence[str]) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            raise UsageError(missing_binary(name))
+
+
+def require_devices(names: Sequence[str]) -> None:
+    for name in names:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise UsageError(
+                f"device {name!r} does not exist: check the name against `ip link`, or pass --dev with the devices to shape"
+            ) from None
+
+
+def probe_kernel(runner: Runner, features: list[KernelFeature]) -> None:
+    """Try each feature on `lo` of a throwaway network namespace; refuse what the kernel lacks.
+
+    Nothing outside that namespace changes. Where namespaces cannot be made
+    (no privilege), the probe is skipped and a missing piece shows up when
+    the plan runs.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return
+    missing = []
+    for feature in features:
+        text = "".join(line + "\n" for line in feature.lines)
+        try:
+            run_command(("unshare", "--net", "--", "tc", "-batch", "-"), text)
+        except CommandFailed as exc:
+            if not _BATCH_FAILED_LINE.search(exc.stderr):
+                return  # the namespace itself could not be made: cannot probe
+            missing.append(f"the kernel lacks {feature.name}: {feature.fix}")
+    if missing:
+        raise UsageError("; ".join(missing))
+
+
+def read_root(runner: Runner, dev: str) -> RootQdisc:
+    """The root qdisc of `dev` now."""
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev, "root")) or "[]")
+    root = next((q for q in qdiscs if q.get("root")), None)
+    if root is None:
+        return RootQdisc(kind="noqueue", handle="0:")
+    return RootQdisc(kind=root["kind"], handle=root["handle"])
+
+
+def devices_with_root(runner: Runner, handle: str, kind: str) -> list[str]:
+    """Every device here whose root qdisc is `kind` with `handle`."""
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
+    return [q["dev"] for q in qdiscs if q.get("root") and q.get("handle") == handle and q.get("kind") == kind]
+
+
+def apply_tree(runner: Runner, dev: str, cmds: list[Argv]) -> None:
+    """Run a device's tree as one batch; on failure leave the device without it."""
+    try:
+        runner.tc_batch(f"{dev}: shapekit's HTB tree (run as one tc -batch)", cmds)
+    except CommandFailed as exc:
+        raise _undo_tree(runner, dev, cmds, exc) from None
+
+
+def _undo_tree(runner: Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -> CommandFailed:
+    match = _BATCH_FAILED_LINE.search(exc.stderr)
+    failed = shlex.join(cmds[int(match.group(1)) - 1]) if match and int(match.group(1)) <= len(cmds) else exc.command
+    # Keep the error; drop the line number and HTB's quantum warnings about other lines.
+    stderr = "\n".join(line for line in exc.stderr.splitlines() if not _NOISE.match(line))
+    try:
+        runner.tc_batch(f"{dev}: undo", plan_flush(dev, read_root(runner, dev)))
+    except CommandFailed as undo:
+        return CommandFailed(failed, stderr, f"removing the partial tree from {dev} failed too: {undo}")
+    return CommandFailed(failed, stderr, f"{dev} was left unshaped (shapekit's partial tree removed)")

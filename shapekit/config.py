@@ -1,0 +1,351 @@
+"""TOML → validated, typed configuration.
+
+Every error is found here, before anything runs, and names the file, the key
+and the reason. Class ids and marks are allocated here, deterministically:
+the same file always gives the same ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shapekit.errors import UsageError
+from shapekit.units import UnitError, format_rate, parse_rate, parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/shapekit/shapekit.toml")
+
+# What shapekit owns on a device: the root HTB qdisc `5c:` and the top class
+# `5c:1` at the line rate. Every class gets minor N and a leaf qdisc `N:`, so
+# minors 0, 1 and 0x5c are taken.
+ROOT_MAJOR = 0x5C
+TOP_MINOR = 0x1
+FIRST_MINOR = 0x10
+MAX_MINOR = 0xFFFF
+# Marks shapekit allocates: the class minor in shapekit's own mark range.
+MARK_BASE = 0x5C0000
+MAX_PRIO = 7
+MAX_DEPTH = 7  # HTB allows 8 levels; the top class takes one
+
+Leaf = Literal["sfq", "fq_codel", "pfifo", "none"]
+Classifier = Literal["fw", "classify"]
+LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "pfifo", "none")
+CLASSIFIERS: tuple[Classifier, ...] = ("fw", "classify")
+IMPLICIT_DEFAULT = "default"
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+
+_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes"}
+_CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid"}
+_TOP_KEYS = {"device"}
+
+
+@dataclass(frozen=True)
+class HtbClass:
+    """One HTB class below the top class; `parent` None means the top class."""
+
+    name: str
+    minor: int
+    parent: str | None
+    rate: int  # bits/s
+    ceil: int  # bits/s
+    is_leaf: bool
+    mark: int | None = None  # leaf classes only
+    prio: int | None = None
+    burst: int | None = None  # bytes
+    cburst: int | None = None
+    quantum: int | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    rate: int  # the line rate, bits/s
+    default: str  # name of the leaf class unclassified traffic goes to
+    leaf: Leaf
+    classifier: Classifier
+    classes: tuple[HtbClass, ...]  # parents before children, siblings in file order
+
+    def by_name(self, name: str) -> HtbClass:
+        return next(c for c in self.classes if c.name == name)
+
+    @property
+    def default_class(self) -> HtbClass:
+        return self.by_name(self.default)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    devices: dict[str, Device]
+
+
+class ConfigError(UsageError):
+    def __init__(self, path: Path, key: str, reason: str) -> None:
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + reason)
+
+
+def config_path(option: Path | None) -> Path:
+    """--config, else $SHAPEKIT_CONFIG, else /etc/shapekit/shapekit.toml."""
+    if option is not None:
+        return option
+    env = os.environ.get("SHAPEKIT_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_config(path: Path, *, check_owner: bool) -> Config:
+    """Read, parse and validate `path`; `check_owner` refuses files others can write."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file (pass --config PATH or set SHAPEKIT_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
+    if check_owner:
+        _check_not_writable_by_others(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
+    return parse_config(data, path)
+
+
+def _check_not_writable_by_others(path: Path) -> None:
+    # The file drives root commands: whoever can write it (or swap it) is root.
+    for target in (path, path.resolve().parent):
+        info = target.stat()
+        sticky_dir = target.is_dir() and info.st_mode & stat.S_ISVTX
+        if info.st_uid != 0:
+            reason = f"{target} is owned by uid {info.st_uid}, not root; it drives root commands: chown root {target}"
+        elif info.st_mode & stat.S_IWOTH and not sticky_dir:
+            reason = f"{target} is writable by any user; it drives root commands: chmod o-w {target}"
+        elif info.st_mode & stat.S_IWGRP and info.st_gid != 0 and not sticky_dir:
+            reason = f"{target} is writable by group {info.st_gid}; it drives root commands: chmod g-w {target}"
+        else:
+            continue
+        raise ConfigError(path, "", reason)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(_TOP_KEYS))})")
+    devices_raw = data.get("device")
+    if not isinstance(devices_raw, dict) or not devices_raw:
+        raise ConfigError(path, "device", "no devices: add a [device.NAME] table with a rate")
+    devices = {name: _parse_device(path, name, raw) for name, raw in devices_raw.items()}
+    return Config(path=path, devices=devices)
+
+
+def _table(path: Path, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, key, f"must be a table, not {value!r}")
+    return value
+
+
+def _unknown_keys(path: Path, key: str, table: dict[str, Any], known: set[str]) -> None:
+    for name in table:
+        if name not in known:
+            raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _rate(path: Path, key: str, value: Any) -> int:
+    try:
+        return parse_rate(value)
+    except UnitError as exc:
+        raise ConfigError(path, key, str(exc)) from None
+
+
+def _size(path: Path, key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except UnitError as exc:
+        raise ConfigError(path, key, str(exc)) from None
+
+
+def _int(path: Path, key: str, value: Any, low: int, high: int, hint: str = "") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, key, f"must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(path, key, f"{value} is out of range: use {low}..{high}{hint}")
+    return value
+
+
+def _choice(path: Path, key: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise ConfigError(path, key, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def _parse_device(path: Path, name: str, raw: Any) -> Device:
+    key = f"device.{name}"
+    table = _table(path, key, raw)
+    if not _IFNAME.match(name):
+        raise ConfigError(path, key, "not a network interface name (1-15 characters, no spaces, '/' or ':')")
+    _unknown_keys(path, key, table, _DEVICE_KEYS)
+    if "rate" not in table:
+        raise ConfigError(path, f"{key}.rate", 'missing: the line rate, e.g. rate = "100mbit"')
+    rate = _rate(path, f"{key}.rate", table["rate"])
+    leaf = _choice(path, f"{key}.leaf", table.get("leaf", "sfq"), LEAVES)
+    classifier = _choice(path, f"{key}.classifier", table.get("classifier", "fw"), CLASSIFIERS)
+    classes_raw = _table(path, f"{key}.classes", table.get("classes", {}))
+    default = table.get("default")
+    if default is None:
+        if classes_raw:
+            raise ConfigError(path, f"{key}.default", "missing: name the class that unmarked traffic goes to")
+        # A device with no classes (seed 002's tree) sends everything to one class at the line rate.
+        default = IMPLICIT_DEFAULT
+        classes_raw = {IMPLICIT_DEFAULT: {"rate": format_rate(rate)}}
+    if not isinstance(default, str) or default not in classes_raw:
+        raise ConfigError(path, f"{key}.default", f"{default!r} is not a class of {key}")
+    classes = _parse_classes(path, key, rate, classes_raw)
+    default_class = next(c for c in classes if c.name == default)
+    if not default_class.is_leaf:
+        raise ConfigError(path, f"{key}.default", f"{default!r} has child classes; name a leaf class")
+    return Device(name=name, rate=rate, default=default, leaf=leaf, classifier=classifier, classes=classes)
+
+
+def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]) -> tuple[HtbClass, ...]:
+    tables = {}
+    for name, value in raw.items():
+        key = f"{dev_key}.classes.{name}"
+        tables[name] = _table(path, key, value)
+        if not _NAME.match(name):
+            raise ConfigError(path, key, "a class name uses letters, digits, '_', '-' and '.'")
+        _unknown_keys(path, key, tables[name], _CLASS_KEYS)
+        parent = tables[name].get("parent")
+        if parent is not None and parent not in raw:
+            raise ConfigError(path, f"{key}.parent", f"{parent!r} is not a class of {dev_key}")
+        if parent == name:
+            raise ConfigError(path, f"{key}.parent", "a class cannot be its own parent")
+    order = _tree_order(path, dev_key, tables)
+    parents = {tables[n].get("parent") for n in tables}
+    minors = _allocate_minors(path, dev_key, tables, order)
+    marks = _allocate_marks(path, dev_key, tables, order, parents, minors)
+    ceils: dict[str | None, int] = {None: line_rate}
+    classes = []
+    for name in order:
+        key = f"{dev_key}.classes.{name}"
+        table = tables[name]
+        parent = table.get("parent")
+        if "rate" not in table:
+            raise ConfigError(path, f"{key}.rate", "missing: the rate this class is guaranteed")
+        rate = _rate(path, f"{key}.rate", table["rate"])
+        ceil = _rate(path, f"{key}.ceil", table["ceil"]) if "ceil" in table else ceils[parent]
+        if rate > ceil:
+            raise ConfigError(path, f"{key}.rate", f"{format_rate(rate)} is above the ceil {format_rate(ceil)}")
+        if ceil > ceils[parent]:
+            above = "the device rate" if parent is None else f"the ceil of {parent!r}"
+            raise ConfigError(
+                path, f"{key}.ceil", f"{format_rate(ceil)} is above {above} ({format_rate(ceils[parent])})"
+            )
+        ceils[name] = ceil
+        classes.append(
+            HtbClass(
+                name=name,
+                minor=minors[name],
+                parent=parent,
+                rate=rate,
+                ceil=ceil,
+                is_leaf=name not in parents,
+                mark=marks.get(name),
+                prio=_int(
+                    path, f"{key}.prio", table.get("prio"), 0, MAX_PRIO, " (the kernel clamps higher values to 7)"
+                ),
+                burst=_size(path, f"{key}.burst", table.get("burst")),
+                cburst=_size(path, f"{key}.cburst", table.get("cburst")),
+                quantum=_size(path, f"{key}.quantum", table.get("quantum")),
+            )
+        )
+    return tuple(classes)
+
+
+def _tree_order(path: Path, dev_key: str, tables: dict[str, dict[str, Any]]) -> list[str]:
+    """Class names with every parent before its children, siblings in file order."""
+    order: list[str] = []
+
+    def visit(parent: str | None, depth: int) -> None:
+        for name, table in tables.items():
+            if table.get("parent") == parent:
+                if depth > MAX_DEPTH:
+                    raise ConfigError(path, f"{dev_key}.classes.{name}", f"nested deeper than HTB's {MAX_DEPTH} levels")
+                order.append(name)
+                visit(name, depth + 1)
+
+    visit(None, 1)
+    for name in tables:
+        if name not in order:
+            raise ConfigError(path, f"{dev_key}.classes.{name}.parent", "the parents form a loop")
+    return order
+
+
+def _allocate_minors(path: Path, dev_key: str, tables: dict[str, dict[str, Any]], order: list[str]) -> dict[str, int]:
+    taken = {0, TOP_MINOR, ROOT_MAJOR}
+    minors: dict[str, int] = {}
+    for name in order:
+        key = f"{dev_key}.classes.{name}.classid"
+        minor = _int(
+            path, key, tables[name].get("classid"), FIRST_MINOR, MAX_MINOR, " (the class minor, in hex: 0x1010)"
+        )
+        if minor is None:
+            continue
+        if minor in taken:
+            owner = next((n for n, m in minors.items() if m == minor), "shapekit")
+            raise ConfigError(path, key, f"{minor:#x} is already used by {owner}")
+        taken.add(minor)
+        minors[name] = minor
+    free = (m for m in range(FIRST_MINOR, MAX_MINOR + 1) if m not in taken)
+    for name in order:
+        if name not in minors:
+            minors[name] = next(free)
+    return minors
+
+
+def _allocate_marks(
+    path: Path,
+    dev_key: str,
+    tables: dict[str, dict[str, Any]],
+    order: list[str],
+    parents: set[str | None],
+    minors: dict[str, int],
+) -> dict[str, int]:
+    marks: dict[str, int] = {}
+    for name in order:
+        key = f"{dev_key}.classes.{name}.mark"
+        mark = _int(path, key, tables[name].get("mark"), 1, 0xFFFFFFFF)
+        if mark is None:
+            continue
+        if name in parents:
+            raise ConfigError(path, key, "only a leaf class takes marked traffic; this class has child classes")
+        if mark in marks.values():
+            other = next(n for n, m in marks.items() if m == mark)
+            raise ConfigError(path, key, f"mark {mark} is already the mark of class {other!r}")
+        marks[name] = mark
+    for name in order:
+        if name not in parents and name not in marks:
+            mark = MARK_BASE | minors[name]
+            if mark in marks.values():
+                other = next(n for n, m in marks.items() if m == mark)
+                raise ConfigError(
+                    path, f"{dev_key}.classes.{other}.mark", f"{mark} is the mark shapekit gives {name!r}; pick another"
+                )
+            marks[name] = mark
+    return marks

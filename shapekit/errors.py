@@ -1,0 +1,28 @@
+"""The two ways a shapekit command fails, each with its exit status."""
+
+from __future__ import annotations
+
+
+class ShapekitError(Exception):
+    """A failure reported as one line; `exit_code` is the process exit status."""
+
+    exit_code = 1
+
+
+class UsageError(ShapekitError):
+    """Bad input (options, config, values, environment): nothing was changed."""
+
+    exit_code = 2
+
+
+class CommandFailed(ShapekitError):
+    """A system command failed; the message names it and carries its stderr."""
+
+    exit_code = 1
+
+    def __init__(self, command: str, stderr: str, outcome: str = "") -> None:
+        detail = " ".join(stderr.split()) or "no error output"
+        message = f"`{command}` failed: {detail}"
+        super().__init__(f"{message}; {outcome}" if outcome else message)
+        self.command = command
+        self.stderr = stderr

@@ -1,0 +1,116 @@
+"""tc's units, with tc's meaning: rates in bits per second, sizes in bytes.
+
+Rates are parsed to whole bits per second and written back in the largest
+decimal unit that divides them exactly, so `512kbps` becomes `4096kbit`.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+_RATE_UNITS: dict[str, int] = {
+    "bit": 1,
+    "kbit": 10**3,
+    "mbit": 10**6,
+    "gbit": 10**9,
+    "tbit": 10**12,
+    "kibit": 2**10,
+    "mibit": 2**20,
+    "gibit": 2**30,
+    "tibit": 2**40,
+    "bps": 8,
+    "kbps": 8 * 10**3,
+    "mbps": 8 * 10**6,
+    "gbps": 8 * 10**9,
+    "tbps": 8 * 10**12,
+    "kibps": 8 * 2**10,
+    "mibps": 8 * 2**20,
+    "gibps": 8 * 2**30,
+    "tibps": 8 * 2**40,
+}
+
+# Units people write that tc does not read the way they mean: name both readings.
+_AMBIGUOUS_RATE = {"": "", "b": "", "k": "k", "kb": "k", "m": "m", "mb": "m", "g": "g", "gb": "g"}
+
+# tc's own size units (tc_util.c get_size): k/kb are kilobytes there.
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "kbit": 1024 // 8,
+    "mbit": 1024**2 // 8,
+    "gbit": 1024**3 // 8,
+}
+
+_FORMAT_RATE = (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1))
+
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class UnitError(ValueError):
+    """A value that is not a valid rate or size; the message says why."""
+
+
+def _split(text: str | int, what: str) -> tuple[Decimal, str]:
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise UnitError(f"{what} must be a string like '10mbit', not {text!r}")
+    match = _NUMBER_UNIT.match(str(text))
+    if not match:
+        raise UnitError(f"{text!r} is not a {what} (expected a number and a unit, e.g. '10mbit')")
+    try:
+        number = Decimal(match.group(1))
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        raise UnitError(f"{text!r} is not a number") from exc
+    return number, match.group(2).lower()
+
+
+def _whole(number: Decimal, scale: int, text: str | int, what: str) -> int:
+    value = number * scale
+    if value != value.to_integral_value():
+        raise UnitError(f"{text!r} is not a whole number of {what}")
+    return int(value)
+
+
+def parse_rate(text: str | int) -> int:
+    """A tc rate ('100mbit', '512kbps') as bits per second; ambiguous units refused."""
+    number, unit = _split(text, "rate")
+    if unit in _AMBIGUOUS_RATE:
+        prefix = _AMBIGUOUS_RATE[unit]
+        raise UnitError(
+            f"{text!r} is ambiguous: write '{number}{prefix}bit' ({prefix}bits/s) "
+            f"or '{number}{prefix}bps' ({prefix}bytes/s)"
+        )
+    if unit not in _RATE_UNITS:
+        raise UnitError(
+            f"{text!r} has an unknown rate unit {unit!r} (use bit, kbit, mbit, gbit, "
+            "or bps, kbps, mbps, gbps for bytes/s)"
+        )
+    bits = _whole(number, _RATE_UNITS[unit], text, "bits/s")
+    if bits <= 0:
+        raise UnitError(f"{text!r} is zero: a rate must be above 0")
+    return bits
+
+
+def format_rate(bits: int) -> str:
+    """Bits per second in the largest decimal tc unit that divides them exactly."""
+    for unit, scale in _FORMAT_RATE:
+        if bits % scale == 0:
+            return f"{bits // scale}{unit}"
+    raise AssertionError("unreachable: every integer is a whole number of bits")
+
+
+def parse_size(text: str | int) -> int:
+    """A tc size ('5k', '1600b', 1514) as bytes, with tc's meaning (k = 1024 bytes)."""
+    number, unit = _split(text, "size")
+    if unit not in _SIZE_UNITS:
+        raise UnitError(f"{text!r} has an unknown size unit {unit!r} (use b, k, m, g or kbit, mbit)")
+    size = _whole(number, _SIZE_UNITS[unit], text, "bytes")
+    if size <= 0:
+        raise UnitError(f"{text!r} is zero: a size must be above 0")
+    return size

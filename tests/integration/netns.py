@@ -1,0 +1,135 @@
+"""Real-kernel helpers: network namespaces and veth pairs, and reading tc state back.
+
+Everything happens inside namespaces the fixture creates, with addresses
+from 198.18.0.0/15 and fd00::/8; the host's own namespace is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def sh(*argv: str, check: bool = True, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def script(name: str) -> str:
+    """A shapekit console script of the Python running the tests."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+_RATE = re.compile(r"^([0-9.]+)([KMGT]?)bit$")
+_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def tc_rate(text: str) -> int:
+    """A rate as `tc class show` prints it ('2Mbit') in bits/s."""
+    match = _RATE.match(text)
+    assert match, f"not a tc rate: {text!r}"
+    return round(float(match.group(1)) * _SCALE[match.group(2)])
+
+
+def parse_classes(text: str) -> dict[str, dict[str, str]]:
+    """`tc class show` text by class id. (iproute2 6.1 prints no JSON for HTB classes.)"""
+    classes = {}
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) < 3 or tokens[0] != "class":
+            continue
+        fields: dict[str, str] = {"kind": tokens[1]}
+        rest = tokens[3:]
+        i = 0
+        while i < len(rest):
+            if rest[i] == "root":
+                fields["parent"] = "root"
+                i += 1
+            else:
+                fields[rest[i]] = rest[i + 1] if i + 1 < len(rest) else ""
+                i += 2
+        classes[tokens[2]] = fields
+    return classes
+
+
+@dataclass
+class Namespace:
+    name: str
+    dev: str
+    addr4: str
+    addr6: str
+
+    def run(self, *argv: str, check: bool = True, stdin: str | None = None, timeout: float = 60):
+        return sh("ip", "netns", "exec", self.name, *argv, check=check, stdin=stdin, timeout=timeout)
+
+
+@dataclass
+class NetPair:
+    """Two namespaces joined by a veth pair: `left` sends through the shaped device to `right`."""
+
+    left: Namespace
+    right: Namespace
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dev(self) -> str:
+        return self.left.dev
+
+    def write_config(self, text: str, name: str = "shapekit.toml") -> Path:
+        path = self.workdir / name
+        path.write_text(text.replace("DEV", self.dev))
+        path.chmod(0o644)
+        return path
+
+    def shapekit(self, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a shapekit command inside the left namespace."""
+        argv = ("ip", "netns", "exec", self.left.name, script(command), *args)
+        result = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{command} {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def qdiscs(self) -> list[dict]:
+        return json.loads(self.left.run("tc", "-j", "qdisc", "show", "dev", self.dev).stdout)
+
+    def classes(self) -> dict[str, dict[str, str]]:
+        return parse_classes(self.left.run("tc", "class", "show", "dev", self.dev).stdout)
+
+    def snapshot(self) -> tuple[str, str, str]:
+        """Everything tc says about the device, without counters."""
+        show = ("qdisc", "class", "filter")
+        return tuple(self.left.run("tc", "-d", kind, "show", "dev", self.dev).stdout for kind in show)
+
+    def goodput(self, seconds: int = 4, ipv6: bool = False) -> float:
+        """TCP goodput left → right in bits/s, measured by iperf3 at the receiver."""
+        server_addr = self.right.addr6 if ipv6 else self.right.addr4
+        port = str(5201 + secrets.randbelow(1000))
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", self.right.name, "iperf3", "-s", "-1", "-B", server_addr, "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(50):
+                result = self.left.run(
+                    "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-O", "1", "-J",
+                    check=False, timeout=seconds + 30,
+                )  # fmt: skip
+                report = json.loads(result.stdout or "{}")
+                if "error" not in report:
+                    return float(report["end"]["sum_received"]["bits_per_second"])
+                if "connect" not in report["error"]:
+                    raise AssertionError(f"iperf3: {report['error']}")
+                time.sleep(0.1)
+            raise AssertionError("iperf3 server did not start")
+        finally:
+            server.kill()
+            server.wait()
