@@ -16,7 +16,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from shapekit.errors import CommandFailed, UsageError
@@ -59,8 +59,8 @@ class Runner:
 
     dry_run: bool = False
     verbose: bool = False
-    out: TextIO = sys.stdout
-    err: TextIO = sys.stderr
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
 
     def query(self, argv: Argv) -> str:
         """A read-only command: it runs under --dry-run too."""

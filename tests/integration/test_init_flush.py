@@ -174,7 +174,7 @@ def test_a_failing_tc_command_leaves_the_device_unshaped(netpair):
     fake_tc.write_text(
         "#!/bin/sh\n"
         'if [ "$1" = "-batch" ]; then\n'
-        '  batch=$(cat)\n'
+        "  batch=$(cat)\n"
         f'  case "$batch" in *"class add dev sk"*) ;; *) printf "%s\\n" "$batch" | {real_tc} "$@"; exit $?;; esac\n'
         f'  printf "%s\\n" "$batch" | head -n 4 | {real_tc} -batch - || exit 1\n'
         '  echo "Error: injected failure." >&2; echo "Command failed -:5" >&2; exit 1\n'

@@ -1,0 +1,83 @@
+"""Unit fixtures: no root, no kernel. Every process shapekit would run goes to a mock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_CONFIG = REPO / "conf" / "shapekit.toml"
+INCIDENT_CONFIG = REPO / "conf" / "examples" / "incident.toml"
+
+
+@dataclass
+class System:
+    """What the mocked machine answers, and what shapekit asked it to run."""
+
+    run: MagicMock
+    roots: dict[str, dict] = field(default_factory=dict)  # dev -> root qdisc as tc -j prints it
+
+    def answer(self, argv, stdin=None):
+        argv = tuple(argv)
+        if argv[:4] == ("tc", "-j", "qdisc", "show"):
+            if len(argv) > 4:  # one device's root
+                return json.dumps([self.roots.get(argv[5], {"kind": "noqueue", "handle": "0:", "root": True})])
+            return json.dumps([{**q, "dev": dev} for dev, q in self.roots.items()])
+        return ""
+
+    @property
+    def calls(self) -> list[tuple[tuple[str, ...], str | None]]:
+        """(argv, stdin) of every process run, in order."""
+        return [
+            (tuple(c.args[0]), c.args[1] if len(c.args) > 1 else c.kwargs.get("stdin")) for c in self.run.call_args_list
+        ]
+
+    def batches(self) -> list[str]:
+        return [stdin for argv, stdin in self.calls if argv == ("tc", "-batch", "-")]
+
+
+@pytest.fixture
+def system(mocker, tmp_path, monkeypatch) -> System:
+    """A root shell on a machine with eth0 and eth1 and every tool, where nothing really runs."""
+    monkeypatch.setenv("SHAPEKIT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("SHAPEKIT_CONFIG", raising=False)
+    run = mocker.patch("shapekit.apply.run_command")
+    fake = System(run=run)
+    run.side_effect = fake.answer
+    mocker.patch("os.geteuid", return_value=0)
+    mocker.patch("shutil.which", side_effect=lambda name: f"/usr/sbin/{name}")
+
+    def if_nametoindex(name: str) -> int:
+        if name not in ("eth0", "eth1", "lo"):
+            raise OSError(19, "No such device")
+        return 2
+
+    mocker.patch("socket.if_nametoindex", side_effect=if_nametoindex)
+    mocker.patch("shapekit.config._check_not_writable_by_others")
+    return fake
+
+
+@pytest.fixture
+def cli():
+    """Run a typer app as its console script would; returns click's Result."""
+    runner = CliRunner()
+
+    def invoke(app, *args: str):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(text: str, name: str = "shapekit.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

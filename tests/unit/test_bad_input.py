@@ -1,0 +1,249 @@
+"""Bad input: one line naming the problem and the fix, exit 2, and nothing run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import SEED_CONFIG
+
+from shapekit.cli import flush_app, init_app
+from shapekit.config import load_config
+from shapekit.errors import CommandFailed, UsageError
+
+GOOD = """
+[device.eth0]
+rate = "100mbit"
+default = "bulk"
+[device.eth0.classes.shaped]
+rate = "50mbit"
+[device.eth0.classes.bulk]
+parent = "shaped"
+rate = "1mbit"
+"""
+
+# case: (config text, what the one line must say)
+BAD_CONFIGS = {
+    "toml syntax error": ('[device.eth0]\nrate = "100mbit\n', "TOML syntax error: "),
+    "toml error has line and column": ("[device.eth0]\nrate = 100mbit\n", "(at line 2, column"),
+    "no device": ("", "device: no devices"),
+    "unknown section": (GOOD + "[shaping]\nx = 1\n", "shaping: unknown section"),
+    "device not a table": ('device = "eth0"\n', "device: no devices"),
+    "bad interface name": ('[device."eth 0"]\nrate = "1mbit"\n', "not a network interface name"),
+    "interface name too long": ('[device.abcdefghijklmnop]\nrate = "1mbit"\n', "1-15 characters"),
+    "missing line rate": ("[device.eth0]\n", "device.eth0.rate: missing"),
+    "ambiguous kb": (
+        '[device.eth0]\nrate = "100kb"\n',
+        "'100kb' is ambiguous: write '100kbit' (kbits/s) or '100kbps' (kbytes/s)",
+    ),
+    "ambiguous k": ('[device.eth0]\nrate = "100k"\n', "'100k' is ambiguous"),
+    "ambiguous mb": ('[device.eth0]\nrate = "5mb"\n', "write '5mbit' (mbits/s) or '5mbps' (mbytes/s)"),
+    "bare number": ("[device.eth0]\nrate = 100000\n", "100000 is ambiguous"),
+    "unknown unit": ('[device.eth0]\nrate = "10mbits"\n', "unknown rate unit 'mbits'"),
+    "zero rate": ('[device.eth0]\nrate = "0kbit"\n', "a rate must be above 0"),
+    "not a number": ('[device.eth0]\nrate = "fast"\n', "'fast' is not a rate"),
+    "fraction of a bit": ('[device.eth0]\nrate = "0.5bit"\n', "not a whole number of bits/s"),
+    "unknown device key": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\nburst = "5k"'),
+        "device.eth0.burst: unknown key",
+    ),
+    "unknown leaf": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\nleaf = "red"'),
+        "'red' is not one of 'sfq', 'fq_codel', 'pfifo', 'none'",
+    ),
+    "unknown classifier": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\nclassifier = "u32"'),
+        "device.eth0.classifier: 'u32' is not one of 'fw', 'classify'",
+    ),
+    "classes without default": (GOOD.replace('default = "bulk"\n', ""), "device.eth0.default: missing"),
+    "default not a class": (
+        GOOD.replace('default = "bulk"', 'default = "nope"'),
+        "device.eth0.default: 'nope' is not a class",
+    ),
+    "default is an inner class": (
+        GOOD.replace('default = "bulk"', 'default = "shaped"'),
+        "'shaped' has child classes; name a leaf class",
+    ),
+    "unknown class key": (GOOD + "priority = 1\n", "device.eth0.classes.bulk.priority: unknown key"),
+    "class without rate": (GOOD + "[device.eth0.classes.x]\nprio = 1\n", "device.eth0.classes.x.rate: missing"),
+    "unknown parent": (
+        GOOD.replace('parent = "shaped"', 'parent = "nope"'),
+        "classes.bulk.parent: 'nope' is not a class",
+    ),
+    "own parent": (GOOD.replace('parent = "shaped"', 'parent = "bulk"'), "a class cannot be its own parent"),
+    "parent loop": (
+        GOOD
+        + '[device.eth0.classes.a]\nrate = "1mbit"\nparent = "b"\n[device.eth0.classes.b]\nrate = "1mbit"\nparent = "a"\n',
+        "the parents form a loop",
+    ),
+    "rate above ceil": (
+        GOOD.replace('rate = "1mbit"', 'rate = "2mbit"\nceil = "1mbit"'),
+        "classes.bulk.rate: 2mbit is above the ceil 1mbit",
+    ),
+    "ceil above parent ceil": (
+        GOOD.replace('rate = "1mbit"', 'rate = "1mbit"\nceil = "200mbit"'),
+        "classes.bulk.ceil: 200mbit is above the ceil of 'shaped' (100mbit)",
+    ),
+    "ceil above line rate": (
+        GOOD.replace('rate = "50mbit"', 'rate = "50mbit"\nceil = "1gbit"'),
+        "1gbit is above the device rate (100mbit)",
+    ),
+    "prio above 7": (
+        GOOD + "prio = 10\n",
+        "classes.bulk.prio: 10 is out of range: use 0..7 (the kernel clamps higher values to 7)",
+    ),
+    "prio not an integer": (GOOD + 'prio = "high"\n', "classes.bulk.prio: must be an integer"),
+    "bad burst unit": (GOOD + 'burst = "5kbps"\n', "classes.bulk.burst: '5kbps' has an unknown size unit"),
+    "classid taken by shapekit": (GOOD + "classid = 0x5c\n", "0x5c is already used by shapekit"),
+    "classid out of range": (GOOD + "classid = 0x10000\n", "use 16..65535 (the class minor, in hex: 0x1010)"),
+    "classid twice": (
+        GOOD + "classid = 0x20\n" + '[device.eth0.classes.c]\nrate = "1mbit"\nclassid = 0x20\n',
+        "0x20 is already used by bulk",
+    ),
+    "mark on inner class": (
+        GOOD.replace('rate = "50mbit"', 'rate = "50mbit"\nmark = 5'),
+        "only a leaf class takes marked traffic",
+    ),
+    "mark collision": (
+        GOOD + 'mark = 7\n[device.eth0.classes.c]\nrate = "1mbit"\nmark = 7\n',
+        "classes.c.mark: mark 7 is already the mark of class 'bulk'",
+    ),
+    "mark out of range": (GOOD + "mark = 0\n", "classes.bulk.mark: 0 is out of range"),
+    "bad class name": (GOOD + '[device.eth0.classes."a b"]\nrate = "1mbit"\n', "a class name uses letters"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_config_error(system, cli, write_config, case):
+    text, expected = BAD_CONFIGS[case]
+    path = write_config(text)
+
+    result = cli(init_app, "--config", str(path))
+
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"shape-init: {path}: "), result.stderr
+    assert expected in result.stderr, result.stderr
+    assert system.calls == []
+
+
+def test_missing_config_file(system, cli, tmp_path):
+    result = cli(init_app, "--config", str(tmp_path / "nope.toml"))
+
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"shape-init: {tmp_path}/nope.toml: no such file (pass --config PATH or set SHAPEKIT_CONFIG)\n"
+    )
+    assert system.calls == []
+
+
+def test_unknown_dev(system, cli):
+    result = cli(init_app, "--config", str(SEED_CONFIG), "--dev", "eth7")
+
+    assert result.exit_code == 2
+    assert result.stderr == f"shape-init: --dev eth7: not a device in {SEED_CONFIG} (configured: eth0)\n"
+    assert system.calls == []
+
+
+def test_device_that_does_not_exist(system, cli, write_config):
+    result = cli(init_app, "--config", str(write_config('[device.wlan9]\nrate = "1mbit"\n')))
+
+    assert result.exit_code == 2
+    assert "device 'wlan9' does not exist" in result.stderr
+    assert system.calls == []
+
+
+@pytest.mark.parametrize("app", [init_app, flush_app], ids=["init", "flush"])
+def test_not_root(system, cli, mocker, app):
+    mocker.patch("os.geteuid", return_value=1000)
+
+    result = cli(app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2
+    assert "must run as root (or review it with --dry-run)" in result.stderr
+    assert system.calls == []
+
+
+def test_missing_binary(system, cli, mocker):
+    mocker.patch("shutil.which", return_value=None)
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == "shape-init: `tc` is not installed or not in PATH: install it (apt-get install iproute2)\n"
+    assert system.calls == []
+
+
+def test_missing_kernel_features_are_named_with_the_key_that_avoids_them(system, cli):
+    answer = system.answer
+
+    def kernel_without_sfq_and_fw(argv, stdin=None):
+        if argv[0] == "unshare" and ("sfq" in stdin or " fw " in stdin):
+            raise CommandFailed("unshare", "Error: Specified qdisc kind is unknown.\nCommand failed -:3\n")
+        return answer(argv, stdin)
+
+    system.run.side_effect = kernel_without_sfq_and_fw
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        'shape-init: the kernel lacks the sfq qdisc (sch_sfq): set leaf = "pfifo" (or "none") in [device.eth0]; '
+        'the kernel lacks the fw classifier (cls_fw): set classifier = "classify" in [device.eth0]\n'
+    )
+    assert system.batches() == []
+
+
+def test_probe_is_skipped_where_namespaces_cannot_be_made(system, cli):
+    answer = system.answer
+
+    def no_namespaces(argv, stdin=None):
+        if argv[0] == "unshare":
+            raise CommandFailed("unshare", "unshare: unshare failed: Operation not permitted\n")
+        return answer(argv, stdin)
+
+    system.run.side_effect = no_namespaces
+
+    assert cli(init_app, "--config", str(SEED_CONFIG)).exit_code == 0
+    assert len(system.batches()) == 1
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620])
+def test_config_writable_by_others_is_refused_as_root(tmp_path, mode, mocker):
+    path = tmp_path / "shapekit.toml"
+    path.write_text(GOOD)
+    path.chmod(mode)
+    mocker.patch("os.stat", side_effect=lambda p, *a, **k: _stat_as(Path(p), mode, path))
+
+    with pytest.raises(UsageError, match="it drives root commands: chmod [og]-w"):
+        load_config(path, check_owner=True)
+
+
+def _stat_as(target: Path, mode: int, path: Path):
+    """The file owned by root:staff (gid 50) with `mode`; its directory root's and 0755."""
+    import os
+    import stat
+
+    real = os.lstat(target)
+    fields = list(real)
+    fields[stat.ST_UID], fields[stat.ST_GID] = 0, 50
+    fields[stat.ST_MODE] = (stat.S_IFREG | mode) if target == path else (stat.S_IFDIR | 0o755)
+    return os.stat_result(fields)
+
+
+def test_config_owned_by_another_user_is_refused_as_root(tmp_path, mocker):
+    path = tmp_path / "shapekit.toml"
+    path.write_text(GOOD)
+    mocker.patch("os.stat", side_effect=lambda p, *a, **k: _owned_by(Path(p), 1000))
+
+    with pytest.raises(UsageError, match="owned by uid 1000, not root; it drives root commands: chown root"):
+        load_config(path, check_owner=True)
+
+
+def _owned_by(target: Path, uid: int):
+    import os
+    import stat
+
+    fields = list(os.lstat(target))
+    fields[stat.ST_UID] = uid
+    return os.stat_result(fields)

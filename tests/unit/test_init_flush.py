@@ -1,0 +1,195 @@
+"""shape-init and shape-flush: the exact commands, with every process mocked."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import INCIDENT_CONFIG, SEED_CONFIG
+
+from shapekit.cli import flush_app, init_app
+from shapekit.errors import CommandFailed
+
+# Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml.
+SEED_000_BATCH = """\
+qdisc add dev eth0 root handle 5c: htb default 1030
+class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit
+class add dev eth0 parent 5c:1 classid 5c:10 htb rate 50mbit ceil 50mbit prio 5
+class add dev eth0 parent 5c:10 classid 5c:1010 htb rate 10mbit ceil 50mbit prio 0
+qdisc add dev eth0 parent 5c:1010 handle 1010: sfq perturb 10
+class add dev eth0 parent 5c:10 classid 5c:1030 htb rate 512kbit ceil 50mbit prio 5
+qdisc add dev eth0 parent 5c:1030 handle 1030: sfq perturb 10
+class add dev eth0 parent 5c:10 classid 5c:1090 htb rate 512kbit ceil 2048kbit prio 7
+qdisc add dev eth0 parent 5c:1090 handle 1090: sfq perturb 10
+filter add dev eth0 parent 5c: protocol all prio 10 handle 11010 fw flowid 5c:1010
+filter add dev eth0 parent 5c: protocol all prio 10 handle 11030 fw flowid 5c:1030
+filter add dev eth0 parent 5c: protocol all prio 10 handle 11090 fw flowid 5c:1090
+"""
+
+PROBE = ("unshare", "--net", "--", "tc", "-batch", "-")
+PROBE_HTB = "qdisc add dev lo root handle 1: htb\nclass add dev lo parent 1: classid 1:1 htb rate 1mbit\n"
+READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
+BATCH = ("tc", "-batch", "-")
+
+
+def test_seed_000_tree_is_one_batch_after_the_kernel_probes(system, cli):
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.calls == [
+        (PROBE, PROBE_HTB),
+        (PROBE, PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: sfq perturb 10\n"),
+        (PROBE, PROBE_HTB + "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1\n"),
+        (READ_ROOT, None),
+        (BATCH, SEED_000_BATCH),
+    ]
+
+
+def test_classify_pfifo_variant_has_pfifo_leaves_and_no_fw_filters(system, cli, write_config):
+    text = (
+        SEED_CONFIG.read_text()
+        .replace('leaf = "sfq"', 'leaf = "pfifo"')
+        .replace('classifier = "fw"', 'classifier = "classify"')
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    expected = "".join(
+        line.replace("sfq perturb 10", "pfifo") + "\n" for line in SEED_000_BATCH.splitlines() if " fw " not in line
+    )
+    assert system.batches() == [expected]
+    assert [argv for argv, _ in system.calls].count(PROBE) == 2  # htb, pfifo: no fw probe
+
+
+def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_config):
+    text = SEED_CONFIG.read_text()
+    cli(init_app, "--config", str(write_config(text.replace('leaf = "sfq"', 'leaf = "none"'), "none.toml")))
+    cli(init_app, "--config", str(write_config(text.replace('leaf = "sfq"', 'leaf = "fq_codel"'), "fq.toml")))
+
+    none, fq_codel = system.batches()
+    assert " qdisc add dev eth0 parent" not in none and "sfq" not in none
+    assert "qdisc add dev eth0 parent 5c:1010 handle 1010: fq_codel\n" in fq_codel
+
+
+def test_seed_002_tree_is_a_default_class_at_the_line_rate(system, cli):
+    result = cli(init_app, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches() == [
+        "qdisc add dev eth0 root handle 5c: htb default 10\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit\n"
+        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+    ]
+
+
+def test_an_existing_root_qdisc_is_deleted_first(system, cli):
+    system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}
+
+    cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert system.batches() == ["qdisc del dev eth0 root\n" + SEED_000_BATCH]
+
+
+def test_sizes_are_bytes_and_allocated_ids_follow_file_order(system, cli, write_config):
+    config = write_config(
+        '[device.eth1]\nrate = "2gbit"\ndefault = "b"\nleaf = "none"\nclassifier = "classify"\n'
+        '[device.eth1.classes.a]\nrate = "1kbps"\nburst = "5k"\ncburst = 3000\nquantum = "1514b"\n'
+        '[device.eth1.classes.b]\nrate = "1.5mbit"\nceil = "1gibit"\n'
+    )
+
+    result = cli(init_app, "--config", str(config))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches() == [
+        "qdisc add dev eth1 root handle 5c: htb default 11\n"
+        "class add dev eth1 parent 5c: classid 5c:1 htb rate 2gbit ceil 2gbit\n"
+        "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit burst 5120b cburst 3000b quantum 1514b\n"
+        "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit\n"
+    ]
+
+
+def test_dry_run_prints_a_script_and_runs_only_queries(system, cli, mocker):
+    mocker.patch("os.geteuid", return_value=1000)  # and needs no root
+
+    result = cli(init_app, "--config", str(SEED_CONFIG), "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + "".join(
+        f"tc {line}\n" for line in SEED_000_BATCH.splitlines()
+    )
+    assert system.calls == [(READ_ROOT, None)]
+
+
+def test_verbose_echoes_each_command(system, cli):
+    result = cli(init_app, "--config", str(SEED_CONFIG), "-v")
+
+    assert result.stderr.splitlines() == [f"+ tc {line}" for line in SEED_000_BATCH.splitlines()]
+
+
+def test_dev_selects_devices(system, cli, write_config):
+    config = write_config('[device.eth0]\nrate = "10mbit"\n[device.eth1]\nrate = "20mbit"\n')
+
+    cli(init_app, "--config", str(config), "--dev", "eth1")
+
+    assert [b.splitlines()[1] for b in system.batches()] == [
+        "class add dev eth1 parent 5c: classid 5c:1 htb rate 20mbit ceil 20mbit"
+    ]
+
+
+def test_config_comes_from_shapekit_config_env(system, cli, monkeypatch):
+    monkeypatch.setenv("SHAPEKIT_CONFIG", str(INCIDENT_CONFIG))
+
+    assert cli(init_app).exit_code == 0
+    assert len(system.batches()) == 1
+
+
+def test_a_failed_batch_names_the_command_and_removes_the_partial_tree(system, cli):
+    stderr = "Warning: sch_htb: quantum of class 5C0001 is big. Consider r2q change.\nError: Specified qdisc kind is unknown.\nCommand failed -:5\n"
+    answer = system.answer
+
+    def fail_half_way(argv, stdin=None):
+        if tuple(argv) == BATCH and stdin.startswith("qdisc add"):
+            system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}  # lines 1-4 applied
+            raise CommandFailed("tc -batch -", stderr)
+        return answer(argv, stdin)
+
+    system.run.side_effect = fail_half_way
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "shape-init: `tc qdisc add dev eth0 parent 5c:1010 handle 1010: sfq perturb 10` failed: "
+        "Error: Specified qdisc kind is unknown.; eth0 was left unshaped (shapekit's partial tree removed)\n"
+    )
+    assert system.calls[-2:] == [(READ_ROOT, None), (BATCH, "qdisc del dev eth0 root\n")]
+
+
+def test_flush_removes_only_shapekits_root(system, cli):
+    system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}
+    system.roots["eth1"] = {"kind": "htb", "handle": "1:", "root": True}  # not shapekit's
+
+    result = cli(flush_app)
+
+    assert result.exit_code == 0, result.stderr
+    assert system.calls == [
+        (("tc", "-j", "qdisc", "show"), None),
+        (READ_ROOT, None),
+        (BATCH, "qdisc del dev eth0 root\n"),
+    ]
+
+
+def test_flush_of_a_device_without_a_tree_does_nothing(system, cli):
+    system.roots["eth1"] = {"kind": "fq_codel", "handle": "0:", "root": True}
+
+    result = cli(flush_app, "--dev", "eth1")
+
+    assert result.exit_code == 0
+    assert system.batches() == []
+
+
+@pytest.mark.parametrize("app", [init_app, flush_app], ids=["init", "flush"])
+def test_version_and_help(cli, app):
+    assert cli(app, "--version").stdout.startswith("shapekit ")
+    assert "--dry-run" in cli(app, "--help").stdout
