@@ -10,10 +10,6 @@ from unittest.mock import MagicMock
 import pytest
 from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parents[2]
-SEED_CONFIG = REPO / "conf" / "shapekit.toml"
-INCIDENT_CONFIG = REPO / "conf" / "examples" / "incident.toml"
-
 
 @dataclass
 class System:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SEED_CONFIG
+from paths import SEED_CONFIG
 
 from shapekit.cli import flush_app, init_app
 from shapekit.config import load_config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import INCIDENT_CONFIG, SEED_CONFIG
+from paths import INCIDENT_CONFIG, SEED_CONFIG
 
 from shapekit.cli import flush_app, init_app
 from shapekit.errors import CommandFailed
