@@ -76,6 +76,7 @@ def test_traffic_in_a_2mbit_class_runs_at_its_rate(netpair, ipv6):
     netpair.shapekit("shape-init", "--config", str(netpair.write_config(TREE)))
 
     ratio = netpair.goodput(ipv6=ipv6) / 2_000_000
+    print(f"goodput/rate {'ipv6' if ipv6 else 'ipv4'} 2mbit: {ratio:.3f}")
     assert 0.90 <= ratio <= 1.0, f"goodput/rate = {ratio:.3f}"
     sent = netpair.left.run("tc", "-s", "class", "show", "dev", netpair.dev, "classid", "5c:12").stdout
     assert int(sent.split("Sent ")[1].split()[0]) > 1_000_000  # the default class carried it
@@ -85,6 +86,7 @@ def test_a_class_alone_borrows_up_to_its_ceil(netpair):
     netpair.shapekit("shape-init", "--config", str(netpair.write_config(BORROW)))
 
     ratio = netpair.goodput() / 4_000_000
+    print(f"goodput/ceil 1mbit->4mbit: {ratio:.3f}")
     assert 0.90 <= ratio <= 1.0, f"goodput/ceil = {ratio:.3f}"
 
 
