@@ -175,14 +175,11 @@ def test_missing_binary(system, cli, mocker):
 
 
 def test_missing_kernel_features_are_named_with_the_key_that_avoids_them(system, cli):
-    answer = system.answer
-
-    def kernel_without_sfq_and_fw(argv, stdin=None):
+    def kernel_without_sfq_and_fw(argv, stdin):
         if argv[0] == "unshare" and ("sfq" in stdin or " fw " in stdin):
             raise CommandFailed("unshare", "Error: Specified qdisc kind is unknown.\nCommand failed -:3\n")
-        return answer(argv, stdin)
 
-    system.run.side_effect = kernel_without_sfq_and_fw
+    system.hooks.append(kernel_without_sfq_and_fw)
 
     result = cli(init_app, "--config", str(SEED_CONFIG))
 
@@ -195,14 +192,11 @@ def test_missing_kernel_features_are_named_with_the_key_that_avoids_them(system,
 
 
 def test_probe_is_skipped_where_namespaces_cannot_be_made(system, cli):
-    answer = system.answer
-
-    def no_namespaces(argv, stdin=None):
+    def no_namespaces(argv, stdin):
         if argv[0] == "unshare":
             raise CommandFailed("unshare", "unshare: unshare failed: Operation not permitted\n")
-        return answer(argv, stdin)
 
-    system.run.side_effect = no_namespaces
+    system.hooks.append(no_namespaces)
 
     assert cli(init_app, "--config", str(SEED_CONFIG)).exit_code == 0
     assert len(system.batches()) == 1

@@ -146,15 +146,13 @@ def test_config_comes_from_shapekit_config_env(system, cli, monkeypatch):
 
 def test_a_failed_batch_names_the_command_and_removes_the_partial_tree(system, cli):
     stderr = "Warning: sch_htb: quantum of class 5C0001 is big. Consider r2q change.\nError: Specified qdisc kind is unknown.\nCommand failed -:5\n"
-    answer = system.answer
 
-    def fail_half_way(argv, stdin=None):
-        if tuple(argv) == BATCH and stdin.startswith("qdisc add"):
+    def fail_half_way(argv, stdin):
+        if argv == BATCH and stdin.startswith("qdisc add"):
             system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}  # lines 1-4 applied
             raise CommandFailed("tc -batch -", stderr)
-        return answer(argv, stdin)
 
-    system.run.side_effect = fail_half_way
+    system.hooks.append(fail_half_way)
 
     result = cli(init_app, "--config", str(SEED_CONFIG))
 
