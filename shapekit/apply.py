@@ -19,11 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from shapekit import plan_mangle
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
+from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
 
 # The Debian package that ships each binary shapekit runs.
-PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux"}
+PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux"} | {
+    tool: "iptables" for tools in TOOLS.values() for tool in tools
+}
+MANGLE_TOOLS = [tool for family in FAMILIES for tool in TOOLS[family]]
 
 _BATCH_FAILED_LINE = re.compile(r"^Command failed -:(\d+)\s*$", re.MULTILINE)
 _NOISE = re.compile(r"^(Command failed -:\d+|Warning: .*)\s*$")
@@ -76,6 +81,16 @@ class Runner:
             self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
         run_command(("tc", "-batch", "-"), batch_text(cmds))
 
+    def restore(self, family: int, header: str, text: str) -> None:
+        """One `iptables-restore --noflush` (or ip6tables-): one transaction."""
+        argv = (TOOLS[family][1], "--noflush")
+        if self.dry_run:
+            self.out.write(f"# {header}\n{shlex.join(argv)} <<'EOF'\n{text}EOF\n")
+            return
+        if self.verbose:
+            self.err.write(f"+ {shlex.join(argv)} <<'EOF'\n{text}EOF\n")
+        run_command(argv, text)
+
 
 def require_root(dry_run: bool, command: str) -> None:
     if not dry_run and os.geteuid() != 0:
@@ -98,26 +113,92 @@ def require_devices(names: Sequence[str]) -> None:
             ) from None
 
 
-def probe_kernel(runner: Runner, features: list[KernelFeature]) -> None:
+def probe_kernel(features: list[KernelFeature]) -> None:
     """Try each feature on `lo` of a throwaway network namespace; refuse what the kernel lacks.
 
     Nothing outside that namespace changes. Where namespaces cannot be made
     (no privilege), the probe is skipped and a missing piece shows up when
     the plan runs.
     """
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return
     missing = []
     for feature in features:
-        text = "".join(line + "\n" for line in feature.lines)
-        try:
-            run_command(("unshare", "--net", "--", "tc", "-batch", "-"), text)
-        except CommandFailed as exc:
-            if not _BATCH_FAILED_LINE.search(exc.stderr):
-                return  # the namespace itself could not be made: cannot probe
-            missing.append(f"the kernel lacks {feature.name}: {feature.fix}")
+        failed = _try_in_scratch_namespace(("tc", "-batch", "-"), "".join(line + "\n" for line in feature.lines))
+        if failed is None:
+            continue
+        if not _BATCH_FAILED_LINE.search(failed.stderr):
+            return  # the namespace itself could not be made: cannot probe
+        missing.append(f"the kernel lacks {feature.name}: {feature.fix}")
     if missing:
         raise UsageError("; ".join(missing))
+
+
+def _try_in_scratch_namespace(argv: Argv, text: str) -> CommandFailed | None:
+    """Run argv in a throwaway network namespace; its failure, if the namespace could be made."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    try:
+        run_command(("unshare", "--net", "--", *argv), text)
+    except CommandFailed as exc:
+        return exc
+    return None
+
+
+_RESTORE_FAILED_LINE = re.compile(r"Error occurred at line: (\d+)")
+
+
+def probe_rules(plans: dict[int, str]) -> None:
+    """Load each family's rules into a throwaway namespace first: refuse what this machine cannot load."""
+    for family, text in plans.items():
+        tool = TOOLS[family][1]
+        failed = _try_in_scratch_namespace((tool, "--noflush"), text)
+        if failed is None:
+            continue
+        if "unshare" in failed.stderr.split(":")[0]:
+            return  # no namespace could be made: cannot probe
+        raise UsageError(
+            f"{tool} cannot load shapekit's rules here: {_first_error(failed.stderr)}{_rule_hint(failed, text)}"
+        )
+
+
+def _first_error(stderr: str) -> str:
+    return next((line.strip() for line in stderr.splitlines() if line.strip()), "no error output")
+
+
+def _rule_hint(failed: CommandFailed, text: str) -> str:
+    match = _RESTORE_FAILED_LINE.search(failed.stderr)
+    lines = text.splitlines()
+    line = lines[int(match.group(1)) - 1] if match and int(match.group(1)) <= len(lines) else ""
+    rule = re.search(r'"(mark\[\d+\])', line)
+    if "layer7" in line:
+        return f" (l7proto in {rule.group(1) if rule else '[[mark]]'} needs the out-of-tree layer7 match in kernel and iptables: remove l7proto from that rule)"
+    return f" (in {rule.group(1)})" if rule else ""
+
+
+def read_mangle(runner: Runner, family: int) -> MangleState:
+    return plan_mangle.parse_mangle_save(runner.query((TOOLS[family][0], "-t", "mangle")))
+
+
+def apply_mangle(runner: Runner, plans: dict[int, Chains], own: str) -> None:
+    """Make shapekit's chains `plans` in each family, one transaction each; undo all if one fails."""
+    before = {family: read_mangle(runner, family) for family in plans}
+    done: list[int] = []
+    for family, chains in plans.items():
+        header = f"IPv{family}: shapekit's mangle chains (one {TOOLS[family][1]} --noflush)"
+        try:
+            runner.restore(family, header, plan_mangle.plan_restore(before[family], chains, own))
+        except CommandFailed as exc:
+            for applied in done:
+                runner.restore(applied, "undo", plan_mangle.plan_undo(before[applied], plans[applied]))
+            undone = f"IPv{done[0]} rules put back as they were" if done else "nothing was changed"
+            raise CommandFailed(exc.command, exc.stderr, undone) from None
+        done.append(family)
+
+
+def flush_mangle(runner: Runner) -> None:
+    for family in FAMILIES:
+        text = plan_mangle.plan_flush_mangle(read_mangle(runner, family))
+        if text:
+            runner.restore(family, f"IPv{family}: remove shapekit's chains and the jump to them", text)
 
 
 def read_root(runner: Runner, dev: str) -> RootQdisc:

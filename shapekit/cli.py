@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -100,22 +102,141 @@ flush_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_mar
 @flush_app.command()
 def shape_flush(
     dev: DevOption = None,
+    forget: Annotated[bool, typer.Option("--forget", help="Also delete the saved run-time entries (bypass).")] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,
     verbose: VerboseOption = False,
     version: VersionOption = False,
 ) -> None:
-    """Remove shapekit's tree from each named device, or from every device that has one,
-    back to the kernel's default qdisc.
+    """Remove everything shapekit installed, and nothing else: its root qdisc (handle 5c:)
+    on every device that has one, its mangle chains (SHAPEKIT*) and the jump to them,
+    in iptables and ip6tables.
 
-    Only shapekit's own root qdisc (handle 5c:) is removed; a device without
-    it is left alone. Needs no config.
+    With --dev, only those devices' trees go; the chains stay for the other
+    devices. Run-time entries stay saved (the boot sequence re-applies them)
+    unless --forget. Needs no config.
 
     Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
     """
     from shapekit import commands
 
-    _run("shape-flush", lambda: commands.flush(_options(config, dry_run, verbose), dev or []))
+    _run("shape-flush", lambda: commands.flush(_options(config, dry_run, verbose), dev or [], forget))
+
+
+mark_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
+
+
+@mark_app.command()
+def shape_mark(
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+    version: VersionOption = False,
+) -> None:
+    """Install the [[mark]] rules in shapekit's own mangle chains, in iptables and ip6tables.
+
+    Rules run in file order and the first match wins; a rule's mark is saved to
+    its connection (except tcp_flags rules), so every packet of a connection
+    lands in the same class. A rule with IPv4 addresses goes only to iptables,
+    one with IPv6 addresses only to ip6tables. The chains are reached by one
+    jump from mangle POSTROUTING; each family's change is one transaction.
+
+    Exit status: 0 done; 2 bad input (config, a match this machine lacks,
+    not root), nothing changed; 1 a system command failed (nothing left half-applied).
+    """
+    from shapekit import commands
+
+    _run("shape-mark", lambda: commands.mark(_options(config, dry_run, verbose)))
+
+
+bypass_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
+
+
+def _inherit(ctx: typer.Context, config: Path | None, dry_run: bool, verbose: bool) -> Options:
+    """A verb's options, with those given before the verb filling in what it lacks."""
+    parent = ctx.parent.obj if ctx.parent and ctx.parent.obj else _options(None, False, False)
+    return _options(config or parent.config, dry_run or parent.dry_run, verbose or parent.verbose)
+
+
+@bypass_app.callback(invoke_without_command=True)
+def shape_bypass(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+    version: VersionOption = False,
+) -> None:
+    """Traffic that skips shaping: [bypass] ports (source or destination) and hosts
+    (to or from) get the bypass mark (default 1001) and go to the unshaped class
+    5c:2 at the line rate, before any [[mark]] rule is asked.
+
+    Without a verb: install the config's bypass plus the run-time entries.
+    Run-time entries (add/remove) are saved in $SHAPEKIT_STATE_DIR
+    (default /var/lib/shapekit) and take effect at once, on live flows too.
+
+    Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
+    """
+    ctx.obj = _options(config, dry_run, verbose)
+    if ctx.invoked_subcommand is None:
+        from shapekit import commands
+
+        _run("shape-bypass", lambda: commands.bypass(ctx.obj))
+
+
+EntriesArgument = Annotated[list[str], typer.Argument(metavar="PORT/PROTO|HOST...", show_default=False)]
+
+
+@bypass_app.command("add")
+def bypass_add(
+    ctx: typer.Context,
+    entries: EntriesArgument,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Bypass ports (22/tcp, 6000:6100/udp) or hosts (198.51.100.7, 2001:db8::/64) now, and at every boot."""
+    from shapekit import commands
+
+    _run("shape-bypass", lambda: commands.bypass_edit(_inherit(ctx, config, dry_run, verbose), entries, add=True))
+
+
+@bypass_app.command("remove")
+def bypass_remove(
+    ctx: typer.Context,
+    entries: EntriesArgument,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Shape run-time bypass entries again (entries from the config are removed there)."""
+    from shapekit import commands
+
+    _run("shape-bypass", lambda: commands.bypass_edit(_inherit(ctx, config, dry_run, verbose), entries, add=False))
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@bypass_app.command("list")
+def bypass_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List the bypass entries: port or host, and whether from the config or added at run time."""
+    from shapekit import commands
+
+    def show() -> None:
+        rows = commands.bypass_list(_inherit(ctx, config, False, False))
+        if as_json:
+            typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        else:
+            typer.echo(_table(["ENTRY", "KIND", "SOURCE"], [[r.entry, r.kind, r.source] for r in rows]))
+
+    _run("shape-bypass", show)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
 
 
 def _not_built(name: str, issue: str) -> typer.Typer:
@@ -130,8 +251,6 @@ def _not_built(name: str, issue: str) -> typer.Typer:
     return app
 
 
-mark_app = _not_built("shape-mark", "marking rules land with the shape-mark issue")
-bypass_app = _not_built("shape-bypass", "bypass rules land with the shape-bypass issue")
 limit_ip_app = _not_built("shape-limit-ip", "per-IP caps land with the shape-limit-ip issue")
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shapekit.errors import UsageError
+from shapekit.config_rules import Bypass, MarkRule, check_bypass_mark, parse_bypass, parse_marks
+from shapekit.errors import ConfigError
 from shapekit.units import UnitError, format_rate, parse_rate, parse_size
 
 if sys.version_info >= (3, 11):
@@ -48,7 +49,7 @@ _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 _DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes"}
 _CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid"}
-_TOP_KEYS = {"device"}
+_TOP_KEYS = {"device", "bypass", "mark"}
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,8 @@ class Device:
 class Config:
     path: Path
     devices: dict[str, Device]
-
-
-class ConfigError(UsageError):
-    def __init__(self, path: Path, key: str, reason: str) -> None:
-        where = f"{path}: {key}: " if key else f"{path}: "
-        super().__init__(where + reason)
+    bypass: Bypass = Bypass()
+    marks: tuple[MarkRule, ...] = ()
 
 
 def config_path(option: Path | None) -> Path:
@@ -148,7 +145,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if not isinstance(devices_raw, dict) or not devices_raw:
         raise ConfigError(path, "device", "no devices: add a [device.NAME] table with a rate")
     devices = {name: _parse_device(path, name, raw) for name, raw in devices_raw.items()}
-    return Config(path=path, devices=devices)
+    bypass = parse_bypass(path, data.get("bypass"))
+    check_bypass_mark(path, bypass, devices)
+    marks = parse_marks(path, data.get("mark"), devices)
+    return Config(path=path, devices=devices, bypass=bypass, marks=marks)
 
 
 def _table(path: Path, key: str, value: Any) -> dict[str, Any]:

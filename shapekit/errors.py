@@ -15,6 +15,13 @@ class UsageError(ShapekitError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """A config file problem: names the file, the key and the reason."""
+
+    def __init__(self, path: object, key: str, reason: str) -> None:
+        super().__init__(f"{path}: {key}: {reason}" if key else f"{path}: {reason}")
+
+
 class CommandFailed(ShapekitError):
     """A system command failed; the message names it and carries its stderr."""
 

@@ -11,6 +11,7 @@ again. Seed 000's tc half becomes `plan_tree`:
     tc filter add dev $DEV parent 1:0 protocol ip prio 0 handle 11010 fw flowid 1:1010
 
 with one root qdisc `5c:` that shapekit owns, a top class at the line rate,
+the unshaped bypass class `5c:2` beside it (the seed's `100:1`, mark 1001),
 and explicit leaf qdisc handles so a second run gives identical state.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shapekit.config import ROOT_MAJOR, TOP_MINOR, Device, HtbClass
+from shapekit.config_rules import BYPASS_MINOR, Bypass
 from shapekit.units import format_rate
 
 Argv = tuple[str, ...]
@@ -71,7 +73,17 @@ def _class_options(cls: HtbClass) -> tuple[str, ...]:
     return tuple(options)
 
 
-def plan_tree(device: Device) -> list[Argv]:
+def _leaf(device: Device, minor: int) -> list[Argv]:
+    leaf = LEAF_QDISC[device.leaf]
+    return [_tc(device.name, "qdisc", "add", "parent", classid(minor), "handle", f"{minor:x}:", *leaf)] if leaf else []
+
+
+def _fw_filter(dev: str, mark: int, minor: int) -> Argv:
+    return _tc(dev, "filter", "add", "parent", root_handle(), "protocol", "all", "prio", str(FW_FILTER_PRIO),
+               "handle", str(mark), "fw", "flowid", classid(minor))  # fmt: skip
+
+
+def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     """Build shapekit's whole HTB tree on an empty root."""
     dev = device.name
     top = classid(TOP_MINOR)
@@ -79,29 +91,40 @@ def plan_tree(device: Device) -> list[Argv]:
     cmds = [
         _tc(dev, "qdisc", "add", "root", "handle", root_handle(), "htb", "default", f"{device.default_class.minor:x}"),
         _tc(dev, "class", "add", "parent", root_handle(), "classid", top, "htb", "rate", line, "ceil", line),
+        # Bypassed traffic is not shaped: its own class at the line rate, beside the top class.
+        _tc(
+            dev,
+            "class",
+            "add",
+            "parent",
+            root_handle(),
+            "classid",
+            classid(BYPASS_MINOR),
+            "htb",
+            "rate",
+            line,
+            "ceil",
+            line,
+        ),
+        *_leaf(device, BYPASS_MINOR),
     ]
     for cls in device.classes:
         parent = top if cls.parent is None else classid(device.by_name(cls.parent).minor)
         cmds.append(
             _tc(dev, "class", "add", "parent", parent, "classid", classid(cls.minor), "htb", *_class_options(cls))
         )
-        if cls.is_leaf and LEAF_QDISC[device.leaf]:
-            leaf = LEAF_QDISC[device.leaf]
-            cmds.append(_tc(dev, "qdisc", "add", "parent", classid(cls.minor), "handle", f"{cls.minor:x}:", *leaf))
+        if cls.is_leaf:
+            cmds += _leaf(device, cls.minor)
     if device.classifier == "fw":
-        for cls in device.classes:
-            if cls.mark is not None:
-                cmds.append(
-                    _tc(dev, "filter", "add", "parent", root_handle(), "protocol", "all", "prio", str(FW_FILTER_PRIO),
-                        "handle", str(cls.mark), "fw", "flowid", classid(cls.minor))
-                )  # fmt: skip
+        cmds.append(_fw_filter(dev, bypass.mark, BYPASS_MINOR))
+        cmds += [_fw_filter(dev, cls.mark, cls.minor) for cls in device.classes if cls.mark is not None]
     return cmds
 
 
-def plan_init(device: Device, current: RootQdisc) -> list[Argv]:
+def plan_init(device: Device, bypass: Bypass, current: RootQdisc) -> list[Argv]:
     """Replace whatever root qdisc the device has with shapekit's tree."""
     remove = [] if current.is_kernel_default else [_tc(device.name, "qdisc", "del", "root")]
-    return remove + plan_tree(device)
+    return remove + plan_tree(device, bypass)
 
 
 def plan_flush(dev: str, current: RootQdisc) -> list[Argv]:

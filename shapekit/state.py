@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.errors import UsageError
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
+BYPASS_FILE = "bypass.json"
 
 
 def state_dir() -> Path:
@@ -30,3 +37,59 @@ def change_lock(directory: Path) -> Iterator[None]:
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A state file's JSON object; {} when there is none yet."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"state file {path} is unreadable ({exc}): fix it or remove it to start afresh") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"state file {path} is not a JSON object: fix it or remove it to start afresh")
+    return data
+
+
+def write_state(path: Path, data: dict[str, Any]) -> None:
+    """Replace a state file atomically: readers see the old file or the new one, never half."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class RuntimeBypass:
+    """Bypass entries added with `shape-bypass add`, kept in bypass.json."""
+
+    ports: tuple[PortProto, ...] = ()
+    hosts: tuple[Network, ...] = ()
+
+    @classmethod
+    def load(cls, directory: Path) -> RuntimeBypass:
+        path = directory / BYPASS_FILE
+        data = read_state(path)
+        try:
+            return cls(
+                ports=tuple(parse_port_proto(p) for p in data.get("ports", [])),
+                hosts=tuple(parse_host(h) for h in data.get("hosts", [])),
+            )
+        except ValueProblem as exc:
+            raise UsageError(f"state file {path}: {exc}: fix it or remove it to start afresh") from None
+
+    def save(self, directory: Path) -> None:
+        write_state(
+            directory / BYPASS_FILE, {"ports": [str(p) for p in self.ports], "hosts": [str(h) for h in self.hosts]}
+        )

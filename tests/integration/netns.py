@@ -108,14 +108,24 @@ class NetPair:
         show = ("qdisc", "class", "filter")
         return tuple(self.left.run("tc", "-d", kind, "show", "dev", self.dev).stdout for kind in show)
 
-    def goodput(self, seconds: int = 5, ipv6: bool = False) -> float:
+    def save(self, tool: str = "iptables-save", table: str = "mangle") -> str:
+        """A table of the left namespace, without comments and counters: comparable across runs."""
+        text = self.left.run(tool, "-t", table).stdout
+        return "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#"))
+
+    def class_bytes(self, classid: str) -> int:
+        shown = self.left.run("tc", "-s", "class", "show", "dev", self.dev, "classid", classid).stdout
+        return int(shown.split("Sent ")[1].split()[0])
+
+    def goodput(self, seconds: int = 5, ipv6: bool = False, port: int | None = None, cport: int | None = None) -> float:
         """TCP goodput left → right in bits/s, measured by iperf3 at the receiver.
 
         The receiver counts until the shaper's queue has drained, so its rate is
         exact; `-O` (omit) would skew it (iperf3 3.12 keeps the omitted seconds).
         """
         server_addr = self.right.addr6 if ipv6 else self.right.addr4
-        port = str(5201 + secrets.randbelow(1000))
+        port = str(port or 5201 + secrets.randbelow(1000))
+        client_port = ["--cport", str(cport)] if cport else []
         server = subprocess.Popen(
             ["ip", "netns", "exec", self.right.name, "iperf3", "-s", "-1", "-B", server_addr, "-p", port],
             stdout=subprocess.DEVNULL,
@@ -124,7 +134,7 @@ class NetPair:
         try:
             for _ in range(50):
                 result = self.left.run(
-                    "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-J",
+                    "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-J", *client_port,
                     check=False, timeout=seconds + 30,
                 )  # fmt: skip
                 report = json.loads(result.stdout or "{}")

@@ -1,0 +1,88 @@
+"""Hosts and ports as shapekit accepts them, with errors that say what to write instead."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PORT_PROTOS = ("tcp", "udp")
+_PORT_RANGE = re.compile(r"^(\d+)(?::(\d+))?$")
+_PORT_PROTO = re.compile(r"^([^/]+)/([^/]*)$")
+
+
+class ValueProblem(ValueError):
+    """A host or port that is not valid; the message says why."""
+
+
+def parse_host(text: object) -> Network:
+    """An IPv4/IPv6 address or CIDR block; host bits set in a block are refused."""
+    if not isinstance(text, str):
+        raise ValueProblem(f"{text!r} is not a host: write an address or CIDR block as a string")
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            loose = ipaddress.ip_network(text.strip(), strict=False)
+            raise ValueProblem(f"{text!r} has host bits set: write {loose} (the block) or a single address") from None
+        raise ValueProblem(f"{text!r} is not an IPv4/IPv6 address or CIDR block") from None
+
+
+def family(network: Network) -> int:
+    return network.version
+
+
+def _port_number(text: str, original: object) -> int:
+    number = int(text)
+    if not 1 <= number <= 65535:
+        raise ValueProblem(f"port {number} in {original!r} is out of range: use 1..65535")
+    return number
+
+
+def parse_port_range(text: object) -> str:
+    """A port (22) or a range ('61000:63000') in iptables syntax."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueProblem(f"{text!r} is not a port: write 22, '61000:63000' or a list of them")
+    match = _PORT_RANGE.match(str(text).strip())
+    if not match:
+        raise ValueProblem(f"{text!r} is not a port: write 22, '61000:63000' or a list of them")
+    low = _port_number(match.group(1), text)
+    if match.group(2) is None:
+        return str(low)
+    high = _port_number(match.group(2), text)
+    if high <= low:
+        raise ValueProblem(f"{text!r} is not a range: the first port must be below the second")
+    return f"{low}:{high}"
+
+
+def parse_ports(value: object) -> tuple[str, ...]:
+    """`sport`/`dport`: one port, one range, or a list of them."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueProblem("an empty list of ports matches nothing: remove the key instead")
+    if len(items) > 15:
+        raise ValueProblem(f"{len(items)} ports in one rule: iptables' multiport takes at most 15; split the rule")
+    return tuple(parse_port_range(item) for item in items)
+
+
+@dataclass(frozen=True, order=True)
+class PortProto:
+    """A bypass port: '22/tcp', '60000:61000/udp'."""
+
+    proto: str
+    port: str
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto}"
+
+
+def parse_port_proto(text: object) -> PortProto:
+    match = _PORT_PROTO.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueProblem(f"{text!r} is not a port: write PORT/PROTO, e.g. '22/tcp' or '6000:6100/udp'")
+    proto = match.group(2).lower()
+    if proto not in PORT_PROTOS:
+        raise ValueProblem(f"{text!r} has an unknown protocol {match.group(2)!r}: use '/tcp' or '/udp'")
+    return PortProto(proto=proto, port=parse_port_range(match.group(1)))

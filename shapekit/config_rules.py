@@ -1,0 +1,208 @@
+"""The `[bypass]` table and the `[[mark]]` rules: TOML → validated, typed rules."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto, parse_ports
+from shapekit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shapekit.config import Device
+
+DEFAULT_BYPASS_MARK = 1001
+BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
+
+_BYPASS_KEYS = {"mark", "ports", "hosts"}
+_MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device"}
+# proto key → (iptables -p value, the only family it exists in)
+_PROTOS: dict[str, tuple[str | None, int | None]] = {
+    "tcp": ("tcp", None),
+    "udp": ("udp", None),
+    "icmp": ("icmp", 4),
+    "icmpv6": ("ipv6-icmp", 6),
+    "all": (None, None),
+}
+_L7PROTO = re.compile(r"^[a-z0-9_-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class Bypass:
+    """Traffic that skips shaping: marked `mark` and sent to the unshaped class."""
+
+    mark: int = DEFAULT_BYPASS_MARK
+    ports: tuple[PortProto, ...] = ()
+    hosts: tuple[Network, ...] = ()
+
+    def with_entries(self, ports: tuple[PortProto, ...], hosts: tuple[Network, ...]) -> Bypass:
+        """These rules plus run-time entries, without repeats, config first."""
+        return Bypass(
+            mark=self.mark,
+            ports=tuple(dict.fromkeys(self.ports + ports)),
+            hosts=tuple(dict.fromkeys(self.hosts + hosts)),
+        )
+
+
+@dataclass(frozen=True)
+class MarkRule:
+    """One `[[mark]]` rule; `number` is its place in the file, from 1."""
+
+    number: int
+    class_name: str
+    mark: int
+    proto: str | None = None  # iptables' -p value; None matches every protocol
+    sport: tuple[str, ...] = ()
+    dport: tuple[str, ...] = ()
+    src: Network | None = None
+    dst: Network | None = None
+    tcp_syn: bool = False  # a per-packet match: not saved to the connection
+    l7proto: str | None = None
+    device: str | None = None
+    families: tuple[int, ...] = (4, 6)
+
+
+def parse_bypass(path: Path, raw: Any) -> Bypass:
+    if raw is None:
+        return Bypass()
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "bypass", f"must be a table, not {raw!r}")
+    for key in raw:
+        if key not in _BYPASS_KEYS:
+            raise ConfigError(path, f"bypass.{key}", f"unknown key (known: {', '.join(sorted(_BYPASS_KEYS))})")
+    mark = raw.get("mark", DEFAULT_BYPASS_MARK)
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 1 <= mark <= 0xFFFFFFFF:
+        raise ConfigError(path, "bypass.mark", f"{mark!r} is not a mark: use an integer 1..4294967295")
+    return Bypass(
+        mark=mark,
+        ports=tuple(_each(path, "bypass.ports", raw.get("ports", []), parse_port_proto)),
+        hosts=tuple(_each(path, "bypass.hosts", raw.get("hosts", []), parse_host)),
+    )
+
+
+def _each(path: Path, key: str, values: Any, parse: Any) -> list[Any]:
+    if not isinstance(values, list):
+        raise ConfigError(path, key, f"must be a list, not {values!r}")
+    parsed = []
+    for value in values:
+        try:
+            parsed.append(parse(value))
+        except ValueProblem as exc:
+            raise ConfigError(path, key, str(exc)) from None
+    return parsed
+
+
+def parse_marks(path: Path, raw: Any, devices: dict[str, Device]) -> tuple[MarkRule, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ConfigError(path, "mark", "must be an array of tables: write each rule as [[mark]]")
+    return tuple(_parse_mark(path, number, table, devices) for number, table in enumerate(raw, 1))
+
+
+def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[str, Device]) -> MarkRule:
+    key = f"mark[{number}]"
+    for name in table:
+        if name not in _MARK_KEYS:
+            raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(sorted(_MARK_KEYS))})")
+    device = table.get("device")
+    if device is not None and device not in devices:
+        raise ConfigError(path, f"{key}.device", f"{device!r} is not a configured device ({', '.join(devices)})")
+    if "class" not in table:
+        raise ConfigError(path, f"{key}.class", "missing: the class this rule's traffic goes to")
+    mark = _class_mark(path, key, table["class"], [devices[device]] if device else list(devices.values()))
+
+    proto_key = table.get("proto", "all")
+    if proto_key not in _PROTOS:
+        raise ConfigError(path, f"{key}.proto", f"{proto_key!r} is not one of {', '.join(_PROTOS)}")
+    proto, proto_family = _PROTOS[proto_key]
+    ports = {}
+    for name in ("sport", "dport"):
+        if name in table:
+            if proto not in ("tcp", "udp"):
+                raise ConfigError(path, f"{key}.{name}", f'ports need proto = "tcp" or "udp", not {proto_key!r}')
+            try:
+                ports[name] = parse_ports(table[name])
+            except ValueProblem as exc:
+                raise ConfigError(path, f"{key}.{name}", str(exc)) from None
+    tcp_syn = False
+    if "tcp_flags" in table:
+        if table["tcp_flags"] != "syn":
+            raise ConfigError(path, f"{key}.tcp_flags", f'{table["tcp_flags"]!r} is not supported: use "syn"')
+        if proto != "tcp":
+            raise ConfigError(path, f"{key}.tcp_flags", f'needs proto = "tcp", not {proto_key!r}')
+        tcp_syn = True
+    l7proto = table.get("l7proto")
+    if l7proto is not None and (not isinstance(l7proto, str) or not _L7PROTO.match(l7proto)):
+        raise ConfigError(path, f"{key}.l7proto", f"{l7proto!r} is not a layer7 protocol name (e.g. 'bittorrent')")
+
+    hosts = {name: _host(path, f"{key}.{name}", table.get(name)) for name in ("src", "dst")}
+    families = {h.version for h in hosts.values() if h is not None}
+    if len(families) > 1:
+        raise ConfigError(path, key, "src and dst are of different IP versions: split the rule")
+    if proto_family is not None:
+        if families and proto_family not in families:
+            other = "IPv6" if proto_family == 4 else "IPv4"
+            fix = "icmpv6" if proto_family == 4 else "icmp"
+            raise ConfigError(
+                path, f"{key}.proto", f'{proto_key!r} with an {other} host never matches: use proto = "{fix}"'
+            )
+        families = {proto_family}
+    return MarkRule(
+        number=number,
+        class_name=table["class"],
+        mark=mark,
+        proto=proto,
+        sport=ports.get("sport", ()),
+        dport=ports.get("dport", ()),
+        src=hosts["src"],
+        dst=hosts["dst"],
+        tcp_syn=tcp_syn,
+        l7proto=l7proto,
+        device=device,
+        families=tuple(sorted(families)) or (4, 6),
+    )
+
+
+def _host(path: Path, key: str, value: Any) -> Network | None:
+    if value is None:
+        return None
+    try:
+        return parse_host(value)
+    except ValueProblem as exc:
+        raise ConfigError(path, key, str(exc)) from None
+
+
+def _class_mark(path: Path, key: str, name: Any, devices: list[Device]) -> int:
+    """The one mark that sends traffic to class `name` on these devices."""
+    having = [(d, c) for d in devices for c in d.classes if c.name == name]
+    where = " or ".join(f"[device.{d.name}]" for d in devices)
+    if not having:
+        raise ConfigError(path, f"{key}.class", f"{name!r} is not a class of {where}")
+    inner = [d.name for d, c in having if not c.is_leaf]
+    if inner:
+        raise ConfigError(path, f"{key}.class", f"{name!r} has child classes on {inner[0]}: name a leaf class")
+    marks = {c.mark for _, c in having}
+    if len(marks) > 1:
+        raise ConfigError(
+            path,
+            f"{key}.class",
+            f"{name!r} has a different mark on each device: give it the same mark = N everywhere, or add device = to the rule",
+        )
+    mark = marks.pop()
+    assert mark is not None, "leaf classes always have a mark"
+    return mark
+
+
+def check_bypass_mark(path: Path, bypass: Bypass, devices: dict[str, Device]) -> None:
+    """The bypass mark must not be any class's mark: it would shape what should skip shaping."""
+    for device in devices.values():
+        for cls in device.classes:
+            if cls.mark == bypass.mark:
+                raise ConfigError(
+                    path,
+                    f"device.{device.name}.classes.{cls.name}.mark",
+                    f"mark {bypass.mark} is the bypass mark: pick another (or set [bypass] mark = ...)",
+                )

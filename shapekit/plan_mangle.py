@@ -1,0 +1,256 @@
+"""Pure functions from config to shapekit's mangle chains, as `iptables-restore --noflush` text.
+
+Seed 000's iptables-save lives here again, in shapekit's own chains instead
+of the built-in ones:
+
+    -A POSTROUTING -s IP -p tcp -m multiport --sports 22,80 -j MARK --set-mark 1001   [bypass] ports
+    -A POSTROUTING -m mark --mark 1001 -j RETURN                                       SHAPEKIT-DECIDE
+    -A POSTROUTING -m connmark --mark 0x0 -j MARK --set-mark 11030                     default = "normal"
+    -A POSTROUTING -p tcp --tcp-flags SYN,RST,ACK SYN -j MARK --set-mark 11010          [[mark]] tcp_flags
+    -A POSTROUTING -p tcp --sport 61000:63000 -j MARK --set-mark 11090                 [[mark]] sport
+
+The path of a packet leaving any device (mangle POSTROUTING, one jump):
+
+    SHAPEKIT           -j SHAPEKIT-DECIDE, then (classify devices) -j SHAPEKIT-CLASSIFY
+    SHAPEKIT-DECIDE    bypass first, every packet, so `shape-bypass add` frees a live flow;
+                       then the connection's saved mark; then the [[mark]] rules
+    SHAPEKIT-BYPASS    [bypass] ports and hosts (shape-bypass owns it)
+    SHAPEKIT-MARK      one rule per [[mark]], in order; each jumps (-g) to a setter, so
+                       the first match wins (shape-mark owns it)
+    SHAPEKIT-CONN-M    set mark M and save it to the connection
+    SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags: a SYN is not a connection)
+    SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shapekit.config import Config
+from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
+
+HOOK = "POSTROUTING"
+MAIN = "SHAPEKIT"
+DECIDE = "SHAPEKIT-DECIDE"
+BYPASS = "SHAPEKIT-BYPASS"
+MARK = "SHAPEKIT-MARK"
+CLASSIFY = "SHAPEKIT-CLASSIFY"
+CONN_SETTER = "SHAPEKIT-CONN-"
+PACKET_SETTER = "SHAPEKIT-PKT-"
+SKELETON = (MAIN, DECIDE, CLASSIFY)
+FAMILIES = (4, 6)
+TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
+MULTIPORT_MAX = 15  # ports in one multiport match; a range counts twice
+
+Chains = dict[str, list[str]]  # chain → its rules, without "-A CHAIN"
+
+
+@dataclass(frozen=True)
+class MangleState:
+    """shapekit's part of one family's mangle table, as iptables-save shows it."""
+
+    chains: dict[str, tuple[str, ...]]  # SHAPEKIT* chain → its "-A CHAIN ..." lines
+    jumps: tuple[str, ...] = ()  # "-A POSTROUTING -j SHAPEKIT" lines in built-in chains
+
+    @property
+    def empty(self) -> bool:
+        return not self.chains and not self.jumps
+
+
+EMPTY = MangleState(chains={})
+
+
+def is_shapekit_chain(name: str) -> bool:
+    return name == MAIN or name.startswith(MAIN + "-")
+
+
+def parse_mangle_save(text: str) -> MangleState:
+    """shapekit's chains and the jumps to them, from `iptables-save -t mangle`."""
+    chains: dict[str, list[str]] = {}
+    jumps = []
+    for line in text.splitlines():
+        if line.startswith(":") and is_shapekit_chain(line[1:].split()[0]):
+            chains[line[1:].split()[0]] = []
+        elif line.startswith("-A "):
+            chain = line.split()[1]
+            if chain in chains:
+                chains[chain].append(line)
+            elif _jump_target(line) == MAIN:
+                jumps.append(line)
+    return MangleState(chains={name: tuple(rules) for name, rules in chains.items()}, jumps=tuple(jumps))
+
+
+def _jump_target(line: str) -> str | None:
+    words = line.split()
+    return words[words.index("-j") + 1] if "-j" in words[:-1] else None
+
+
+# --- what each command installs -------------------------------------------
+
+
+def skeleton_chains(config: Config) -> Chains:
+    """The chains both shape-mark and shape-bypass keep: the path every packet takes."""
+    bypass_mark = config.bypass.mark
+    classify = _classify_rules(config)
+    chains: Chains = {
+        MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []),
+        DECIDE: [
+            f"-j {BYPASS}",
+            f"-m mark --mark {bypass_mark} -j RETURN",
+            "-m connmark ! --mark 0 -j CONNMARK --restore-mark",
+            "-m connmark ! --mark 0 -j RETURN",
+            f"-j {MARK}",
+        ],
+    }
+    if classify:
+        chains[CLASSIFY] = classify
+    return chains
+
+
+def _classify_rules(config: Config) -> list[str]:
+    rules = []
+    for device in config.devices.values():
+        if device.classifier != "classify":
+            continue
+        targets = [(config.bypass.mark, BYPASS_MINOR)] + [(c.mark, c.minor) for c in device.classes if c.mark]
+        for mark, minor in targets:
+            rules.append(f"-o {device.name} -m mark --mark {mark} -j CLASSIFY --set-class 5c:{minor:x}")
+    return rules
+
+
+def mark_chains(config: Config, family: int) -> Chains:
+    """shape-mark's chains: the [[mark]] rules of this IP family and their setters."""
+    rules = [r for r in config.marks if family in r.families]
+    chains: Chains = {MARK: [_mark_rule(r) for r in rules]}
+    for rule in rules:
+        name = _setter(rule)
+        chains[name] = [f"-j MARK --set-mark {rule.mark}"]
+        if not rule.tcp_syn:
+            chains[name].append("-j CONNMARK --save-mark")
+    return chains
+
+
+def _setter(rule: MarkRule) -> str:
+    return f"{PACKET_SETTER if rule.tcp_syn else CONN_SETTER}{rule.mark}"
+
+
+def _mark_rule(rule: MarkRule) -> str:
+    words: list[str] = []
+    if rule.device:
+        words += ["-o", rule.device]
+    if rule.src:
+        words += ["-s", str(rule.src)]
+    if rule.dst:
+        words += ["-d", str(rule.dst)]
+    if rule.proto:
+        words += ["-p", rule.proto]
+    single = [(f"--{k}", v[0]) for k, v in (("sport", rule.sport), ("dport", rule.dport)) if len(v) == 1]
+    if single or rule.tcp_syn:
+        words += ["-m", rule.proto or "tcp"]
+        for option, port in single:
+            words += [option, port]
+        if rule.tcp_syn:
+            words += ["--tcp-flags", "SYN,RST,ACK", "SYN"]
+    for key, ports in (("sports", rule.sport), ("dports", rule.dport)):
+        if len(ports) > 1:
+            words += ["-m", "multiport", f"--{key}", ",".join(ports)]
+    if rule.l7proto:
+        words += ["-m", "layer7", "--l7proto", rule.l7proto]
+    words += ["-m", "comment", "--comment", f'"mark[{rule.number}] {rule.class_name}"']
+    return " ".join(words + ["-g", _setter(rule)])
+
+
+def bypass_chains(bypass: Bypass, family: int) -> Chains:
+    """shape-bypass's chain: ports (either direction) and hosts (to or from) get the bypass mark."""
+    set_mark = f"-j MARK --set-mark {bypass.mark}"
+    rules = []
+    for proto in ("tcp", "udp"):
+        ports = [p.port for p in bypass.ports if p.proto == proto]
+        rules += [f"-p {proto} -m multiport --ports {','.join(chunk)} {set_mark}" for chunk in _multiport_chunks(ports)]
+    for host in bypass.hosts:
+        if host.version == family:
+            rules += [f"-d {host} {set_mark}", f"-s {host} {set_mark}"]
+    return {BYPASS: rules}
+
+
+def _multiport_chunks(ports: list[str]) -> list[list[str]]:
+    chunks: list[list[str]] = []
+    weight = MULTIPORT_MAX
+    for port in ports:
+        cost = 2 if ":" in port else 1
+        if weight + cost > MULTIPORT_MAX:
+            chunks.append([])
+            weight = 0
+        chunks[-1].append(port)
+        weight += cost
+    return chunks
+
+
+# --- restore text -----------------------------------------------------------
+
+
+def _mine(own: str) -> Callable[[str], bool]:
+    """Which existing chains a command manages (and so may delete when unplanned)."""
+    if own == MARK:
+        return lambda name: name in SKELETON or name == MARK or name.startswith((CONN_SETTER, PACKET_SETTER))
+    return lambda name: name in SKELETON or name == own
+
+
+def plan_restore(state: MangleState, planned: Chains, own: str) -> str:
+    """Text for `iptables-restore --noflush` that makes shapekit's chains `planned`.
+
+    `own` (MARK or BYPASS) says whose chains these are: the chains of that
+    kind no longer planned are deleted; the other command's chain is created
+    empty when missing and otherwise left as it is. Declaring a chain flushes
+    it, so each chain's whole content changes in one transaction.
+    """
+    other = BYPASS if own == MARK else MARK
+    needed = dict(planned)
+    if other not in state.chains:
+        needed[other] = []
+    stale = [name for name in state.chains if _mine(own)(name) and name not in planned]
+    lines = ["*mangle"]
+    lines += [f":{name} - [0:0]" for name in [*needed, *stale]]
+    for name, rules in needed.items():
+        lines += _append(name, rules)
+    lines += [f"-X {name}" for name in stale]
+    if not state.jumps:
+        lines.append(f"-A {HOOK} -j {MAIN}")
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def _append(chain: str, rules: list[str]) -> list[str]:
+    return [f"-A {chain} {rule}" for rule in rules]
+
+
+def plan_undo(before: MangleState, after: Chains) -> str:
+    """Text that puts shapekit's chains back as they were `before` a restore that planned `after`."""
+    lines = ["*mangle"]
+    names = list(dict.fromkeys([*before.chains, *after]))
+    lines += [f":{name} - [0:0]" for name in names]
+    for name in before.chains:
+        lines += before.chains[name]
+    lines += [f"-X {name}" for name in names if name not in before.chains]
+    if not before.jumps:
+        lines.append(f"-D {HOOK} -j {MAIN}")
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def plan_flush_mangle(state: MangleState) -> str | None:
+    """Text that removes shapekit's jumps and chains, and nothing else. None: nothing to remove."""
+    if state.empty:
+        return None
+    lines = ["*mangle"]
+    lines += ["-D" + jump[2:] for jump in state.jumps]
+    lines += [f":{name} - [0:0]" for name in state.chains]
+    lines += [f"-X {name}" for name in state.chains]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def mark_plan(config: Config, family: int) -> Chains:
+    return {**skeleton_chains(config), **mark_chains(config, family)}
+
+
+def bypass_plan(config: Config, bypass: Bypass, family: int) -> Chains:
+    return {**skeleton_chains(config), **bypass_chains(bypass, family)}
