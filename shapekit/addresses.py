@@ -37,7 +37,8 @@ def family(network: Network) -> int:
 def _port_number(text: str, original: object) -> int:
     number = int(text)
     if not 1 <= number <= 65535:
-        raise ValueProblem(f"port {number} in {original!r} is out of range: use 1..65535")
+        where = "" if str(original).strip() == text else f" in {original!r}"
+        raise ValueProblem(f"port {number}{where} is out of range: use 1..65535")
     return number
 
 
@@ -85,4 +86,7 @@ def parse_port_proto(text: object) -> PortProto:
     proto = match.group(2).lower()
     if proto not in PORT_PROTOS:
         raise ValueProblem(f"{text!r} has an unknown protocol {match.group(2)!r}: use '/tcp' or '/udp'")
-    return PortProto(proto=proto, port=parse_port_range(match.group(1)))
+    try:
+        return PortProto(proto=proto, port=parse_port_range(match.group(1)))
+    except ValueProblem as exc:
+        raise ValueProblem(f"{text!r}: {exc}") from None

@@ -18,11 +18,14 @@ class System:
     run: MagicMock
     roots: dict[str, dict] = field(default_factory=dict)  # dev -> root qdisc as tc -j prints it
     hooks: list = field(default_factory=list)  # each sees (argv, stdin) first, and may raise
+    answers: dict[tuple[str, ...], str] = field(default_factory=dict)  # argv → its stdout
 
     def answer(self, argv, stdin=None):
         argv = tuple(argv)
         for hook in self.hooks:
             hook(argv, stdin)
+        if argv in self.answers:
+            return self.answers[argv]
         if argv[:4] == ("tc", "-j", "qdisc", "show"):
             if len(argv) > 4:  # one device's root
                 return json.dumps([self.roots.get(argv[5], {"kind": "noqueue", "handle": "0:", "root": True})])

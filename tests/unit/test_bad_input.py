@@ -22,6 +22,8 @@ parent = "shaped"
 rate = "1mbit"
 """
 
+RULE = '[[mark]]\nclass = "bulk"\nproto = "tcp"\n'
+
 # case: (config text, what the one line must say)
 BAD_CONFIGS = {
     "toml syntax error": ('[device.eth0]\nrate = "100mbit\n', "TOML syntax error: "),
@@ -110,6 +112,71 @@ BAD_CONFIGS = {
     ),
     "mark out of range": (GOOD + "mark = 0\n", "classes.bulk.mark: 0 is out of range"),
     "bad class name": (GOOD + '[device.eth0.classes."a b"]\nrate = "1mbit"\n', "a class name uses letters"),
+    # [[mark]] and [bypass]
+    "rule for unknown class": (
+        GOOD + '[[mark]]\nclass = "nope"\n',
+        "mark[1].class: 'nope' is not a class of [device.eth0]",
+    ),
+    "rule without class": (GOOD + '[[mark]]\nproto = "tcp"\n', "mark[1].class: missing"),
+    "rule for inner class": (GOOD + '[[mark]]\nclass = "shaped"\n', "'shaped' has child classes on eth0"),
+    "port 70000": (GOOD + RULE + "dport = 70000\n", "mark[1].dport: port 70000 is out of range: use 1..65535"),
+    "port 0": (GOOD + RULE + "sport = 0\n", "mark[1].sport: port 0 is out of range"),
+    "reversed range": (GOOD + RULE + 'sport = "63000:61000"\n', "the first port must be below the second"),
+    "not a port": (GOOD + RULE + 'dport = "http"\n', "'http' is not a port"),
+    "too many ports": (GOOD + RULE + f"dport = {list(range(1, 17))}\n", "multiport takes at most 15"),
+    "ports without proto": (GOOD + '[[mark]]\nclass = "bulk"\ndport = 53\n', 'ports need proto = "tcp" or "udp"'),
+    "unknown proto": (GOOD + '[[mark]]\nclass = "bulk"\nproto = "gre"\n', "mark[1].proto: 'gre' is not one of"),
+    "v6 host with icmp": (
+        GOOD + '[[mark]]\nclass = "bulk"\nproto = "icmp"\ndst = "2001:db8::1"\n',
+        'use proto = "icmpv6"',
+    ),
+    "v4 host with icmpv6": (
+        GOOD + '[[mark]]\nclass = "bulk"\nproto = "icmpv6"\nsrc = "198.51.100.1"\n',
+        'use proto = "icmp"',
+    ),
+    "mixed families": (
+        GOOD + '[[mark]]\nclass = "bulk"\nsrc = "198.51.100.1"\ndst = "2001:db8::1"\n',
+        "different IP versions",
+    ),
+    "bad host": (
+        GOOD + '[[mark]]\nclass = "bulk"\ndst = "example.com"\n',
+        "mark[1].dst: 'example.com' is not an IPv4/IPv6",
+    ),
+    "host bits set": (GOOD + '[[mark]]\nclass = "bulk"\nsrc = "198.51.100.7/24"\n', "write 198.51.100.0/24"),
+    "tcp_flags other than syn": (GOOD + RULE + 'tcp_flags = "fin"\n', "mark[1].tcp_flags: 'fin' is not supported"),
+    "tcp_flags with udp": (
+        GOOD + '[[mark]]\nclass = "bulk"\nproto = "udp"\ntcp_flags = "syn"\n',
+        'needs proto = "tcp"',
+    ),
+    "bad l7proto": (GOOD + '[[mark]]\nclass = "bulk"\nl7proto = "Bit Torrent"\n', "not a layer7 protocol name"),
+    "rule for unknown device": (
+        GOOD + '[[mark]]\nclass = "bulk"\ndevice = "eth9"\n',
+        "mark[1].device: 'eth9' is not a configured device",
+    ),
+    "unknown rule key": (GOOD + '[[mark]]\nclass = "bulk"\nport = 22\n', "mark[1].port: unknown key"),
+    "mark as a table": (
+        GOOD.replace("[device.eth0]", '[mark]\nclass = "bulk"\n[device.eth0]'),
+        "mark: must be an array of tables",
+    ),
+    "class mark is the bypass mark": (GOOD + "mark = 1001\n", "classes.bulk.mark: mark 1001 is the bypass mark"),
+    "class mark is the set bypass mark": (GOOD + "mark = 7\n[bypass]\nmark = 7\n", "mark 7 is the bypass mark"),
+    "bypass port with unknown protocol": (
+        GOOD + '[bypass]\nports = ["22/xyz"]\n',
+        "bypass.ports: '22/xyz' has an unknown protocol 'xyz'",
+    ),
+    "bypass port without protocol": (
+        GOOD + '[bypass]\nports = ["22"]\n',
+        "bypass.ports: '22' is not a port: write PORT/PROTO",
+    ),
+    "bypass ports not a list": (GOOD + '[bypass]\nports = "22/tcp"\n', "bypass.ports: must be a list"),
+    "bypass bad host": (GOOD + '[bypass]\nhosts = ["10.0.0.300"]\n', "bypass.hosts: '10.0.0.300' is not"),
+    "bypass bad mark": (GOOD + "[bypass]\nmark = -1\n", "bypass.mark: -1 is not a mark"),
+    "bypass unknown key": (GOOD + "[bypass]\nport = 22\n", "bypass.port: unknown key"),
+    "one class, two marks": (
+        GOOD + '[device.eth1]\nrate = "1mbit"\ndefault = "bulk"\n[device.eth1.classes.bulk]\nrate = "1mbit"\n'
+        '[[mark]]\nclass = "bulk"\n',
+        "'bulk' has a different mark on each device: give it the same mark = N everywhere, or add device = to the rule",
+    ),
 }
 
 

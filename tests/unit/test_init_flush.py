@@ -8,10 +8,13 @@ from paths import INCIDENT_CONFIG, SEED_CONFIG
 from shapekit.cli import flush_app, init_app
 from shapekit.errors import CommandFailed
 
-# Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml.
+# Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml:
+# the seed's unshaped 100:1 (mark 1001) is 5c:2, its shaped partition 1:1/1:10 is 5c:10.
 SEED_000_BATCH = """\
 qdisc add dev eth0 root handle 5c: htb default 1030
 class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit
+class add dev eth0 parent 5c: classid 5c:2 htb rate 100mbit ceil 100mbit
+qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10
 class add dev eth0 parent 5c:1 classid 5c:10 htb rate 50mbit ceil 50mbit prio 5
 class add dev eth0 parent 5c:10 classid 5c:1010 htb rate 10mbit ceil 50mbit prio 0
 qdisc add dev eth0 parent 5c:1010 handle 1010: sfq perturb 10
@@ -19,6 +22,7 @@ class add dev eth0 parent 5c:10 classid 5c:1030 htb rate 512kbit ceil 50mbit pri
 qdisc add dev eth0 parent 5c:1030 handle 1030: sfq perturb 10
 class add dev eth0 parent 5c:10 classid 5c:1090 htb rate 512kbit ceil 2048kbit prio 7
 qdisc add dev eth0 parent 5c:1090 handle 1090: sfq perturb 10
+filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11010 fw flowid 5c:1010
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11030 fw flowid 5c:1030
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11090 fw flowid 5c:1090
@@ -66,7 +70,7 @@ def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_c
     cli(init_app, "--config", str(write_config(text.replace('leaf = "sfq"', 'leaf = "fq_codel"'), "fq.toml")))
 
     none, fq_codel = system.batches()
-    assert " qdisc add dev eth0 parent" not in none and "sfq" not in none
+    assert "qdisc add dev eth0 parent" not in none and "sfq" not in none
     assert "qdisc add dev eth0 parent 5c:1010 handle 1010: fq_codel\n" in fq_codel
 
 
@@ -77,8 +81,11 @@ def test_seed_002_tree_is_a_default_class_at_the_line_rate(system, cli):
     assert system.batches() == [
         "qdisc add dev eth0 root handle 5c: htb default 10\n"
         "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit\n"
+        "class add dev eth0 parent 5c: classid 5c:2 htb rate 100mbit ceil 100mbit\n"
+        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
         "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit\n"
         "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
     ]
 
@@ -104,6 +111,7 @@ def test_sizes_are_bytes_and_allocated_ids_follow_file_order(system, cli, write_
     assert system.batches() == [
         "qdisc add dev eth1 root handle 5c: htb default 11\n"
         "class add dev eth1 parent 5c: classid 5c:1 htb rate 2gbit ceil 2gbit\n"
+        "class add dev eth1 parent 5c: classid 5c:2 htb rate 2gbit ceil 2gbit\n"
         "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit burst 5120b cburst 3000b quantum 1514b\n"
         "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit\n"
     ]
@@ -145,11 +153,11 @@ def test_config_comes_from_shapekit_config_env(system, cli, monkeypatch):
 
 
 def test_a_failed_batch_names_the_command_and_removes_the_partial_tree(system, cli):
-    stderr = "Warning: sch_htb: quantum of class 5C0001 is big. Consider r2q change.\nError: Specified qdisc kind is unknown.\nCommand failed -:5\n"
+    stderr = "Warning: sch_htb: quantum of class 5C0001 is big. Consider r2q change.\nError: Specified qdisc kind is unknown.\nCommand failed -:7\n"
 
     def fail_half_way(argv, stdin):
         if argv == BATCH and stdin.startswith("qdisc add"):
-            system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}  # lines 1-4 applied
+            system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}  # lines 1-6 applied
             raise CommandFailed("tc -batch -", stderr)
 
     system.hooks.append(fail_half_way)
@@ -175,6 +183,8 @@ def test_flush_removes_only_shapekits_root(system, cli):
         (("tc", "-j", "qdisc", "show"), None),
         (READ_ROOT, None),
         (BATCH, "qdisc del dev eth0 root\n"),
+        (("iptables-save", "-t", "mangle"), None),  # no chains of shapekit's: nothing to remove
+        (("ip6tables-save", "-t", "mangle"), None),
     ]
 
 

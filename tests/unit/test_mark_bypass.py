@@ -1,0 +1,345 @@
+"""shape-mark and shape-bypass: the exact restore text, with every process mocked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from paths import SEED_CONFIG
+
+from shapekit.cli import bypass_app, flush_app, mark_app
+from shapekit.errors import CommandFailed
+
+SKELETON = """\
+-A SHAPEKIT -j SHAPEKIT-DECIDE
+-A SHAPEKIT-DECIDE -j SHAPEKIT-BYPASS
+-A SHAPEKIT-DECIDE -m mark --mark 1001 -j RETURN
+-A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j CONNMARK --restore-mark
+-A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j RETURN
+-A SHAPEKIT-DECIDE -j SHAPEKIT-MARK
+"""
+SETTERS = """\
+-A SHAPEKIT-CONN-11010 -j MARK --set-mark 11010
+-A SHAPEKIT-CONN-11010 -j CONNMARK --save-mark
+-A SHAPEKIT-PKT-11010 -j MARK --set-mark 11010
+-A SHAPEKIT-CONN-11090 -j MARK --set-mark 11090
+-A SHAPEKIT-CONN-11090 -j CONNMARK --save-mark
+"""
+DECLARE_MARK = """\
+*mangle
+:SHAPEKIT - [0:0]
+:SHAPEKIT-DECIDE - [0:0]
+:SHAPEKIT-MARK - [0:0]
+:SHAPEKIT-CONN-11010 - [0:0]
+:SHAPEKIT-PKT-11010 - [0:0]
+:SHAPEKIT-CONN-11090 - [0:0]
+:SHAPEKIT-BYPASS - [0:0]
+"""
+# Seed 000's POSTROUTING rules (dns, ssh, SYN, icmp → 11010; torrent ports → 11090), IPv4.
+SEED_000_MARK_V4 = (
+    DECLARE_MARK
+    + SKELETON
+    + """\
+-A SHAPEKIT-MARK -p udp -m udp --dport 53 -m comment --comment "mark[1] high" -g SHAPEKIT-CONN-11010
+-A SHAPEKIT-MARK -p tcp -m tcp --dport 53 -m comment --comment "mark[2] high" -g SHAPEKIT-CONN-11010
+-A SHAPEKIT-MARK -p tcp -m tcp --dport 22 -m comment --comment "mark[3] high" -g SHAPEKIT-CONN-11010
+-A SHAPEKIT-MARK -p tcp -m tcp --tcp-flags SYN,RST,ACK SYN -m comment --comment "mark[4] high" -g SHAPEKIT-PKT-11010
+-A SHAPEKIT-MARK -p icmp -m comment --comment "mark[5] high" -g SHAPEKIT-CONN-11010
+-A SHAPEKIT-MARK -p tcp -m tcp --sport 61000:63000 -m comment --comment "mark[7] torrent" -g SHAPEKIT-CONN-11090
+"""
+    + SETTERS
+    + "-A POSTROUTING -j SHAPEKIT\nCOMMIT\n"
+)
+# The same for IPv6: icmpv6 instead of icmp.
+SEED_000_MARK_V6 = SEED_000_MARK_V4.replace(
+    '-p icmp -m comment --comment "mark[5] high"', '-p ipv6-icmp -m comment --comment "mark[6] high"'
+)
+DECLARE_BYPASS = """\
+*mangle
+:SHAPEKIT - [0:0]
+:SHAPEKIT-DECIDE - [0:0]
+:SHAPEKIT-BYPASS - [0:0]
+:SHAPEKIT-MARK - [0:0]
+"""
+SEED_000_BYPASS = (
+    DECLARE_BYPASS
+    + SKELETON
+    + "-A SHAPEKIT-BYPASS -p tcp -m multiport --ports 22,80 -j MARK --set-mark 1001\n"
+    + "-A POSTROUTING -j SHAPEKIT\nCOMMIT\n"
+)
+V4, V6 = ("iptables-restore", "--noflush"), ("ip6tables-restore", "--noflush")
+SAVE4, SAVE6 = ("iptables-save", "-t", "mangle"), ("ip6tables-save", "-t", "mangle")
+
+
+def test_seed_000_rules_are_probed_then_one_restore_per_family(system, cli):
+    result = cli(mark_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.calls == [
+        (("unshare", "--net", "--", *V4), SEED_000_MARK_V4),
+        (("unshare", "--net", "--", *V6), SEED_000_MARK_V6),
+        (SAVE4, None),
+        (SAVE6, None),
+        (V4, SEED_000_MARK_V4),
+        (V6, SEED_000_MARK_V6),
+    ]
+
+
+def test_seed_000_bypass(system, cli):
+    result = cli(bypass_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert [(argv, text) for argv, text in system.calls if argv in (V4, V6)] == [
+        (V4, SEED_000_BYPASS),
+        (V6, SEED_000_BYPASS),
+    ]
+
+
+def test_hosts_go_to_their_own_family_in_both_directions(system, cli, write_config):
+    text = SEED_CONFIG.read_text().replace("hosts = []", 'hosts = ["198.51.100.0/24", "2001:db8::/64"]')
+
+    cli(bypass_app, "--config", str(write_config(text)))
+
+    v4, v6 = (text for argv, text in system.calls if argv in (V4, V6))
+    assert "-A SHAPEKIT-BYPASS -d 198.51.100.0/24 -j MARK --set-mark 1001\n" in v4
+    assert "-A SHAPEKIT-BYPASS -s 198.51.100.0/24 -j MARK --set-mark 1001\n" in v4
+    assert "2001:db8" not in v4
+    assert "-A SHAPEKIT-BYPASS -d 2001:db8::/64 -j MARK --set-mark 1001\n" in v6
+    assert "198.51" not in v6
+
+
+def test_many_ports_are_split_into_multiport_matches_of_15(system, cli, write_config):
+    ports = ", ".join(f'"{p}/udp"' for p in range(1000, 1014)) + ', "2000:2010/udp"'
+    text = SEED_CONFIG.read_text().replace('ports = ["22/tcp", "80/tcp"]', f"ports = [{ports}]")
+
+    cli(bypass_app, "--config", str(write_config(text)))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    rules = [line for line in v4.splitlines() if line.startswith("-A SHAPEKIT-BYPASS")]
+    assert rules == [
+        "-A SHAPEKIT-BYPASS -p udp -m multiport --ports "
+        + ",".join(map(str, range(1000, 1014)))
+        + " -j MARK --set-mark 1001",
+        "-A SHAPEKIT-BYPASS -p udp -m multiport --ports 2000:2010 -j MARK --set-mark 1001",
+    ]
+
+
+def test_classify_devices_get_a_classify_chain(system, cli, write_config):
+    text = SEED_CONFIG.read_text().replace('classifier = "fw"', 'classifier = "classify"')
+
+    cli(mark_app, "--config", str(write_config(text)))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    assert "-A SHAPEKIT -j SHAPEKIT-CLASSIFY\n" in v4
+    assert [line for line in v4.splitlines() if line.startswith("-A SHAPEKIT-CLASSIFY")] == [
+        "-A SHAPEKIT-CLASSIFY -o eth0 -m mark --mark 1001 -j CLASSIFY --set-class 5c:2",
+        "-A SHAPEKIT-CLASSIFY -o eth0 -m mark --mark 11010 -j CLASSIFY --set-class 5c:1010",
+        "-A SHAPEKIT-CLASSIFY -o eth0 -m mark --mark 11030 -j CLASSIFY --set-class 5c:1030",
+        "-A SHAPEKIT-CLASSIFY -o eth0 -m mark --mark 11090 -j CLASSIFY --set-class 5c:1090",
+    ]
+
+
+def test_every_match_key_in_one_rule(system, cli, write_config):
+    text = SEED_CONFIG.read_text().split("[[mark]]")[0] + (
+        '[[mark]]\nclass = "torrent"\nproto = "tcp"\nsrc = "2001:db8::/32"\ndst = "2001:db8:1::7"\n'
+        'sport = [6881, "6900:6910"]\ndport = 443\ndevice = "eth0"\n'
+        '[[mark]]\nclass = "high"\nproto = "udp"\nsport = [1, 2]\ndport = [3, 4]\n'
+    )
+
+    cli(mark_app, "--config", str(write_config(text)))
+
+    v4, v6 = (text for argv, text in system.calls if argv in (V4, V6))
+    assert (
+        "-A SHAPEKIT-MARK -o eth0 -s 2001:db8::/32 -d 2001:db8:1::7/128 -p tcp -m tcp --dport 443 "
+        '-m multiport --sports 6881,6900:6910 -m comment --comment "mark[1] torrent" -g SHAPEKIT-CONN-11090\n'
+    ) in v6
+    assert "mark[1]" not in v4  # an IPv6 rule goes to ip6tables only
+    assert (
+        "-A SHAPEKIT-MARK -p udp -m multiport --sports 1,2 -m multiport --dports 3,4 "
+        '-m comment --comment "mark[2] high" -g SHAPEKIT-CONN-11010\n'
+    ) in v4
+
+
+SAVED_V4 = """\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*mangle
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:SHAPEKIT - [0:0]
+:SHAPEKIT-BYPASS - [0:0]
+:SHAPEKIT-CONN-4242 - [0:0]
+:USER - [0:0]
+-A POSTROUTING -p udp -m udp --dport 9 -j MARK --set-xmark 0x7/0xffffffff
+-A POSTROUTING -j SHAPEKIT
+-A SHAPEKIT -j SHAPEKIT-DECIDE
+-A SHAPEKIT-BYPASS -p tcp -m multiport --ports 8080 -j MARK --set-xmark 0x3e9/0xffffffff
+-A SHAPEKIT-CONN-4242 -j MARK --set-xmark 0x1092/0xffffffff
+COMMIT
+"""
+
+
+def test_mark_replaces_its_chains_deletes_stale_setters_keeps_bypass_and_the_jump(system, cli):
+    system.answers[SAVE4] = SAVED_V4
+
+    cli(mark_app, "--config", str(SEED_CONFIG))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    declared = [line for line in v4.splitlines() if line.startswith(":")]
+    assert ":SHAPEKIT-BYPASS - [0:0]" not in declared  # exists: its entries stay
+    assert ":SHAPEKIT-CONN-4242 - [0:0]" in declared  # flushed, then deleted
+    assert v4.endswith("-X SHAPEKIT-CONN-4242\nCOMMIT\n")
+    assert "-A POSTROUTING" not in v4  # the jump is there already
+
+
+def test_flush_removes_the_jump_and_every_shapekit_chain(system, cli):
+    system.answers[SAVE4] = SAVED_V4
+
+    result = cli(flush_app)
+
+    assert result.exit_code == 0, result.stderr
+    assert system.calls[-3:] == [
+        (SAVE4, None),
+        (
+            V4,
+            "*mangle\n-D POSTROUTING -j SHAPEKIT\n"
+            ":SHAPEKIT - [0:0]\n:SHAPEKIT-BYPASS - [0:0]\n:SHAPEKIT-CONN-4242 - [0:0]\n"
+            "-X SHAPEKIT\n-X SHAPEKIT-BYPASS\n-X SHAPEKIT-CONN-4242\nCOMMIT\n",
+        ),
+        (SAVE6, None),  # nothing of shapekit's in ip6tables: nothing to remove
+    ]
+
+
+def test_flush_dev_leaves_the_chains(system, cli):
+    system.answers[SAVE4] = SAVED_V4
+
+    cli(flush_app, "--dev", "eth0")
+
+    assert SAVE4 not in [argv for argv, _ in system.calls]
+
+
+def test_a_failing_ipv6_restore_puts_ipv4_back(system, cli):
+    system.answers[SAVE4] = SAVED_V4
+
+    def ipv6_fails(argv, stdin):
+        if argv == V6:
+            raise CommandFailed("ip6tables-restore --noflush", "ip6tables-restore: line 3 failed\n")
+
+    system.hooks.append(ipv6_fails)
+
+    result = cli(mark_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "shape-mark: `ip6tables-restore --noflush` failed: ip6tables-restore: line 3 failed; "
+        "IPv4 rules put back as they were\n"
+    )
+    undo = system.calls[-1]
+    assert undo[0] == V4
+    assert undo[1] == (
+        "*mangle\n"
+        ":SHAPEKIT - [0:0]\n:SHAPEKIT-BYPASS - [0:0]\n:SHAPEKIT-CONN-4242 - [0:0]\n"
+        ":SHAPEKIT-DECIDE - [0:0]\n:SHAPEKIT-MARK - [0:0]\n:SHAPEKIT-CONN-11010 - [0:0]\n"
+        ":SHAPEKIT-PKT-11010 - [0:0]\n:SHAPEKIT-CONN-11090 - [0:0]\n"
+        "-A SHAPEKIT -j SHAPEKIT-DECIDE\n"
+        "-A SHAPEKIT-BYPASS -p tcp -m multiport --ports 8080 -j MARK --set-xmark 0x3e9/0xffffffff\n"
+        "-A SHAPEKIT-CONN-4242 -j MARK --set-xmark 0x1092/0xffffffff\n"
+        "-X SHAPEKIT-DECIDE\n-X SHAPEKIT-MARK\n-X SHAPEKIT-CONN-11010\n-X SHAPEKIT-PKT-11010\n-X SHAPEKIT-CONN-11090\n"
+        "COMMIT\n"
+    )
+
+
+def test_a_match_the_machine_lacks_is_refused_naming_the_rule(system, cli, write_config):
+    text = SEED_CONFIG.read_text() + '[[mark]]\nclass = "torrent"\nl7proto = "bittorrent"\n'
+
+    def no_layer7(argv, stdin):
+        if argv[0] == "unshare" and "layer7" in stdin:
+            line = stdin.splitlines().index(next(x for x in stdin.splitlines() if "layer7" in x)) + 1
+            raise CommandFailed(
+                "unshare",
+                f"iptables-restore v1.8.9 (nf_tables): Couldn't load match `layer7':No such file or directory\n\n"
+                f"Error occurred at line: {line}\nTry `iptables-restore -h' for more information.\n",
+            )
+
+    system.hooks.append(no_layer7)
+
+    result = cli(mark_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "shape-mark: iptables-restore cannot load shapekit's rules here: iptables-restore v1.8.9 (nf_tables): "
+        "Couldn't load match `layer7':No such file or directory (l7proto in mark[8] needs the out-of-tree layer7 "
+        "match in kernel and iptables: remove l7proto from that rule)\n"
+    )
+    assert [argv for argv, _ in system.calls if argv in (V4, V6)] == []
+
+
+def test_bypass_add_saves_applies_and_lists(system, cli, tmp_path):
+    result = cli(bypass_app, "add", "8080/tcp", "198.18.7.0/24", "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    state = json.loads((tmp_path / "state" / "bypass.json").read_text())
+    assert state == {"hosts": ["198.18.7.0/24"], "ports": ["8080/tcp"]}
+    v4 = [text for argv, text in system.calls if argv == V4][-1]
+    assert "-A SHAPEKIT-BYPASS -p tcp -m multiport --ports 22,80,8080 -j MARK --set-mark 1001\n" in v4
+    assert "-A SHAPEKIT-BYPASS -d 198.18.7.0/24 -j MARK --set-mark 1001\n" in v4
+
+    listed = cli(bypass_app, "--config", str(SEED_CONFIG), "list")
+    assert listed.stdout.splitlines() == [
+        "ENTRY          KIND  SOURCE",
+        "22/tcp         port  config",
+        "80/tcp         port  config",
+        "8080/tcp       port  run-time",
+        "198.18.7.0/24  host  run-time",
+    ]
+    as_json = json.loads(cli(bypass_app, "list", "--json", "--config", str(SEED_CONFIG)).stdout)
+    assert as_json[2] == {"entry": "8080/tcp", "kind": "port", "source": "run-time"}
+
+
+def test_bypass_remove_and_the_bare_command_reapplies_saved_entries(system, cli, tmp_path):
+    cli(bypass_app, "--config", str(SEED_CONFIG), "add", "8080/tcp", "9090/udp")
+    assert cli(bypass_app, "remove", "8080/tcp", "--config", str(SEED_CONFIG)).exit_code == 0
+    system.run.reset_mock()
+
+    cli(bypass_app, "--config", str(SEED_CONFIG))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    assert "--ports 22,80 -j" in v4 and "-p udp -m multiport --ports 9090 -j" in v4
+    assert json.loads((tmp_path / "state" / "bypass.json").read_text())["ports"] == ["9090/udp"]
+
+
+def test_bypass_dry_run_changes_no_state(system, cli, tmp_path):
+    result = cli(bypass_app, "add", "8080/tcp", "--dry-run", "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0
+    assert "iptables-restore --noflush <<'EOF'\n" in result.stdout and "8080" in result.stdout
+    assert not (tmp_path / "state" / "bypass.json").exists()
+    assert [argv for argv, _ in system.calls if argv in (V4, V6)] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["add", "22/xyz"], "'22/xyz' has an unknown protocol 'xyz': use '/tcp' or '/udp'"),
+        (["add", "70000/tcp"], "'70000/tcp': port 70000 is out of range: use 1..65535"),
+        (["add", "300.1.1.1"], "'300.1.1.1' is not an IPv4/IPv6 address or CIDR block"),
+        (["add", "198.51.100.7/24"], "'198.51.100.7/24' has host bits set: write 198.51.100.0/24"),
+        (["remove", "22/tcp"], "22/tcp is bypassed by"),
+        (["remove", "8080/tcp"], "8080/tcp is not a run-time bypass entry"),
+    ],
+)
+def test_bad_bypass_entries_change_nothing(system, cli, tmp_path, args, message):
+    result = cli(bypass_app, *args, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert [argv for argv, _ in system.calls if argv in (V4, V6)] == []
+    assert not (tmp_path / "state" / "bypass.json").exists()
+
+
+def test_not_root(system, cli, mocker):
+    mocker.patch("os.geteuid", return_value=1000)
+
+    for app in (mark_app, bypass_app):
+        result = cli(app, "--config", str(SEED_CONFIG))
+        assert result.exit_code == 2 and "must run as root" in result.stderr
+    assert system.calls == []
