@@ -179,27 +179,41 @@ def test_a_dropped_mark_rule_takes_its_setter_chain_with_it(netpair):
     assert f":SHAPEKIT-CONN-{0x5C1010}" in saved  # the icmp rule's setter stays
 
 
-BAD = {
-    "unknown class": (CONFIG + '[[mark]]\nclass = "nope"\n', "'nope' is not a class"),
-    "layer7 missing": (CONFIG + '[[mark]]\nclass = "torrent"\nl7proto = "bittorrent"\n', "layer7"),
+BAD = {  # case: (command, its arguments, config text, what the one line must say)
+    "unknown class": ("shape-mark", [], CONFIG + '[[mark]]\nclass = "nope"\n', "'nope' is not a class"),
+    "port 70000": ("shape-mark", [], CONFIG.replace('"61000:63000"', "70000"), "port 70000 is out of range"),
+    "v6 host with icmp": (
+        "shape-mark",
+        [],
+        CONFIG.replace('proto = "icmp"', 'proto = "icmp"\ndst = "fd00::1"'),
+        "icmpv6",
+    ),
+    "class mark is the bypass mark": (
+        "shape-mark",
+        [],
+        CONFIG.replace("prio = 7", "prio = 7\nmark = 1001"),
+        "bypass mark",
+    ),
+    "22/xyz at run time": ("shape-bypass", ["add", "22/xyz"], CONFIG, "unknown protocol 'xyz'"),
+    "layer7 missing": ("shape-mark", [], CONFIG + '[[mark]]\nclass = "torrent"\nl7proto = "bittorrent"\n', "layer7"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_rules_change_nothing_in_the_kernel(netpair, case):
-    if case == "layer7 missing" and _iptables_has_layer7(netpair):
+def test_bad_input_changes_nothing_in_the_kernel(netpair, case):
+    if case == "layer7 missing" and _iptables_has_layer7():
         pytest.skip("this machine has the layer7 match: nothing is missing to refuse")
     boot(netpair)
     before = (netpair.save("iptables-save"), netpair.save("ip6tables-save"), netpair.snapshot())
-    text, expected = BAD[case]
+    command, args, text, expected = BAD[case]
 
-    result = netpair.shapekit("shape-mark", "--config", str(netpair.write_config(text, "bad.toml")), check=False)
+    result = netpair.shapekit(command, *args, "--config", str(netpair.write_config(text, "bad.toml")), check=False)
 
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (netpair.save("iptables-save"), netpair.save("ip6tables-save"), netpair.snapshot()) == before
 
 
-def _iptables_has_layer7(netpair) -> bool:
+def _iptables_has_layer7() -> bool:
     text = "*mangle\n-A POSTROUTING -m layer7 --l7proto ssh -j RETURN\nCOMMIT\n"
     return sh("unshare", "--net", "iptables-restore", stdin=text, check=False).returncode == 0

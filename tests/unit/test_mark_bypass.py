@@ -343,3 +343,13 @@ def test_not_root(system, cli, mocker):
         result = cli(app, "--config", str(SEED_CONFIG))
         assert result.exit_code == 2 and "must run as root" in result.stderr
     assert system.calls == []
+
+
+def test_flush_forget_deletes_the_run_time_entries(system, cli, tmp_path):
+    cli(bypass_app, "add", "8080/tcp", "--config", str(SEED_CONFIG))
+    saved = tmp_path / "state" / "bypass.json"
+
+    cli(flush_app)
+    assert saved.exists()  # kept for the next boot
+    cli(flush_app, "--forget")
+    assert not saved.exists()
