@@ -54,12 +54,13 @@ def test_init_builds_the_configured_tree(netpair):
     root = next(q for q in qdiscs if q.get("root"))
     assert (root["kind"], root["handle"], root["options"]["default"]) == ("htb", "5c:", "0x12")
     leaves = {q["parent"]: (q["kind"], q["handle"]) for q in qdiscs if not q.get("root")}
-    assert leaves == {"5c:11": ("pfifo", "11:"), "5c:12": ("pfifo", "12:")}
+    assert leaves == {"5c:2": ("pfifo", "2:"), "5c:11": ("pfifo", "11:"), "5c:12": ("pfifo", "12:")}
 
     classes = netpair.classes()
-    assert set(classes) == {"5c:1", "5c:10", "5c:11", "5c:12"}
+    assert set(classes) == {"5c:1", "5c:2", "5c:10", "5c:11", "5c:12"}
     expected = {  # class id: parent, rate, ceil
         "5c:1": ("root", 100_000_000, 100_000_000),
+        "5c:2": ("root", 100_000_000, 100_000_000),  # the unshaped bypass class
         "5c:10": ("5c:1", 20_000_000, 20_000_000),
         "5c:11": ("5c:10", 10_000_000, 20_000_000),  # ceil defaults to the parent's
         "5c:12": ("5c:10", 2_000_000, 2_000_000),
@@ -168,7 +169,7 @@ def test_a_missing_kernel_feature_is_refused_before_any_change(netpair):
 
 
 def test_a_failing_tc_command_leaves_the_device_unshaped(netpair):
-    """A `tc` that applies the first four lines of the tree's batch for real, then fails."""
+    """A `tc` that applies the first four lines of the tree's batch for real, then fails on the fifth."""
     fake_bin = netpair.workdir / "bin"
     fake_bin.mkdir()
     fake_tc = fake_bin / "tc"
@@ -189,6 +190,7 @@ def test_a_failing_tc_command_leaves_the_device_unshaped(netpair):
     result = netpair.shapekit("shape-init", "--config", str(netpair.write_config(TREE)), check=False)
 
     assert result.returncode == 1
-    assert "tc qdisc add dev" in result.stderr and "injected failure" in result.stderr, result.stderr
+    fifth = f"`tc class add dev {netpair.dev} parent 5c:1 classid 5c:10 htb rate 20mbit ceil 20mbit` failed"
+    assert fifth in result.stderr and "injected failure" in result.stderr, result.stderr
     assert "left unshaped" in result.stderr
     assert not [q for q in netpair.qdiscs() if q["kind"] == "htb"]
