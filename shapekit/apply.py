@@ -8,6 +8,7 @@ failed half-way so a device is never left half-shaped.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -19,13 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from shapekit import plan_mangle
+from shapekit import plan_limits, plan_mangle
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
 from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
 
 # The Debian package that ships each binary shapekit runs.
-PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux"} | {
+PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux", "ipset": "ipset"} | {
     tool: "iptables" for tools in TOOLS.values() for tool in tools
 }
 MANGLE_TOOLS = [tool for family in FAMILIES for tool in TOOLS[family]]
@@ -83,7 +84,12 @@ class Runner:
 
     def restore(self, family: int, header: str, text: str) -> None:
         """One `iptables-restore --noflush` (or ip6tables-): one transaction."""
-        argv = (TOOLS[family][1], "--noflush")
+        self.feed((TOOLS[family][1], "--noflush"), header, text)
+
+    def feed(self, argv: Argv, header: str, text: str) -> None:
+        """Run a tool that reads its commands on stdin (iptables-restore, ipset restore)."""
+        if not text:
+            return
         if self.dry_run:
             self.out.write(f"# {header}\n{shlex.join(argv)} <<'EOF'\n{text}EOF\n")
             return
@@ -199,6 +205,29 @@ def flush_mangle(runner: Runner) -> None:
         text = plan_mangle.plan_flush_mangle(read_mangle(runner, family))
         if text:
             runner.restore(family, f"IPv{family}: remove shapekit's chains and the jump to them", text)
+
+
+def ipset_restore(runner: Runner, header: str, text: str) -> None:
+    runner.feed(("ipset", "restore"), header, text)
+
+
+def list_sets(runner: Runner) -> list[str]:
+    return runner.query(("ipset", "list", "-n")).split()
+
+
+def local_addresses(runner: Runner) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of this machine (this network namespace)."""
+    links = json.loads(runner.query(("ip", "-j", "addr", "show")) or "[]")
+    return [ipaddress.ip_address(a["local"]) for link in links for a in link.get("addr_info", []) if "local" in a]
+
+
+def read_cap_classes(runner: Runner, dev: str) -> dict[int, int]:
+    return plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", dev)))
+
+
+def require_shapekit_tree(runner: Runner, dev: str) -> None:
+    if not read_root(runner, dev).is_shapekit:
+        raise UsageError(f"{dev} has no shapekit tree to cap hosts in: run shape-init first")
 
 
 def read_root(runner: Runner, dev: str) -> RootQdisc:

@@ -239,19 +239,98 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     )
 
 
-def _not_built(name: str, issue: str) -> typer.Typer:
-    app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
-
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def not_built(version: VersionOption = False) -> None:
-        typer.echo(f"{name}: not built yet ({issue}); nothing was changed", err=True)
-        raise typer.Exit(2)
-
-    not_built.__doc__ = f"{name} is not built yet ({issue})."
-    return app
+limit_ip_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
 
 
-limit_ip_app = _not_built("shape-limit-ip", "per-IP caps land with the shape-limit-ip issue")
+@limit_ip_app.callback(invoke_without_command=True)
+def shape_limit_ip(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+    version: VersionOption = False,
+) -> None:
+    """Per-IP caps: traffic sent to a host (address or CIDR) through a device is held to a rate.
+
+    Without a verb: install the caps of [device.X.limits] plus the run-time
+    ones — a class per host (rate = ceil) under the top class, the host's
+    entry in the device's ipset, and one iptables rule per device that picks
+    the class from that set. Classification is one hash lookup per packet,
+    however many hosts are capped. Run after shape-init (the boot sequence is
+    shape-init, shape-bypass, shape-mark, shape-limit-ip).
+
+    Run-time caps (add/remove) are saved in $SHAPEKIT_STATE_DIR (default
+    /var/lib/shapekit) and come back at boot until removed or lapsed.
+
+    Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
+    """
+    ctx.obj = _options(config, dry_run, verbose)
+    if ctx.invoked_subcommand is None:
+        from shapekit import commands
+
+        _run("shape-limit-ip", lambda: commands.limit_ip(ctx.obj))
+
+
+@limit_ip_app.command("add")
+def limit_add(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="IPv4/IPv6 address or CIDR block.", show_default=False)],
+    rate: Annotated[str, typer.Argument(help="tc rate: 128kbit, 2mbit, 64kbps (bytes/s).", show_default=False)],
+    dev: Annotated[
+        Optional[str],
+        typer.Option("--dev", "-d", metavar="DEV", help="Device (needed when the config shapes several)."),
+    ] = None,
+    duration: Annotated[
+        Optional[str], typer.Option("--for", metavar="DURATION", help="Lapse by itself after 90s, 30m, 2h, 1d...")
+    ] = None,
+    comment: Annotated[str, typer.Option("--comment", metavar="TEXT", help="Why: shown by list.")] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow 0.0.0.0/0, ::/0 and this machine's own addresses.")
+    ] = False,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Cap traffic to HOST at RATE now, touching only that host's class and set entry.
+    A host capped already gets the new rate in place."""
+    from shapekit import commands
+
+    request = commands.CapRequest(host, rate, dev, duration, comment, force)
+    _run("shape-limit-ip", lambda: commands.limit_add(_inherit(ctx, config, dry_run, verbose), request))
+
+
+@limit_ip_app.command("remove")
+def limit_remove(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="The capped address or CIDR block.", show_default=False)],
+    dev: Annotated[
+        Optional[str], typer.Option("--dev", "-d", metavar="DEV", help="Device, when the host is capped on several.")
+    ] = None,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Lift a run-time cap (a cap from the config takes over again; config caps are removed there)."""
+    from shapekit import commands
+
+    _run("shape-limit-ip", lambda: commands.limit_remove(_inherit(ctx, config, dry_run, verbose), host, dev))
+
+
+@limit_ip_app.command("list")
+def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List the caps in force: host, rate, device, source (config or run-time), expiry, comment, class."""
+    from shapekit import commands
+
+    def show() -> None:
+        rows = commands.limit_list(_inherit(ctx, config, False, False))
+        if as_json:
+            typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+            return
+        header = ["HOST", "RATE", "DEV", "SOURCE", "EXPIRES", "CLASS", "COMMENT"]
+        cells = [[r.host, r.rate, r.dev, r.source, r.expires or "-", r.classid, r.comment] for r in rows]
+        typer.echo(_table(header, cells))
+
+    _run("shape-limit-ip", show)
 
 
 def init_main() -> None:

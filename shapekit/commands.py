@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shapekit import apply, plan, plan_mangle
+from shapekit import apply, plan, plan_limits, plan_mangle
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import Config, Device, config_path, load_config
+from shapekit.config_rules import Cap, check_cap
 from shapekit.errors import UsageError
+from shapekit.plan_limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
 from shapekit.plan_mangle import BYPASS, FAMILIES, MARK, Chains
-from shapekit.state import BYPASS_FILE, RuntimeBypass, change_lock, state_dir
+from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
+from shapekit.units import UnitError, format_rate, parse_duration, parse_rate
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,11 @@ def init(options: Options, devs: list[str]) -> None:
     runner = options.runner()
     apply.probe_kernel(plan.kernel_features(devices))
     with options.lock():
+        runtime, now = load_caps(state_dir()), time.time()
         for device in devices:
             current = apply.read_root(runner, device.name)
-            apply.apply_tree(runner, device.name, plan.plan_init(device, config.bypass, current))
+            caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
+            apply.apply_tree(runner, device.name, plan.plan_init(device, config.bypass, current) + caps)
 
 
 def flush(options: Options, devs: list[str], forget: bool) -> None:
@@ -72,8 +80,13 @@ def flush(options: Options, devs: list[str], forget: bool) -> None:
             runner.tc_batch(f"{dev}: remove shapekit's tree", cmds)
         if not devs:
             apply.flush_mangle(runner)
+            if shutil.which("ipset"):  # sets go after the rules that use them
+                apply.ipset_restore(
+                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(apply.list_sets(runner))
+                )
         if forget and not options.dry_run:
-            (state_dir() / BYPASS_FILE).unlink(missing_ok=True)
+            for name in (BYPASS_FILE, LIMITS_FILE):
+                (state_dir() / name).unlink(missing_ok=True)
 
 
 def _check_mangle(options: Options, command: str) -> None:
@@ -172,3 +185,205 @@ def bypass_list(options: Options) -> list[BypassEntry]:
         rows += [BypassEntry(str(p), "port", source) for p in entries.ports]
         rows += [BypassEntry(str(h), "host", source) for h in entries.hosts]
     return rows
+
+
+# --- shape-limit-ip --------------------------------------------------------------
+
+
+def _check_limits(options: Options) -> None:
+    apply.require_root(options.dry_run, "shape-limit-ip")
+    apply.require_binaries(["tc", "ip", "ipset", *apply.MANGLE_TOOLS])
+
+
+def _live(caps: list[Cap], now: float) -> list[Cap]:
+    return [c for c in caps if not lapsed(c, now)]
+
+
+def limit_ip(options: Options) -> None:
+    """shape-limit-ip: every device's caps (config plus run-time) into classes, sets and one rule each."""
+    config = options.load()
+    _check_limits(options)
+    with options.lock():
+        now = time.time()
+        _install_limits(options, config, _live(load_caps(state_dir()), now), now)
+
+
+def _install_limits(options: Options, config: Config, runtime: list[Cap], now: float) -> None:
+    """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
+    runner = options.runner()
+    for device in config.devices.values():
+        apply.require_shapekit_tree(runner, device.name)
+    saved = [c for c in runtime if c.dev not in config.devices]  # kept for a device configured again later
+    for device in config.devices.values():
+        placed = place_caps(device, runtime, now)
+        sync = plan_limits.sync_cap_classes(device, placed, apply.read_cap_classes(runner, device.name))
+        runner.tc_batch(f"{device.name}: per-IP cap classes", sync)
+        apply.ipset_restore(runner, f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now))
+        saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
+    apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, f) for f in FAMILIES}, LIMIT)
+    if not options.dry_run:
+        save_caps(state_dir(), saved)
+
+
+def pick_device(config: Config, dev: str | None) -> Device:
+    if dev is not None:
+        if dev not in config.devices:
+            raise UsageError(f"--dev {dev}: not a device in {config.path} (configured: {', '.join(config.devices)})")
+        return config.devices[dev]
+    if len(config.devices) > 1:
+        raise UsageError(f"{config.path} shapes several devices ({', '.join(config.devices)}): pass --dev")
+    return next(iter(config.devices.values()))
+
+
+def _host(text: str) -> Network:
+    try:
+        return parse_host(text)
+    except ValueProblem as exc:
+        raise UsageError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class CapRequest:
+    """What `shape-limit-ip add` was asked, as typed values."""
+
+    host: str
+    rate: str
+    dev: str | None = None
+    duration: str | None = None
+    comment: str = ""
+    force: bool = False
+
+
+def limit_add(options: Options, request: CapRequest) -> None:
+    """shape-limit-ip add: cap one host now, touching only its own class and set entry."""
+    config = options.load()
+    device = pick_device(config, request.dev)
+    host = _host(request.host)
+    try:
+        rate = parse_rate(request.rate)
+        seconds = parse_duration(request.duration) if request.duration else None
+    except UnitError as exc:
+        raise UsageError(str(exc)) from None
+    if seconds is not None and seconds > IPSET_MAX_TIMEOUT:
+        raise UsageError(
+            f"--for {request.duration} is longer than ipset's longest timeout ({IPSET_MAX_TIMEOUT}s, about 24 days)"
+        )
+    problem = check_cap(host, rate, device.rate)
+    if problem and not (request.force and host.prefixlen == 0):
+        raise UsageError(problem)
+    if seconds is not None and any(c.host == host for c in device.limits):
+        raise UsageError(
+            f"{host} is capped by {config.path}: a cap --for a while would drop that cap when it lapses; "
+            "add it without --for, or change the config"
+        )
+    _check_limits(options)
+    runner = options.runner()
+    if not request.force:
+        _refuse_own_addresses(runner, host)
+    with options.lock():
+        apply.require_shapekit_tree(runner, device.name)
+        if not set(plan_limits.set_name(device.name, f) for f in FAMILIES) <= set(apply.list_sets(runner)):
+            raise UsageError(
+                f"{device.name} has no shapekit cap sets yet: run shape-limit-ip (no verb) once after shape-init"
+            )
+        now = time.time()
+        runtime = _live(load_caps(state_dir()), now)
+        others = [c for c in runtime if c.key != (device.name, host)]
+        cap = Cap(host, rate, device.name, "run-time", now + seconds if seconds else None, request.comment)
+        placed = next(p for p in place_caps(device, [*others, cap], now) if p.cap.host == host)
+        runner.tc_batch(
+            f"{device.name}: the class of {host}", plan_limits.cap_class(device.name, device.leaf, placed, "replace")
+        )
+        apply.ipset_restore(
+            runner, f"{device.name}: {host} to its class", plan_limits.plan_set_entry(device.name, placed, now)
+        )
+        if not options.dry_run:
+            save_caps(state_dir(), [*others, with_minor(placed)])
+
+
+def _refuse_own_addresses(runner: apply.Runner, host: Network) -> None:
+    own = [a for a in apply.local_addresses(runner) if a.version == host.version and a in host]
+    if own:
+        raise UsageError(
+            f"{host} holds this machine's own address {own[0]}: capping it would throttle the machine itself (use --force if you mean it)"
+        )
+
+
+def limit_remove(options: Options, host_text: str, dev: str | None) -> None:
+    """shape-limit-ip remove: lift a run-time cap (a config cap takes over again if there is one)."""
+    config = options.load()
+    host = _host(host_text)
+    _check_limits(options)
+    runner = options.runner()
+    with options.lock():
+        now = time.time()
+        runtime = _live(load_caps(state_dir()), now)
+        matches = [c for c in runtime if c.host == host and (dev is None or c.dev == dev)]
+        if not matches:
+            in_config = [d.name for d in config.devices.values() if any(c.host == host for c in d.limits)]
+            where = (
+                f"capped by {config.path} on {in_config[0]}: remove it there"
+                if in_config
+                else "not capped (see shape-limit-ip list)"
+            )
+            raise UsageError(f"{host} is {where}")
+        if len(matches) > 1:
+            raise UsageError(f"{host} is capped on {', '.join(c.dev for c in matches)}: pass --dev")
+        removed = matches[0]
+        device = config.devices.get(removed.dev)
+        kept = [c for c in runtime if c is not removed]
+        if device is not None:
+            _lift(runner, device, removed, kept, now)
+        if not options.dry_run:
+            save_caps(state_dir(), kept)
+
+
+def _lift(runner: apply.Runner, device: Device, removed: Cap, kept: list[Cap], now: float) -> None:
+    before = next(p for p in place_caps(device, [*kept, removed], now) if p.cap.host == removed.host)
+    after = next((p for p in place_caps(device, kept, now) if p.cap.host == removed.host), None)
+    if after is None:
+        apply.ipset_restore(
+            runner, f"{device.name}: {removed.host} uncapped", plan_limits.plan_set_removal(device.name, removed.host)
+        )
+        runner.tc_batch(
+            f"{device.name}: the class of {removed.host}", plan_limits.remove_cap_class(device.name, before.minor)
+        )
+    else:  # back to the config's cap, in the same class
+        runner.tc_batch(
+            f"{device.name}: {removed.host} back to its config cap",
+            plan_limits.cap_class(device.name, device.leaf, after, "replace"),
+        )
+        apply.ipset_restore(
+            runner, f"{device.name}: {removed.host}", plan_limits.plan_set_entry(device.name, after, now)
+        )
+
+
+@dataclass(frozen=True)
+class CapRow:
+    host: str
+    rate: str
+    dev: str
+    source: str
+    expires: str | None  # ISO 8601, UTC
+    comment: str
+    classid: str
+
+
+def limit_list(options: Options) -> list[CapRow]:
+    config = options.load()
+    now = time.time()
+    runtime = _live(load_caps(state_dir()), now)
+    rows = []
+    for device in config.devices.values():
+        for p in place_caps(device, runtime, now):
+            rows.append(_row(p))
+    return rows
+
+
+def _row(placed: PlacedCap) -> CapRow:
+    cap = placed.cap
+    host = str(cap.host.network_address) if cap.host.prefixlen == cap.host.max_prefixlen else str(cap.host)
+    expires = None
+    if cap.expires is not None:
+        expires = datetime.datetime.fromtimestamp(cap.expires, datetime.timezone.utc).isoformat(timespec="seconds")
+    return CapRow(host, format_rate(cap.rate), cap.dev, cap.source, expires, cap.comment, plan.classid(placed.minor))

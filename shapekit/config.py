@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shapekit.config_rules import Bypass, MarkRule, check_bypass_mark, parse_bypass, parse_marks
+from shapekit.config_rules import Bypass, Cap, MarkRule, check_bypass_mark, parse_bypass, parse_limits, parse_marks
 from shapekit.errors import ConfigError
 from shapekit.units import UnitError, format_rate, parse_rate, parse_size
 
@@ -32,7 +32,7 @@ DEFAULT_CONFIG = Path("/etc/shapekit/shapekit.toml")
 ROOT_MAJOR = 0x5C
 TOP_MINOR = 0x1
 FIRST_MINOR = 0x10
-MAX_MINOR = 0xFFFF
+MAX_MINOR = 0x7FFF  # minors 0x8000-0xffff are the per-IP caps' (shapekit.config_rules.CAP_MINORS)
 # Marks shapekit allocates: the class minor in shapekit's own mark range.
 MARK_BASE = 0x5C0000
 MAX_PRIO = 7
@@ -47,7 +47,7 @@ IMPLICIT_DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
-_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes"}
+_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits"}
 _CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid"}
 _TOP_KEYS = {"device", "bypass", "mark"}
 
@@ -77,6 +77,7 @@ class Device:
     leaf: Leaf
     classifier: Classifier
     classes: tuple[HtbClass, ...]  # parents before children, siblings in file order
+    limits: tuple[Cap, ...] = ()  # [device.X.limits]: per-IP caps from the config
 
     def by_name(self, name: str) -> HtbClass:
         return next(c for c in self.classes if c.name == name)
@@ -220,7 +221,10 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
     default_class = next(c for c in classes if c.name == default)
     if not default_class.is_leaf:
         raise ConfigError(path, f"{key}.default", f"{default!r} has child classes; name a leaf class")
-    return Device(name=name, rate=rate, default=default, leaf=leaf, classifier=classifier, classes=classes)
+    limits = parse_limits(path, f"{key}.limits", table.get("limits", {}), name, rate)
+    return Device(
+        name=name, rate=rate, default=default, leaf=leaf, classifier=classifier, classes=classes, limits=limits
+    )
 
 
 def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]) -> tuple[HtbClass, ...]:

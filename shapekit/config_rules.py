@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto, parse_ports
 from shapekit.errors import ConfigError
+from shapekit.units import UnitError, format_rate, parse_rate
 
 if TYPE_CHECKING:
     from shapekit.config import Device
 
 DEFAULT_BYPASS_MARK = 1001
 BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
+CAP_MINORS = range(0x8000, 0x10000)  # one class per capped host
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
 _MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device"}
@@ -206,3 +208,51 @@ def check_bypass_mark(path: Path, bypass: Bypass, devices: dict[str, Device]) ->
                     f"device.{device.name}.classes.{cls.name}.mark",
                     f"mark {bypass.mark} is the bypass mark: pick another (or set [bypass] mark = ...)",
                 )
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A per-IP cap: traffic sent to `host` through `dev` at most `rate` (rate = ceil)."""
+
+    host: Network
+    rate: int  # bits/s
+    dev: str
+    source: str = "config"  # or "run-time"
+    expires: float | None = None  # epoch seconds; run-time caps added with --for
+    comment: str = ""
+    minor: int | None = None  # run-time caps keep the class minor they were given
+
+    @property
+    def key(self) -> tuple[str, Network]:
+        return (self.dev, self.host)
+
+
+def check_cap(host: Network, rate: int, line_rate: int) -> str | None:
+    """Why this cap is refused, or None. (Own addresses are checked where they can be read.)"""
+    if host.prefixlen == 0:
+        return f"{host} would cap every host: name the client (use --force if you mean it)"
+    if rate > line_rate:
+        return f"{format_rate(rate)} is above the device's line rate {format_rate(line_rate)}"
+    return None
+
+
+def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int) -> tuple[Cap, ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, key, 'must be a table of "HOST" = "RATE"')
+    caps: dict[Network, Cap] = {}
+    for text, rate_text in raw.items():
+        where = f'{key}."{text}"'
+        try:
+            host = parse_host(text)
+            rate = parse_rate(rate_text)
+        except (ValueProblem, UnitError) as exc:
+            raise ConfigError(path, where, str(exc)) from None
+        problem = check_cap(host, rate, line_rate)
+        if problem:
+            raise ConfigError(path, where, problem.replace(" (use --force if you mean it)", ""))
+        if host in caps:
+            raise ConfigError(path, where, f"{host} is capped twice on {dev}")
+        caps[host] = Cap(host=host, rate=rate, dev=dev)
+    if len(caps) > len(CAP_MINORS):
+        raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {len(CAP_MINORS)}")
+    return tuple(caps.values())

@@ -11,7 +11,8 @@ of the built-in ones:
 
 The path of a packet leaving any device (mangle POSTROUTING, one jump):
 
-    SHAPEKIT           -j SHAPEKIT-DECIDE, then (classify devices) -j SHAPEKIT-CLASSIFY
+    SHAPEKIT           -j SHAPEKIT-DECIDE, then (classify devices) -j SHAPEKIT-CLASSIFY,
+                       then -j SHAPEKIT-LIMIT
     SHAPEKIT-DECIDE    bypass first, every packet, so `shape-bypass add` frees a live flow;
                        then the connection's saved mark; then the [[mark]] rules
     SHAPEKIT-BYPASS    [bypass] ports and hosts (shape-bypass owns it)
@@ -20,6 +21,8 @@ The path of a packet leaving any device (mangle POSTROUTING, one jump):
     SHAPEKIT-CONN-M    set mark M and save it to the connection
     SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags: a SYN is not a connection)
     SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
+    SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
+                       last, so a cap holds whatever the rules above chose)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 from shapekit.config import Config
 from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.plan_limits import LIMIT, limit_chain
 
 HOOK = "POSTROUTING"
 MAIN = "SHAPEKIT"
@@ -39,6 +43,7 @@ CLASSIFY = "SHAPEKIT-CLASSIFY"
 CONN_SETTER = "SHAPEKIT-CONN-"
 PACKET_SETTER = "SHAPEKIT-PKT-"
 SKELETON = (MAIN, DECIDE, CLASSIFY)
+OWNED = (MARK, BYPASS, LIMIT)  # one command's chain each
 FAMILIES = (4, 6)
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 MULTIPORT_MAX = 15  # ports in one multiport match; a range counts twice
@@ -94,7 +99,7 @@ def skeleton_chains(config: Config) -> Chains:
     bypass_mark = config.bypass.mark
     classify = _classify_rules(config)
     chains: Chains = {
-        MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []),
+        MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []) + [f"-j {LIMIT}"],
         DECIDE: [
             f"-j {BYPASS}",
             f"-m mark --mark {bypass_mark} -j RETURN",
@@ -200,15 +205,15 @@ def _mine(own: str) -> Callable[[str], bool]:
 def plan_restore(state: MangleState, planned: Chains, own: str) -> str:
     """Text for `iptables-restore --noflush` that makes shapekit's chains `planned`.
 
-    `own` (MARK or BYPASS) says whose chains these are: the chains of that
-    kind no longer planned are deleted; the other command's chain is created
-    empty when missing and otherwise left as it is. Declaring a chain flushes
-    it, so each chain's whole content changes in one transaction.
+    `own` (MARK, BYPASS or LIMIT) says whose chains these are: the chains of
+    that kind no longer planned are deleted; the other commands' chains are
+    created empty when missing and otherwise left as they are. Declaring a
+    chain flushes it, so each chain's whole content changes in one transaction.
     """
-    other = BYPASS if own == MARK else MARK
     needed = dict(planned)
-    if other not in state.chains:
-        needed[other] = []
+    for other in OWNED:
+        if other != own and other not in state.chains:
+            needed[other] = []
     stale = [name for name in state.chains if _mine(own)(name) and name not in planned]
     lines = ["*mangle"]
     lines += [f":{name} - [0:0]" for name in [*needed, *stale]]
@@ -254,3 +259,7 @@ def mark_plan(config: Config, family: int) -> Chains:
 
 def bypass_plan(config: Config, bypass: Bypass, family: int) -> Chains:
     return {**skeleton_chains(config), **bypass_chains(bypass, family)}
+
+
+def limit_plan(config: Config, family: int) -> Chains:
+    return {**skeleton_chains(config), **limit_chain(list(config.devices.values()), family)}

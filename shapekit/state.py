@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
+from shapekit.config_rules import Cap
 from shapekit.errors import UsageError
+from shapekit.units import UnitError, format_rate, parse_rate
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"
+LIMITS_FILE = "limits.json"
 
 
 def state_dir() -> Path:
@@ -93,3 +96,38 @@ class RuntimeBypass:
         write_state(
             directory / BYPASS_FILE, {"ports": [str(p) for p in self.ports], "hosts": [str(h) for h in self.hosts]}
         )
+
+
+def load_caps(directory: Path) -> list[Cap]:
+    """Caps added with `shape-limit-ip add`, kept in limits.json (lapsed ones included)."""
+    path = directory / LIMITS_FILE
+    try:
+        return [
+            Cap(
+                host=parse_host(item["host"]),
+                rate=parse_rate(item["rate"]),
+                dev=str(item["dev"]),
+                source="run-time",
+                expires=item.get("expires"),
+                comment=str(item.get("comment", "")),
+                minor=item.get("minor"),
+            )
+            for item in read_state(path).get("caps", [])
+        ]
+    except (KeyError, TypeError, ValueProblem, UnitError) as exc:
+        raise UsageError(f"state file {path}: bad entry ({exc}): fix it or remove it to start afresh") from None
+
+
+def save_caps(directory: Path, caps: list[Cap]) -> None:
+    items = [
+        {
+            "host": str(c.host),
+            "rate": format_rate(c.rate),
+            "dev": c.dev,
+            "expires": c.expires,
+            "comment": c.comment,
+            "minor": c.minor,
+        }
+        for c in caps
+    ]
+    write_state(directory / LIMITS_FILE, {"caps": items})

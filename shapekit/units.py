@@ -114,3 +114,18 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise UnitError(f"{text!r} is zero: a size must be above 0")
     return size
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '2h', '1d', '1h30m' as seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if not text.strip() or not match:
+        raise UnitError(f"{text!r} is not a duration: write e.g. 90s, 30m, 2h, 1d or 1h30m")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise UnitError(f"{text!r} is zero: a duration must be above 0")
+    return total

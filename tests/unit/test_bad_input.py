@@ -97,7 +97,7 @@ BAD_CONFIGS = {
     "prio not an integer": (GOOD + 'prio = "high"\n', "classes.bulk.prio: must be an integer"),
     "bad burst unit": (GOOD + 'burst = "5kbps"\n', "classes.bulk.burst: '5kbps' has an unknown size unit"),
     "classid taken by shapekit": (GOOD + "classid = 0x5c\n", "0x5c is already used by shapekit"),
-    "classid out of range": (GOOD + "classid = 0x10000\n", "use 16..65535 (the class minor, in hex: 0x1010)"),
+    "classid out of range": (GOOD + "classid = 0x8000\n", "use 16..32767 (the class minor, in hex: 0x1010)"),
     "classid twice": (
         GOOD + "classid = 0x20\n" + '[device.eth0.classes.c]\nrate = "1mbit"\nclassid = 0x20\n',
         "0x20 is already used by bulk",

@@ -74,7 +74,7 @@ def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_c
     assert "qdisc add dev eth0 parent 5c:1010 handle 1010: fq_codel\n" in fq_codel
 
 
-def test_seed_002_tree_is_a_default_class_at_the_line_rate(system, cli):
+def test_seed_002_tree_is_a_default_class_at_the_line_rate_and_a_class_per_cap(system, cli):
     result = cli(init_app, "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 0, result.stderr
@@ -87,6 +87,12 @@ def test_seed_002_tree_is_a_default_class_at_the_line_rate(system, cli):
         "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit\n"
+        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit\n"
+        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
     ]
 
 
@@ -185,6 +191,7 @@ def test_flush_removes_only_shapekits_root(system, cli):
         (BATCH, "qdisc del dev eth0 root\n"),
         (("iptables-save", "-t", "mangle"), None),  # no chains of shapekit's: nothing to remove
         (("ip6tables-save", "-t", "mangle"), None),
+        (("ipset", "list", "-n"), None),  # no sets either
     ]
 
 

@@ -12,6 +12,7 @@ from shapekit.errors import CommandFailed
 
 SKELETON = """\
 -A SHAPEKIT -j SHAPEKIT-DECIDE
+-A SHAPEKIT -j SHAPEKIT-LIMIT
 -A SHAPEKIT-DECIDE -j SHAPEKIT-BYPASS
 -A SHAPEKIT-DECIDE -m mark --mark 1001 -j RETURN
 -A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j CONNMARK --restore-mark
@@ -34,6 +35,7 @@ DECLARE_MARK = """\
 :SHAPEKIT-PKT-11010 - [0:0]
 :SHAPEKIT-CONN-11090 - [0:0]
 :SHAPEKIT-BYPASS - [0:0]
+:SHAPEKIT-LIMIT - [0:0]
 """
 # Seed 000's POSTROUTING rules (dns, ssh, SYN, icmp → 11010; torrent ports → 11090), IPv4.
 SEED_000_MARK_V4 = (
@@ -60,6 +62,7 @@ DECLARE_BYPASS = """\
 :SHAPEKIT-DECIDE - [0:0]
 :SHAPEKIT-BYPASS - [0:0]
 :SHAPEKIT-MARK - [0:0]
+:SHAPEKIT-LIMIT - [0:0]
 """
 SEED_000_BYPASS = (
     DECLARE_BYPASS
@@ -197,7 +200,7 @@ def test_flush_removes_the_jump_and_every_shapekit_chain(system, cli):
     result = cli(flush_app)
 
     assert result.exit_code == 0, result.stderr
-    assert system.calls[-3:] == [
+    assert system.calls[-4:-1] == [
         (SAVE4, None),
         (
             V4,

@@ -1,0 +1,201 @@
+"""Pure functions for per-IP caps (seed 002): HTB classes, ipset entries, one rule per device.
+
+Seed 002 runs, for every host, three processes and leaves one more linear
+iptables rule that every packet walks:
+
+    tc class add dev $NETCARD parent 1:0 classid 1:$mark htb rate ${bw}kbit ceil ${bw}kbit burst 5k prio $mark
+    iptables -t mangle -A INPUT -i $NETCARD -s $ip -j CONNMARK --set-mark $mark
+    tc filter add dev $NETCARD parent 1:0 protocol ip prio $mark handle $mark fw flowid 1:$mark
+
+shapekit gives each capped host a class `5c:MINOR` (MINOR from 0x8000) under
+the top class, with rate = ceil = the cap, and an entry `HOST skbprio
+5c:MINOR` in an ipset hash of the device; one rule per device and IP family,
+
+    -A SHAPEKIT-LIMIT -o DEV -j SET --map-set SHAPEKIT-DEV-4 dst --map-prio
+
+sets the packet's class from one hash lookup, however many hosts are capped.
+HTB takes a priority that names one of its classes before any filter, so a
+cap holds whatever class a [[mark]] rule or the bypass chose. `--for` is the
+entry's ipset timeout: the kernel drops it when it lapses, with no daemon.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from shapekit.addresses import Network
+from shapekit.config import TOP_MINOR, Device
+from shapekit.config_rules import CAP_MINORS, Cap
+from shapekit.plan import LEAF_QDISC, Argv, classid
+from shapekit.units import format_rate
+
+LIMIT = "SHAPEKIT-LIMIT"
+SET_PREFIX = "SHAPEKIT-"
+IPSET_MAX_TIMEOUT = 2147483  # seconds: the most an ipset entry's timeout takes (about 24.8 days)
+
+
+@dataclass(frozen=True)
+class PlacedCap:
+    """A cap with the class minor it lives in."""
+
+    cap: Cap
+    minor: int
+
+
+def set_name(dev: str, family: int) -> str:
+    return f"{SET_PREFIX}{dev}-{family}"
+
+
+def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[PlacedCap]:
+    """The caps in force on a device: the config's, with run-time caps added or overriding.
+
+    Config caps take minors from 0x8000 in file order; a run-time cap keeps
+    the minor saved with it, or takes the config cap's it overrides, or the
+    lowest free one. Lapsed run-time caps are gone.
+    """
+    placed = {cap.host: PlacedCap(cap, minor) for cap, minor in zip(device.limits, CAP_MINORS, strict=False)}
+    live = [c for c in runtime if c.dev == device.name and not lapsed(c, now)]
+    for cap in live:
+        if cap.host in placed:
+            placed[cap.host] = PlacedCap(cap, placed[cap.host].minor)
+    taken = {p.minor for p in placed.values()}
+    for cap in live:
+        if cap.host in placed:
+            continue
+        minor = cap.minor if cap.minor in CAP_MINORS and cap.minor not in taken else free_minor(taken)
+        taken.add(minor)
+        placed[cap.host] = PlacedCap(cap, minor)
+    return list(placed.values())
+
+
+def free_minor(taken: set[int]) -> int:
+    return next(m for m in CAP_MINORS if m not in taken)
+
+
+def lapsed(cap: Cap, now: float) -> bool:
+    return cap.expires is not None and cap.expires <= now
+
+
+def with_minor(placed: PlacedCap) -> Cap:
+    """The cap as it is saved: with its minor, so later commands find its class."""
+    return replace(placed.cap, minor=placed.minor)
+
+
+# --- tc -------------------------------------------------------------------------
+
+
+def cap_class(dev: str, leaf: str, placed: PlacedCap, verb: str = "add") -> list[Argv]:
+    """The cap's class (rate = ceil) under the top class, and its leaf qdisc."""
+    rate = format_rate(placed.cap.rate)
+    cid = classid(placed.minor)
+    cmds: list[Argv] = [
+        (
+            "tc",
+            "class",
+            verb,
+            "dev",
+            dev,
+            "parent",
+            classid(TOP_MINOR),
+            "classid",
+            cid,
+            "htb",
+            "rate",
+            rate,
+            "ceil",
+            rate,
+        )
+    ]
+    if LEAF_QDISC[leaf]:
+        cmds.append(("tc", "qdisc", verb, "dev", dev, "parent", cid, "handle", f"{placed.minor:x}:", *LEAF_QDISC[leaf]))
+    return cmds
+
+
+def cap_tree(device: Device, placed: Sequence[PlacedCap]) -> list[Argv]:
+    """Every cap's class, as part of shape-init's tree."""
+    return [cmd for p in placed for cmd in cap_class(device.name, device.leaf, p)]
+
+
+_TC_CLASS = re.compile(r"^class htb 5c:([0-9a-f]+) .*\brate (\S+) ceil (\S+)", re.MULTILINE)
+_TC_RATE = re.compile(r"^([0-9.]+)([KMGT]?)bit$")
+_TC_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_cap_classes(text: str) -> dict[int, int]:
+    """Cap classes (minor → ceil in bits/s) in `tc class show` text; iproute2 6.1 has no JSON for HTB classes."""
+    classes = {}
+    for minor, _rate, ceil in _TC_CLASS.findall(text):
+        if int(minor, 16) in CAP_MINORS and (match := _TC_RATE.match(ceil)):
+            classes[int(minor, 16)] = round(float(match.group(1)) * _TC_SCALE[match.group(2)])
+    return classes
+
+
+def sync_cap_classes(device: Device, placed: Sequence[PlacedCap], current: dict[int, int]) -> list[Argv]:
+    """The changes that make the device's cap classes `placed`: only what differs."""
+    cmds: list[Argv] = []
+    wanted = {p.minor: p for p in placed}
+    for minor in sorted(set(current) - set(wanted)):
+        cmds.append(("tc", "class", "del", "dev", device.name, "classid", classid(minor)))
+    for minor, p in wanted.items():
+        if minor not in current:
+            cmds += cap_class(device.name, device.leaf, p)
+        elif abs(current[minor] - p.cap.rate) > 8:  # HTB keeps bytes/s: allow its rounding
+            cmds += cap_class(device.name, device.leaf, p, "change")[:1]
+    return cmds
+
+
+def remove_cap_class(dev: str, minor: int) -> list[Argv]:
+    return [("tc", "class", "del", "dev", dev, "classid", classid(minor))]
+
+
+# --- ipset ----------------------------------------------------------------------
+
+
+def _entry(name: str, placed: PlacedCap, now: float) -> str:
+    line = f"add {name} {placed.cap.host} skbprio {classid(placed.minor)}"
+    if placed.cap.expires is not None:
+        line += f" timeout {max(1, math.ceil(placed.cap.expires - now))}"
+    return line
+
+
+def _create(name: str, family: int) -> str:
+    inet = "inet" if family == 4 else "inet6"
+    return f"create {name} hash:net family {inet} skbinfo timeout 0 -exist"
+
+
+def plan_sets(dev: str, placed: Sequence[PlacedCap], now: float) -> str:
+    """`ipset restore` text that makes the device's sets hold exactly these caps, swapped in at once."""
+    lines = []
+    for family in (4, 6):
+        name, scratch = set_name(dev, family), set_name(dev, family) + "~"
+        lines += [_create(name, family), _create(scratch, family), f"flush {scratch}"]
+        lines += [_entry(scratch, p, now) for p in placed if p.cap.host.version == family]
+        lines += [f"swap {scratch} {name}", f"destroy {scratch}"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_set_entry(dev: str, placed: PlacedCap, now: float) -> str:
+    """`ipset restore` text for one cap: its entry replaced (a changed rate keeps the class)."""
+    name = set_name(dev, placed.cap.host.version)
+    return (
+        f"{_create(name, placed.cap.host.version)}\ndel {name} {placed.cap.host} -exist\n{_entry(name, placed, now)}\n"
+    )
+
+
+def plan_set_removal(dev: str, host: Network) -> str:
+    return f"del {set_name(dev, host.version)} {host} -exist\n"
+
+
+def plan_destroy_sets(names: Sequence[str]) -> str:
+    return "".join(f"destroy {name}\n" for name in names if name.startswith(SET_PREFIX))
+
+
+# --- iptables -------------------------------------------------------------------
+
+
+def limit_chain(devices: Sequence[Device], family: int) -> dict[str, list[str]]:
+    """shape-limit-ip's chain: per device, the class from the destination's set entry."""
+    return {LIMIT: [f"-o {d.name} -j SET --map-set {set_name(d.name, family)} dst --map-prio" for d in devices]}
