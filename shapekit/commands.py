@@ -282,14 +282,14 @@ def limit_add(options: Options, request: CapRequest) -> None:
         _refuse_own_addresses(runner, host)
     with options.lock():
         apply.require_shapekit_tree(runner, device.name)
-        if not set(plan_limits.set_name(device.name, f) for f in FAMILIES) <= set(apply.list_sets(runner)):
-            raise UsageError(
-                f"{device.name} has no shapekit cap sets yet: run shape-limit-ip (no verb) once after shape-init"
-            )
         now = time.time()
         runtime = _live(load_caps(state_dir()), now)
         others = [c for c in runtime if c.key != (device.name, host)]
         cap = Cap(host, rate, device.name, "run-time", now + seconds if seconds else None, request.comment)
+        if not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(apply.list_sets(runner)):
+            # Never installed since boot: install everything, this cap included.
+            _install_limits(options, config, [*others, cap], now)
+            return
         placed = next(p for p in place_caps(device, [*others, cap], now) if p.cap.host == host)
         runner.tc_batch(
             f"{device.name}: the class of {host}", plan_limits.cap_class(device.name, device.leaf, placed, "replace")

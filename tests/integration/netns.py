@@ -117,13 +117,35 @@ class NetPair:
         shown = self.left.run("tc", "-s", "class", "show", "dev", self.dev, "classid", classid).stdout
         return int(shown.split("Sent ")[1].split()[0])
 
-    def goodput(self, seconds: int = 5, ipv6: bool = False, port: int | None = None, cport: int | None = None) -> float:
+    def add_addresses(self, *addresses: str) -> None:
+        """More addresses on the right namespace's end: more hosts to send to."""
+        for address in addresses:
+            family, prefix = ("-6", "/64") if ":" in address else ("-4", "/24")
+            self.right.run(
+                "ip",
+                family,
+                "addr",
+                "add",
+                address + prefix,
+                "dev",
+                self.right.dev,
+                *(["nodad"] if ":" in address else []),
+            )
+
+    def goodput(
+        self,
+        seconds: int = 5,
+        ipv6: bool = False,
+        port: int | None = None,
+        cport: int | None = None,
+        to: str | None = None,
+    ) -> float:
         """TCP goodput left → right in bits/s, measured by iperf3 at the receiver.
 
         The receiver counts until the shaper's queue has drained, so its rate is
         exact; `-O` (omit) would skew it (iperf3 3.12 keeps the omitted seconds).
         """
-        server_addr = self.right.addr6 if ipv6 else self.right.addr4
+        server_addr = to or (self.right.addr6 if ipv6 else self.right.addr4)
         port = str(port or 5201 + secrets.randbelow(1000))
         client_port = ["--cport", str(cport)] if cport else []
         server = subprocess.Popen(

@@ -1,0 +1,327 @@
+"""shape-limit-ip: the exact commands, with every process mocked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from paths import INCIDENT_CONFIG
+
+from shapekit.cli import init_app, limit_ip_app
+
+NOW = 1_800_000_000.0
+READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
+CLASSES = ("tc", "class", "show", "dev", "eth0")
+BATCH = ("tc", "-batch", "-")
+IPSET = ("ipset", "restore")
+V4, V6 = ("iptables-restore", "--noflush"), ("ip6tables-restore", "--noflush")
+SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
+ADDRESSES = [
+    {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1"}, {"family": "inet6", "local": "::1"}]},
+    {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "203.0.113.1"}]},
+]
+
+# Seed 002's three hosts: a class each (seed: 1:1, 1:2, 1:3 with fw marks 1-3), now under the top class.
+SEED_002_CLASSES = """\
+class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit
+qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10
+class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit
+qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10
+class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit
+qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10
+"""
+# ...and instead of one CONNMARK rule per host, an ipset entry each, swapped in at once.
+SEED_002_SETS = """\
+create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist
+create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist
+flush SHAPEKIT-eth0-4~
+add SHAPEKIT-eth0-4~ 192.168.1.101/32 skbprio 5c:8000
+add SHAPEKIT-eth0-4~ 192.168.1.102/32 skbprio 5c:8001
+add SHAPEKIT-eth0-4~ 192.168.1.103/32 skbprio 5c:8002
+swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
+destroy SHAPEKIT-eth0-4~
+create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist
+create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist
+flush SHAPEKIT-eth0-6~
+swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6
+destroy SHAPEKIT-eth0-6~
+"""
+# ...and one rule per device and family that reads the class from the set.
+LIMIT_V4 = """\
+*mangle
+:SHAPEKIT - [0:0]
+:SHAPEKIT-DECIDE - [0:0]
+:SHAPEKIT-LIMIT - [0:0]
+:SHAPEKIT-MARK - [0:0]
+:SHAPEKIT-BYPASS - [0:0]
+-A SHAPEKIT -j SHAPEKIT-DECIDE
+-A SHAPEKIT -j SHAPEKIT-LIMIT
+-A SHAPEKIT-DECIDE -j SHAPEKIT-BYPASS
+-A SHAPEKIT-DECIDE -m mark --mark 1001 -j RETURN
+-A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j CONNMARK --restore-mark
+-A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j RETURN
+-A SHAPEKIT-DECIDE -j SHAPEKIT-MARK
+-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio
+-A POSTROUTING -j SHAPEKIT
+COMMIT
+"""
+
+
+@pytest.fixture
+def booted(system, mocker):
+    """eth0 has shapekit's tree and its cap sets; the clock stands at NOW."""
+    mocker.patch("time.time", return_value=NOW)
+    system.roots["eth0"] = SHAPEKIT_ROOT
+    system.answers[("ipset", "list", "-n")] = "SHAPEKIT-eth0-4\nSHAPEKIT-eth0-6\n"
+    system.answers[("ip", "-j", "addr", "show")] = json.dumps(ADDRESSES)
+    return system
+
+
+def state(tmp_path) -> list[dict]:
+    return json.loads((tmp_path / "state" / "limits.json").read_text())["caps"]
+
+
+def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
+    result = cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.calls == [
+        (READ_ROOT, None),
+        (CLASSES, None),
+        (BATCH, SEED_002_CLASSES),
+        (IPSET, SEED_002_SETS),
+        (("iptables-save", "-t", "mangle"), None),
+        (("ip6tables-save", "-t", "mangle"), None),
+        (V4, LIMIT_V4),
+        (V6, LIMIT_V4.replace("SHAPEKIT-eth0-4", "SHAPEKIT-eth0-6")),
+    ]
+
+
+def test_installing_again_touches_only_classes_that_differ(booted, cli):
+    booted.answers[CLASSES] = (
+        "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 128Kbit ceil 128Kbit burst 1600b cburst 1600b \n"
+        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
+        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 32Kbit ceil 32Kbit burst 1600b cburst 1600b \n"
+        "class htb 5c:8007 parent 5c:1 leaf 8007: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \n"
+        "class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+    )
+
+    cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert booted.batches() == [
+        "class del dev eth0 classid 5c:8007\n"  # a cap that is gone
+        "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"  # 1mbit → 512kbit
+    ]
+
+
+def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG), "--comment", "imap")
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.calls == [
+        (("ip", "-j", "addr", "show"), None),
+        (READ_ROOT, None),
+        (("ipset", "list", "-n"), None),
+        (
+            BATCH,
+            "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit\n"
+            "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n",
+        ),
+        (
+            IPSET,
+            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
+            "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n"
+            "add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003\n",
+        ),
+    ]
+    assert state(tmp_path) == [
+        {
+            "host": "198.51.100.7/32",
+            "rate": "128kbit",
+            "dev": "eth0",
+            "expires": None,
+            "comment": "imap",
+            "minor": 0x8003,
+        }
+    ]
+
+
+def test_add_again_changes_the_rate_in_place(booted, cli, tmp_path):
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    cli(limit_ip_app, "add", "198.51.100.9", "1mbit", "--config", str(INCIDENT_CONFIG))
+    booted.run.reset_mock()
+
+    cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "add", "198.51.100.7", "64kbit")
+
+    assert booted.batches()[0].startswith(
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 64kbit ceil 64kbit\n"
+    )
+    assert [(c["host"], c["rate"], c["minor"]) for c in state(tmp_path)] == [
+        ("198.51.100.9/32", "1mbit", 0x8004),
+        ("198.51.100.7/32", "64kbit", 0x8003),
+    ]
+
+
+def test_add_for_a_while_is_an_ipset_timeout(booted, cli, tmp_path):
+    result = cli(limit_ip_app, "add", "2001:db8::7", "1mbit", "--for", "1h30m", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    ipset = [text for argv, text in booted.calls if argv == IPSET][0]
+    assert ipset.endswith("add SHAPEKIT-eth0-6 2001:db8::7/128 skbprio 5c:8003 timeout 5400\n")
+    assert state(tmp_path)[0]["expires"] == NOW + 5400
+
+
+def test_a_run_time_cap_on_a_config_host_takes_its_class(booted, cli):
+    cli(limit_ip_app, "add", "192.168.1.102", "64kbit", "--config", str(INCIDENT_CONFIG))
+
+    assert booted.batches()[0].startswith("class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 64kbit")
+
+
+def test_remove_lifts_the_cap(booted, cli, tmp_path):
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    booted.run.reset_mock()
+
+    result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
+        (IPSET, "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n"),  # traffic first, then the class
+        (BATCH, "class del dev eth0 classid 5c:8003\n"),
+    ]
+    assert state(tmp_path) == []
+
+
+def test_remove_of_an_override_goes_back_to_the_config_cap(booted, cli):
+    cli(limit_ip_app, "add", "192.168.1.102", "64kbit", "--config", str(INCIDENT_CONFIG))
+    booted.run.reset_mock()
+
+    cli(limit_ip_app, "remove", "192.168.1.102", "--config", str(INCIDENT_CONFIG))
+
+    assert booted.batches() == [
+        "class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"
+        "qdisc replace dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+    ]
+
+
+def test_list(booted, cli, mocker):
+    cli(
+        limit_ip_app,
+        "add",
+        "198.51.100.7",
+        "128kbit",
+        "--for",
+        "2h",
+        "--comment",
+        "outlook loop",
+        "--config",
+        str(INCIDENT_CONFIG),
+    )
+    cli(limit_ip_app, "add", "198.51.100.8", "1mbit", "--for", "10s", "--config", str(INCIDENT_CONFIG))
+    mocker.patch("time.time", return_value=NOW + 60)  # the 10s cap has lapsed
+
+    table = cli(limit_ip_app, "list", "--config", str(INCIDENT_CONFIG)).stdout
+    rows = json.loads(cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "list", "--json").stdout)
+
+    assert table.splitlines() == [
+        "HOST           RATE     DEV   SOURCE    EXPIRES                    CLASS    COMMENT",
+        "192.168.1.101  128kbit  eth0  config    -                          5c:8000",
+        "192.168.1.102  512kbit  eth0  config    -                          5c:8001",
+        "192.168.1.103  32kbit   eth0  config    -                          5c:8002",
+        "198.51.100.7   128kbit  eth0  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
+    ]
+    assert rows[3] == {
+        "host": "198.51.100.7",
+        "rate": "128kbit",
+        "dev": "eth0",
+        "source": "run-time",
+        "expires": "2027-01-15T10:00:00+00:00",
+        "comment": "outlook loop",
+        "classid": "5c:8003",
+    }
+
+
+def test_lapsed_caps_leave_the_state_at_the_next_install(booted, cli, mocker, tmp_path):
+    cli(limit_ip_app, "add", "198.51.100.8", "1mbit", "--for", "10s", "--config", str(INCIDENT_CONFIG))
+    mocker.patch("time.time", return_value=NOW + 60)
+
+    cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert state(tmp_path) == []
+    assert "198.51.100.8" not in [text for argv, text in booted.calls if argv == IPSET][-1]
+
+
+def test_init_builds_run_time_caps_into_the_tree(booted, cli):
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    booted.run.reset_mock()
+
+    cli(init_app, "--config", str(INCIDENT_CONFIG))
+
+    assert booted.batches()[0].endswith(
+        SEED_002_CLASSES
+        + "class add dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit\n"
+        + "qdisc add dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+    )
+
+
+def test_add_before_any_install_installs_everything(booted, cli, tmp_path):
+    booted.answers[("ipset", "list", "-n")] = ""
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    sets = [text for argv, text in booted.calls if argv == IPSET][0]
+    assert "add SHAPEKIT-eth0-4~ 198.51.100.7/32 skbprio 5c:8003\n" in sets
+    assert any(argv == V4 for argv, _ in booted.calls)
+    assert state(tmp_path)[0]["minor"] == 0x8003
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["add", "0.0.0.0/0", "1mbit"], "0.0.0.0/0 would cap every host"),
+        (["add", "::/0", "1mbit"], "::/0 would cap every host"),
+        (["add", "203.0.113.1", "1mbit"], "holds this machine's own address 203.0.113.1"),
+        (["add", "203.0.113.0/24", "1mbit"], "holds this machine's own address"),
+        (["add", "::1", "1mbit"], "own address ::1"),
+        (["add", "198.51.100.7", "0kbit"], "a rate must be above 0"),
+        (["add", "198.51.100.7", "200mbit"], "200mbit is above the device's line rate 100mbit"),
+        (["add", "198.51.100.7", "128kb"], "'128kb' is ambiguous"),
+        (["add", "198.51.100.300", "1mbit"], "'198.51.100.300' is not an IPv4/IPv6 address"),
+        (["add", "mail.example.com", "1mbit"], "is not an IPv4/IPv6 address"),
+        (["add", "198.51.100.7", "1mbit", "--for", "soon"], "'soon' is not a duration"),
+        (["add", "198.51.100.7", "1mbit", "--for", "0s"], "a duration must be above 0"),
+        (["add", "198.51.100.7", "1mbit", "--for", "30d"], "longer than ipset's longest timeout"),
+        (["add", "192.168.1.101", "1mbit", "--for", "1h"], "is capped by"),
+        (["add", "198.51.100.7", "1mbit", "--dev", "eth1"], "--dev eth1: not a device in"),
+        (["remove", "192.168.1.101"], "is capped by"),
+        (["remove", "198.51.100.99"], "198.51.100.99/32 is not capped"),
+    ],
+)
+def test_bad_input_changes_nothing(booted, cli, tmp_path, args, message):
+    result = cli(limit_ip_app, *args, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert [argv for argv, _ in booted.calls if argv in (BATCH, IPSET, V4, V6)] == []
+    assert not (tmp_path / "state" / "limits.json").exists()
+
+
+def test_force_allows_every_host_and_own_addresses(booted, cli):
+    assert cli(limit_ip_app, "add", "0.0.0.0/0", "1mbit", "--force", "--config", str(INCIDENT_CONFIG)).exit_code == 0
+    assert cli(limit_ip_app, "add", "203.0.113.1", "1mbit", "--force", "--config", str(INCIDENT_CONFIG)).exit_code == 0
+
+
+def test_several_devices_need_dev(booted, cli, write_config):
+    config = write_config('[device.eth0]\nrate = "1gbit"\n[device.eth1]\nrate = "1gbit"\n')
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(config))
+
+    assert result.exit_code == 2 and "shapes several devices (eth0, eth1): pass --dev" in result.stderr
+
+
+def test_a_device_without_shapekits_tree_is_refused(booted, cli):
+    booted.roots["eth0"] = {"kind": "fq_codel", "handle": "0:", "root": True}
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2 and "eth0 has no shapekit tree to cap hosts in: run shape-init first" in result.stderr
