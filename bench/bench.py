@@ -77,7 +77,18 @@ def bench_add(caps: int, repeat: int) -> dict[str, object]:
             subprocess.run(["ip", "netns", "exec", ns, tool(command), "--config", str(config)], env=env, check=True)
         times = []
         for i in range(repeat):
-            argv = ["ip", "netns", "exec", ns, tool("shape-limit-ip"), "add", cap_host(caps + i), "1mbit", "--config", str(config)]
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                tool("shape-limit-ip"),
+                "add",
+                cap_host(caps + i),
+                "1mbit",
+                "--config",
+                str(config),
+            ]
             start = time.perf_counter()
             subprocess.run(argv, env=env, check=True)
             times.append(time.perf_counter() - start)
