@@ -63,9 +63,12 @@ def parse_ports(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ValueProblem("an empty list of ports matches nothing: remove the key instead")
-    if len(items) > 15:
-        raise ValueProblem(f"{len(items)} ports in one rule: iptables' multiport takes at most 15; split the rule")
-    return tuple(parse_port_range(item) for item in items)
+    ports = tuple(parse_port_range(item) for item in items)
+    if len(ports) > 1 and sum(2 if ":" in p else 1 for p in ports) > 15:
+        raise ValueProblem(
+            "too many ports in one rule: iptables' multiport takes 15 (a range counts 2); split the rule"
+        )
+    return ports
 
 
 @dataclass(frozen=True, order=True)

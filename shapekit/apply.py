@@ -68,6 +68,16 @@ class Runner:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
+    @property
+    def privileged(self) -> bool:
+        """Whether root-only state (netfilter, ipset) can be read: a dry-run may run as anyone."""
+        return not self.dry_run or os.geteuid() == 0
+
+    def note(self, text: str) -> None:
+        """A remark in the printed script (dry-run only)."""
+        if self.dry_run:
+            self.out.write(f"# {text}\n")
+
     def query(self, argv: Argv) -> str:
         """A read-only command: it runs under --dry-run too."""
         return run_command(argv)
@@ -181,23 +191,36 @@ def _rule_hint(failed: CommandFailed, text: str) -> str:
 
 
 def read_mangle(runner: Runner, family: int) -> MangleState:
+    if not runner.privileged:
+        runner.note(f"not root: IPv{family} chains unread; planned as a first install")
+        return plan_mangle.EMPTY
     return plan_mangle.parse_mangle_save(runner.query((TOOLS[family][0], "-t", "mangle")))
 
 
-def apply_mangle(runner: Runner, plans: dict[int, Chains], own: str) -> None:
+def apply_mangle(runner: Runner, plans: dict[int, Chains], own: str | None) -> None:
     """Make shapekit's chains `plans` in each family, one transaction each; undo all if one fails."""
     before = {family: read_mangle(runner, family) for family in plans}
-    done: list[int] = []
+    done: dict[int, str] = {}
     for family, chains in plans.items():
         header = f"IPv{family}: shapekit's mangle chains (one {TOOLS[family][1]} --noflush)"
+        text = plan_mangle.plan_restore(before[family], chains, own)
         try:
-            runner.restore(family, header, plan_mangle.plan_restore(before[family], chains, own))
+            runner.restore(family, header, text)
         except CommandFailed as exc:
-            for applied in done:
-                runner.restore(applied, "undo", plan_mangle.plan_undo(before[applied], plans[applied]))
-            undone = f"IPv{done[0]} rules put back as they were" if done else "nothing was changed"
-            raise CommandFailed(exc.command, exc.stderr, undone) from None
-        done.append(family)
+            raise CommandFailed(exc.command, exc.stderr, _undo_mangle(runner, before, done)) from None
+        done[family] = text
+
+
+def _undo_mangle(runner: Runner, before: dict[int, MangleState], done: dict[int, str]) -> str:
+    """Put back the families already changed; say how that went."""
+    if not done:
+        return "nothing was changed"
+    for family, applied in done.items():
+        try:
+            runner.restore(family, "undo", plan_mangle.plan_undo(before[family], applied))
+        except CommandFailed as undo:
+            return f"putting the IPv{family} rules back failed too: {undo}"
+    return " and ".join(f"IPv{f}" for f in done) + " rules put back as they were"
 
 
 def flush_mangle(runner: Runner) -> None:
@@ -212,6 +235,9 @@ def ipset_restore(runner: Runner, header: str, text: str) -> None:
 
 
 def list_sets(runner: Runner) -> list[str]:
+    if not runner.privileged:
+        runner.note("not root: ipsets unread; planned as a first install")
+        return []
     return runner.query(("ipset", "list", "-n")).split()
 
 

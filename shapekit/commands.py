@@ -14,10 +14,10 @@ from typing import TypeVar
 from shapekit import apply, plan, plan_limits, plan_mangle
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import Config, Device, config_path, load_config
-from shapekit.config_rules import Cap, check_cap
+from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
 from shapekit.errors import UsageError
 from shapekit.plan_limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
-from shapekit.plan_mangle import BYPASS, FAMILIES, MARK, Chains
+from shapekit.plan_mangle import FAMILIES, MARK, Chains
 from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
 from shapekit.units import UnitError, format_rate, parse_duration, parse_rate
 
@@ -94,7 +94,7 @@ def _check_mangle(options: Options, command: str) -> None:
     apply.require_binaries(apply.MANGLE_TOOLS)
 
 
-def _install_mangle(options: Options, plans: dict[int, Chains], own: str) -> None:
+def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None) -> None:
     """Probe, then apply one command's chains in both IP families."""
     apply.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
     apply.apply_mangle(options.runner(), plans, own)
@@ -105,12 +105,18 @@ def mark(options: Options) -> None:
     config = options.load()
     _check_mangle(options, "shape-mark")
     with options.lock():
-        _install_mangle(options, {f: plan_mangle.mark_plan(config, f) for f in FAMILIES}, MARK)
+        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+        _install_mangle(options, {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK)
+
+
+def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
+    """The config's bypass and the run-time entries: every command writes the bypass chain."""
+    return config.bypass.with_entries(runtime.ports, runtime.hosts)
 
 
 def _install_bypass(options: Options, config: Config, runtime: RuntimeBypass) -> None:
-    merged = config.bypass.with_entries(runtime.ports, runtime.hosts)
-    _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, BYPASS)
+    merged = _merged_bypass(config, runtime)
+    _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, None)
 
 
 def bypass(options: Options) -> None:
@@ -126,7 +132,7 @@ def parse_bypass_entry(text: str) -> PortProto | Network:
     try:
         if "/" in text and text.rsplit("/", 1)[1][:1].isalpha():
             return parse_port_proto(text)
-        return parse_host(text)
+        return parse_bypass_host(text)
     except ValueProblem as exc:
         raise UsageError(str(exc)) from None
 
@@ -220,7 +226,8 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
         runner.tc_batch(f"{device.name}: per-IP cap classes", sync)
         apply.ipset_restore(runner, f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now))
         saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
-    apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, f) for f in FAMILIES}, LIMIT)
+    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+    apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}, LIMIT)
     if not options.dry_run:
         save_caps(state_dir(), saved)
 

@@ -36,6 +36,8 @@ MAX_MINOR = 0x7FFF  # minors 0x8000-0xffff are the per-IP caps' (shapekit.config
 # Marks shapekit allocates: the class minor in shapekit's own mark range.
 MARK_BASE = 0x5C0000
 MAX_PRIO = 7
+MAX_BURST = 2**30  # bytes; tc refuses 4g
+MAX_QUANTUM = 2**24
 MAX_DEPTH = 7  # HTB allows 8 levels; the top class takes one
 
 Leaf = Literal["sfq", "fq_codel", "pfifo", "none"]
@@ -171,13 +173,16 @@ def _rate(path: Path, key: str, value: Any) -> int:
         raise ConfigError(path, key, str(exc)) from None
 
 
-def _size(path: Path, key: str, value: Any) -> int | None:
+def _size(path: Path, key: str, value: Any, most: int) -> int | None:
     if value is None:
         return None
     try:
-        return parse_size(value)
+        size = parse_size(value)
     except UnitError as exc:
         raise ConfigError(path, key, str(exc)) from None
+    if size > most:
+        raise ConfigError(path, key, f"{value!r} is more than tc takes here ({most} bytes)")
+    return size
 
 
 def _int(path: Path, key: str, value: Any, low: int, high: int, hint: str = "") -> int | None:
@@ -236,6 +241,8 @@ def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]
             raise ConfigError(path, key, "a class name uses letters, digits, '_', '-' and '.'")
         _unknown_keys(path, key, tables[name], _CLASS_KEYS)
         parent = tables[name].get("parent")
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError(path, f"{key}.parent", f"must be a class name, not {parent!r}")
         if parent is not None and parent not in raw:
             raise ConfigError(path, f"{key}.parent", f"{parent!r} is not a class of {dev_key}")
         if parent == name:
@@ -274,9 +281,9 @@ def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]
                 prio=_int(
                     path, f"{key}.prio", table.get("prio"), 0, MAX_PRIO, " (the kernel clamps higher values to 7)"
                 ),
-                burst=_size(path, f"{key}.burst", table.get("burst")),
-                cburst=_size(path, f"{key}.cburst", table.get("cburst")),
-                quantum=_size(path, f"{key}.quantum", table.get("quantum")),
+                burst=_size(path, f"{key}.burst", table.get("burst"), MAX_BURST),
+                cburst=_size(path, f"{key}.cburst", table.get("cburst"), MAX_BURST),
+                quantum=_size(path, f"{key}.quantum", table.get("quantum"), MAX_QUANTUM),
             )
         )
     return tuple(classes)

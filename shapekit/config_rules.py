@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BYPASS_MARK = 1001
 BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
-CAP_MINORS = range(0x8000, 0x10000)  # one class per capped host
+CAP_MINORS = range(0x8000, 0xFFFF)  # one class per capped host (leaf handle ffff: is ingress's)
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
 _MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device"}
@@ -80,8 +80,15 @@ def parse_bypass(path: Path, raw: Any) -> Bypass:
     return Bypass(
         mark=mark,
         ports=tuple(_each(path, "bypass.ports", raw.get("ports", []), parse_port_proto)),
-        hosts=tuple(_each(path, "bypass.hosts", raw.get("hosts", []), parse_host)),
+        hosts=tuple(_each(path, "bypass.hosts", raw.get("hosts", []), parse_bypass_host)),
     )
+
+
+def parse_bypass_host(text: object) -> Network:
+    host = parse_host(text)
+    if host.prefixlen == 0:
+        raise ValueProblem(f"{host} would bypass every host, so nothing would be shaped: name the hosts")
+    return host
 
 
 def _each(path: Path, key: str, values: Any, parse: Any) -> list[Any]:
@@ -109,6 +116,9 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
     for name in table:
         if name not in _MARK_KEYS:
             raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(sorted(_MARK_KEYS))})")
+    for name in ("class", "device", "proto", "src", "dst"):
+        if name in table and not isinstance(table[name], str):
+            raise ConfigError(path, f"{key}.{name}", f"must be a string, not {table[name]!r}")
     device = table.get("device")
     if device is not None and device not in devices:
         raise ConfigError(path, f"{key}.device", f"{device!r} is not a configured device ({', '.join(devices)})")

@@ -11,7 +11,7 @@ again. Seed 000's tc half becomes `plan_tree`:
     tc filter add dev $DEV parent 1:0 protocol ip prio 0 handle 11010 fw flowid 1:1010
 
 with one root qdisc `5c:` that shapekit owns, a top class at the line rate,
-the unshaped bypass class `5c:2` beside it (the seed's `100:1`, mark 1001),
+the unshaped bypass class `5c:2` under it (the seed's `100:1`, mark 1001),
 and explicit leaf qdisc handles so a second run gives identical state.
 """
 
@@ -65,9 +65,11 @@ def _tc(dev: str, *args: str) -> Argv:
 
 def _class_options(cls: HtbClass) -> tuple[str, ...]:
     options = ["rate", format_rate(cls.rate), "ceil", format_rate(cls.ceil)]
-    for name, value in (("burst", cls.burst), ("cburst", cls.cburst), ("quantum", cls.quantum)):
+    for name, value in (("burst", cls.burst), ("cburst", cls.cburst)):
         if value is not None:
             options += [name, f"{value}b"]
+    if cls.quantum is not None:
+        options += ["quantum", str(cls.quantum)]  # tc reads a plain number of bytes here
     if cls.prio is not None:
         options += ["prio", str(cls.prio)]
     return tuple(options)
@@ -83,36 +85,27 @@ def _fw_filter(dev: str, mark: int, minor: int) -> Argv:
                "handle", str(mark), "fw", "flowid", classid(minor))  # fmt: skip
 
 
+def _htb_class(dev: str, parent: str, minor: int, options: tuple[str, ...]) -> Argv:
+    return _tc(dev, "class", "add", "parent", parent, "classid", classid(minor), "htb", *options)
+
+
 def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     """Build shapekit's whole HTB tree on an empty root."""
     dev = device.name
     top = classid(TOP_MINOR)
-    line = format_rate(device.rate)
+    rate = format_rate(device.rate)
+    line = ("rate", rate, "ceil", rate)
     cmds = [
         _tc(dev, "qdisc", "add", "root", "handle", root_handle(), "htb", "default", f"{device.default_class.minor:x}"),
-        _tc(dev, "class", "add", "parent", root_handle(), "classid", top, "htb", "rate", line, "ceil", line),
-        # Bypassed traffic is not shaped: its own class at the line rate, beside the top class.
-        _tc(
-            dev,
-            "class",
-            "add",
-            "parent",
-            root_handle(),
-            "classid",
-            classid(BYPASS_MINOR),
-            "htb",
-            "rate",
-            line,
-            "ceil",
-            line,
-        ),
+        _htb_class(dev, root_handle(), TOP_MINOR, line),
+        # Bypassed traffic is not shaped: a class guaranteed the whole line, under the top class so
+        # that bypassed and shaped traffic together never exceed the line (the seed's 100:1).
+        _htb_class(dev, top, BYPASS_MINOR, line),
         *_leaf(device, BYPASS_MINOR),
     ]
     for cls in device.classes:
         parent = top if cls.parent is None else classid(device.by_name(cls.parent).minor)
-        cmds.append(
-            _tc(dev, "class", "add", "parent", parent, "classid", classid(cls.minor), "htb", *_class_options(cls))
-        )
+        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls)))
         if cls.is_leaf:
             cmds += _leaf(device, cls.minor)
     if device.classifier == "fw":

@@ -15,10 +15,11 @@ The path of a packet leaving any device (mangle POSTROUTING, one jump):
                        then -j SHAPEKIT-LIMIT
     SHAPEKIT-DECIDE    bypass first, every packet, so `shape-bypass add` frees a live flow;
                        then the connection's saved mark; then the [[mark]] rules
-    SHAPEKIT-BYPASS    [bypass] ports and hosts (shape-bypass owns it)
+    SHAPEKIT-BYPASS    [bypass] ports and hosts, plus run-time entries
     SHAPEKIT-MARK      one rule per [[mark]], in order; each jumps (-g) to a setter, so
                        the first match wins (shape-mark owns it)
-    SHAPEKIT-CONN-M    set mark M and save it to the connection
+    SHAPEKIT-CONN-M    set mark M and save it to the connection (not from an ICMP error or
+                       other RELATED packet, which would stamp the connection it reports on)
     SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags: a SYN is not a connection)
     SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
     SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
@@ -42,8 +43,9 @@ MARK = "SHAPEKIT-MARK"
 CLASSIFY = "SHAPEKIT-CLASSIFY"
 CONN_SETTER = "SHAPEKIT-CONN-"
 PACKET_SETTER = "SHAPEKIT-PKT-"
-SKELETON = (MAIN, DECIDE, CLASSIFY)
-OWNED = (MARK, BYPASS, LIMIT)  # one command's chain each
+# Every command writes the skeleton, so what depends on the bypass mark is always consistent.
+SKELETON = (MAIN, DECIDE, BYPASS, CLASSIFY)
+OWNED = (MARK, LIMIT)  # shape-mark's and shape-limit-ip's own chains
 FAMILIES = (4, 6)
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 MULTIPORT_MAX = 15  # ports in one multiport match; a range counts twice
@@ -94,9 +96,9 @@ def _jump_target(line: str) -> str | None:
 # --- what each command installs -------------------------------------------
 
 
-def skeleton_chains(config: Config) -> Chains:
-    """The chains both shape-mark and shape-bypass keep: the path every packet takes."""
-    bypass_mark = config.bypass.mark
+def skeleton_chains(config: Config, bypass: Bypass, family: int) -> Chains:
+    """The chains every command writes: the path every packet takes, and the bypass."""
+    bypass_mark = bypass.mark
     classify = _classify_rules(config)
     chains: Chains = {
         MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []) + [f"-j {LIMIT}"],
@@ -108,6 +110,7 @@ def skeleton_chains(config: Config) -> Chains:
             f"-j {MARK}",
         ],
     }
+    chains.update(bypass_chains(bypass, family))
     if classify:
         chains[CLASSIFY] = classify
     return chains
@@ -132,7 +135,7 @@ def mark_chains(config: Config, family: int) -> Chains:
         name = _setter(rule)
         chains[name] = [f"-j MARK --set-mark {rule.mark}"]
         if not rule.tcp_syn:
-            chains[name].append("-j CONNMARK --save-mark")
+            chains[name].append("-m conntrack ! --ctstate RELATED -j CONNMARK --save-mark")
     return chains
 
 
@@ -167,7 +170,7 @@ def _mark_rule(rule: MarkRule) -> str:
 
 
 def bypass_chains(bypass: Bypass, family: int) -> Chains:
-    """shape-bypass's chain: ports (either direction) and hosts (to or from) get the bypass mark."""
+    """Bypassed ports (either direction) and hosts (to or from) get the bypass mark."""
     set_mark = f"-j MARK --set-mark {bypass.mark}"
     rules = []
     for proto in ("tcp", "udp"):
@@ -195,20 +198,21 @@ def _multiport_chunks(ports: list[str]) -> list[list[str]]:
 # --- restore text -----------------------------------------------------------
 
 
-def _mine(own: str) -> Callable[[str], bool]:
+def _mine(own: str | None) -> Callable[[str], bool]:
     """Which existing chains a command manages (and so may delete when unplanned)."""
     if own == MARK:
         return lambda name: name in SKELETON or name == MARK or name.startswith((CONN_SETTER, PACKET_SETTER))
     return lambda name: name in SKELETON or name == own
 
 
-def plan_restore(state: MangleState, planned: Chains, own: str) -> str:
+def plan_restore(state: MangleState, planned: Chains, own: str | None) -> str:
     """Text for `iptables-restore --noflush` that makes shapekit's chains `planned`.
 
-    `own` (MARK, BYPASS or LIMIT) says whose chains these are: the chains of
-    that kind no longer planned are deleted; the other commands' chains are
-    created empty when missing and otherwise left as they are. Declaring a
-    chain flushes it, so each chain's whole content changes in one transaction.
+    `own` (MARK, LIMIT, or None for shape-bypass) says whose chains these
+    are: the chains of that kind no longer planned are deleted; the other
+    command's chain is created empty when missing and otherwise left as it
+    is. Declaring a chain flushes it, so each chain's whole content changes
+    in one transaction.
     """
     needed = dict(planned)
     for other in OWNED:
@@ -229,16 +233,20 @@ def _append(chain: str, rules: list[str]) -> list[str]:
     return [f"-A {chain} {rule}" for rule in rules]
 
 
-def plan_undo(before: MangleState, after: Chains) -> str:
-    """Text that puts shapekit's chains back as they were `before` a restore that planned `after`."""
+def declared_chains(text: str) -> list[str]:
+    return [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
+
+
+def plan_undo(before: MangleState, applied: str) -> str:
+    """Text that puts shapekit's chains back as they were `before` the restore `applied`."""
     lines = ["*mangle"]
-    names = list(dict.fromkeys([*before.chains, *after]))
+    if not before.jumps:  # first, so that no chain is still jumped to when it goes
+        lines.append(f"-D {HOOK} -j {MAIN}")
+    names = list(dict.fromkeys([*before.chains, *declared_chains(applied)]))
     lines += [f":{name} - [0:0]" for name in names]
     for name in before.chains:
         lines += before.chains[name]
     lines += [f"-X {name}" for name in names if name not in before.chains]
-    if not before.jumps:
-        lines.append(f"-D {HOOK} -j {MAIN}")
     return "\n".join([*lines, "COMMIT", ""])
 
 
@@ -253,13 +261,13 @@ def plan_flush_mangle(state: MangleState) -> str | None:
     return "\n".join([*lines, "COMMIT", ""])
 
 
-def mark_plan(config: Config, family: int) -> Chains:
-    return {**skeleton_chains(config), **mark_chains(config, family)}
+def mark_plan(config: Config, bypass: Bypass, family: int) -> Chains:
+    return {**skeleton_chains(config, bypass, family), **mark_chains(config, family)}
 
 
 def bypass_plan(config: Config, bypass: Bypass, family: int) -> Chains:
-    return {**skeleton_chains(config), **bypass_chains(bypass, family)}
+    return skeleton_chains(config, bypass, family)
 
 
-def limit_plan(config: Config, family: int) -> Chains:
-    return {**skeleton_chains(config), **limit_chain(list(config.devices.values()), family)}
+def limit_plan(config: Config, bypass: Bypass, family: int) -> Chains:
+    return {**skeleton_chains(config, bypass, family), **limit_chain(list(config.devices.values()), family)}

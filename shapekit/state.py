@@ -73,6 +73,13 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise TypeError(f"{key!r} is not a list")
+    return value
+
+
 @dataclass(frozen=True)
 class RuntimeBypass:
     """Bypass entries added with `shape-bypass add`, kept in bypass.json."""
@@ -86,10 +93,10 @@ class RuntimeBypass:
         data = read_state(path)
         try:
             return cls(
-                ports=tuple(parse_port_proto(p) for p in data.get("ports", [])),
-                hosts=tuple(parse_host(h) for h in data.get("hosts", [])),
+                ports=tuple(parse_port_proto(p) for p in _list(data, "ports")),
+                hosts=tuple(parse_host(h) for h in _list(data, "hosts")),
             )
-        except ValueProblem as exc:
+        except (ValueProblem, TypeError) as exc:
             raise UsageError(f"state file {path}: {exc}: fix it or remove it to start afresh") from None
 
     def save(self, directory: Path) -> None:
@@ -112,7 +119,7 @@ def load_caps(directory: Path) -> list[Cap]:
                 comment=str(item.get("comment", "")),
                 minor=item.get("minor"),
             )
-            for item in read_state(path).get("caps", [])
+            for item in _list(read_state(path), "caps")
         ]
     except (KeyError, TypeError, ValueProblem, UnitError) as exc:
         raise UsageError(f"state file {path}: bad entry ({exc}): fix it or remove it to start afresh") from None

@@ -48,6 +48,9 @@ _SIZE_UNITS: dict[str, int] = {
     "gbit": 1024**3 // 8,
 }
 
+MIN_RATE = 8  # HTB keeps bytes/s
+MAX_RATE = 10**12
+
 _FORMAT_RATE = (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1))
 
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
@@ -94,6 +97,10 @@ def parse_rate(text: str | int) -> int:
     bits = _whole(number, _RATE_UNITS[unit], text, "bits/s")
     if bits <= 0:
         raise UnitError(f"{text!r} is zero: a rate must be above 0")
+    if bits < MIN_RATE:
+        raise UnitError(f"{text!r} is below 8bit (one byte/s), the least HTB takes")
+    if bits > MAX_RATE:
+        raise UnitError(f"{text!r} is above 1tbit, more than any line shapekit shapes")
     return bits
 
 

@@ -60,7 +60,7 @@ def test_init_builds_the_configured_tree(netpair):
     assert set(classes) == {"5c:1", "5c:2", "5c:10", "5c:11", "5c:12"}
     expected = {  # class id: parent, rate, ceil
         "5c:1": ("root", 100_000_000, 100_000_000),
-        "5c:2": ("root", 100_000_000, 100_000_000),  # the unshaped bypass class
+        "5c:2": ("5c:1", 100_000_000, 100_000_000),  # the unshaped bypass class, within the line
         "5c:10": ("5c:1", 20_000_000, 20_000_000),
         "5c:11": ("5c:10", 10_000_000, 20_000_000),  # ceil defaults to the parent's
         "5c:12": ("5c:10", 2_000_000, 2_000_000),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from netns import sh
@@ -217,3 +219,35 @@ def test_bad_input_changes_nothing_in_the_kernel(netpair, case):
 def _iptables_has_layer7() -> bool:
     text = "*mangle\n-A POSTROUTING -m layer7 --l7proto ssh -j RETURN\nCOMMIT\n"
     return sh("unshare", "--net", "iptables-restore", stdin=text, check=False).returncode == 0
+
+
+def _failing_second_ip6tables_restore(netpair) -> None:
+    """An ip6tables-restore that works once (shapekit's probe) and then fails."""
+    fake_bin = netpair.workdir / "bin"
+    fake_bin.mkdir()
+    real = sh("sh", "-c", "command -v ip6tables-restore").stdout.strip()
+    counter = netpair.workdir / "calls"
+    fake = fake_bin / "ip6tables-restore"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n"
+        f'[ "$n" -ge 1 ] && {{ cat >/dev/null; echo "ip6tables-restore: injected failure" >&2; exit 1; }}\n'
+        f'exec {real} "$@"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    netpair.env["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("first_install", [True, False], ids=["first-install", "over-an-install"])
+def test_a_failing_ipv6_restore_leaves_ipv4_as_it_was(netpair, first_install):
+    if not first_install:
+        boot(netpair)
+    before = (netpair.save("iptables-save"), netpair.save("ip6tables-save"))
+    _failing_second_ip6tables_restore(netpair)
+    changed = CONFIG.replace('sport = "61000:63000"', 'sport = "60000:60100"')
+
+    result = netpair.shapekit("shape-mark", "--config", str(netpair.write_config(changed, "changed.toml")), check=False)
+
+    assert result.returncode == 1, result.stderr
+    assert "injected failure" in result.stderr and "IPv4 rules put back as they were" in result.stderr, result.stderr
+    assert (netpair.save("iptables-save"), netpair.save("ip6tables-save")) == before

@@ -123,7 +123,7 @@ BAD_CONFIGS = {
     "port 0": (GOOD + RULE + "sport = 0\n", "mark[1].sport: port 0 is out of range"),
     "reversed range": (GOOD + RULE + 'sport = "63000:61000"\n', "the first port must be below the second"),
     "not a port": (GOOD + RULE + 'dport = "http"\n', "'http' is not a port"),
-    "too many ports": (GOOD + RULE + f"dport = {list(range(1, 17))}\n", "multiport takes at most 15"),
+    "too many ports": (GOOD + RULE + f"dport = {list(range(1, 17))}\n", "multiport takes 15 (a range counts 2)"),
     "ports without proto": (GOOD + '[[mark]]\nclass = "bulk"\ndport = 53\n', 'ports need proto = "tcp" or "udp"'),
     "unknown proto": (GOOD + '[[mark]]\nclass = "bulk"\nproto = "gre"\n', "mark[1].proto: 'gre' is not one of"),
     "v6 host with icmp": (
@@ -176,6 +176,31 @@ BAD_CONFIGS = {
         GOOD + '[device.eth1]\nrate = "1mbit"\ndefault = "bulk"\n[device.eth1.classes.bulk]\nrate = "1mbit"\n'
         '[[mark]]\nclass = "bulk"\n',
         "'bulk' has a different mark on each device: give it the same mark = N everywhere, or add device = to the rule",
+    ),
+    # values of the wrong type, and values tc would refuse
+    "parent not a string": (
+        GOOD.replace('parent = "shaped"', 'parent = ["shaped"]'),
+        "classes.bulk.parent: must be a class name",
+    ),
+    "rule device not a string": (
+        GOOD + '[[mark]]\nclass = "bulk"\ndevice = ["eth0"]\n',
+        "mark[1].device: must be a string",
+    ),
+    "rule proto not a string": (
+        GOOD + '[[mark]]\nclass = "bulk"\nproto = ["tcp"]\n',
+        "mark[1].proto: must be a string",
+    ),
+    "rate below a byte": ('[device.eth0]\nrate = "1bit"\n', "below 8bit (one byte/s), the least HTB takes"),
+    "rate above 1tbit": ('[device.eth0]\nrate = "2tbit"\n', "above 1tbit"),
+    "quantum too big": (GOOD + 'quantum = "1g"\n', "classes.bulk.quantum: '1g' is more than tc takes here"),
+    "burst too big": (GOOD + 'burst = "4g"\n', "classes.bulk.burst: '4g' is more than tc takes here"),
+    "ranges count twice in multiport": (
+        GOOD + RULE + 'sport = ["1:2", "3:4", "5:6", "7:8", "9:10", "11:12", "13:14", "15:16"]\n',
+        "a range counts 2",
+    ),
+    "bypass every host": (
+        GOOD + '[bypass]\nhosts = ["0.0.0.0/0"]\n',
+        "bypass.hosts: 0.0.0.0/0 would bypass every host",
     ),
 }
 

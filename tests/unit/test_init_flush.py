@@ -9,11 +9,12 @@ from shapekit.cli import flush_app, init_app
 from shapekit.errors import CommandFailed
 
 # Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml:
-# the seed's unshaped 100:1 (mark 1001) is 5c:2, its shaped partition 1:1/1:10 is 5c:10.
+# the seed's unshaped 100:1 (mark 1001) is 5c:2, its shaped partition 1:1/1:10 is 5c:10,
+# both under the top class at the line rate.
 SEED_000_BATCH = """\
 qdisc add dev eth0 root handle 5c: htb default 1030
 class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit
-class add dev eth0 parent 5c: classid 5c:2 htb rate 100mbit ceil 100mbit
+class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit
 qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10
 class add dev eth0 parent 5c:1 classid 5c:10 htb rate 50mbit ceil 50mbit prio 5
 class add dev eth0 parent 5c:10 classid 5c:1010 htb rate 10mbit ceil 50mbit prio 0
@@ -81,7 +82,7 @@ def test_seed_002_tree_is_a_default_class_at_the_line_rate_and_a_class_per_cap(s
     assert system.batches() == [
         "qdisc add dev eth0 root handle 5c: htb default 10\n"
         "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit\n"
-        "class add dev eth0 parent 5c: classid 5c:2 htb rate 100mbit ceil 100mbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit\n"
         "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
         "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit\n"
         "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
@@ -117,8 +118,8 @@ def test_sizes_are_bytes_and_allocated_ids_follow_file_order(system, cli, write_
     assert system.batches() == [
         "qdisc add dev eth1 root handle 5c: htb default 11\n"
         "class add dev eth1 parent 5c: classid 5c:1 htb rate 2gbit ceil 2gbit\n"
-        "class add dev eth1 parent 5c: classid 5c:2 htb rate 2gbit ceil 2gbit\n"
-        "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit burst 5120b cburst 3000b quantum 1514b\n"
+        "class add dev eth1 parent 5c:1 classid 5c:2 htb rate 2gbit ceil 2gbit\n"
+        "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit burst 5120b cburst 3000b quantum 1514\n"
         "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit\n"
     ]
 
