@@ -16,11 +16,13 @@ import shlex
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
-from shapekit import plan_limits, plan_mangle
+from shapekit import drift, plan_limits, plan_mangle
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
 from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
@@ -254,6 +256,25 @@ def read_cap_classes(runner: Runner, dev: str) -> dict[int, int]:
 def require_shapekit_tree(runner: Runner, dev: str) -> None:
     if not read_root(runner, dev).is_shapekit:
         raise UsageError(f"{dev} has no shapekit tree to cap hosts in: run shape-init first")
+
+
+def read_tree(runner: Runner, dev: str, root_handle: str) -> drift.Tree:
+    qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
+    return drift.kernel_tree(qdiscs, runner.query(("tc", "class", "show", "dev", dev)), root_handle)
+
+
+def read_set_entries(runner: Runner) -> set[tuple[str, str, str]]:
+    return drift.parse_set_entries(runner.query(("ipset", "save")), plan_limits.SET_PREFIX)
+
+
+def canonical_mangle(family: int, sets: str, rules: str) -> MangleState:
+    """The chains `rules` make, as iptables-save prints them: loaded into a throwaway namespace."""
+    save, restore = TOOLS[family]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "sets").write_text(sets)
+        Path(tmp, "rules").write_text(rules)
+        script = f"ipset restore < {tmp}/sets && {restore} --noflush < {tmp}/rules && {save} -t mangle"
+        return plan_mangle.parse_mangle_save(run_command(("unshare", "--net", "--", "sh", "-c", script)))
 
 
 def read_root(runner: Runner, dev: str) -> RootQdisc:

@@ -76,24 +76,55 @@ init_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_mark
 @init_app.command()
 def shape_init(
     dev: DevOption = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Change nothing: exit 0 if the kernel matches the config and saved state, 1 and the differences if not.",
+        ),
+    ] = False,
+    skip_unknown: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unknown", help="With --dev: skip devices the config does not shape, silently (for hotplug hooks)."
+        ),
+    ] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,
     verbose: VerboseOption = False,
     version: VersionOption = False,
 ) -> None:
     """Build each configured device's HTB tree: root qdisc, top class at the line rate,
-    the classes, their leaf qdiscs and filters.
+    the unshaped bypass class, the classes, their leaf qdiscs and filters, and a
+    class for each per-IP cap.
 
     Replaces whatever root qdisc the device had (shapekit's earlier tree
     included) in one `tc -batch`; running it twice gives the same kernel state.
     If a command fails, the device is left unshaped, never half-shaped.
 
-    Exit status: 0 done; 2 bad input (config, options, missing device or
-    kernel feature, not root), nothing changed; 1 a system command failed.
+    --check compares instead: the trees, shapekit's iptables/ip6tables chains
+    and its cap sets (with --dev: only those devices' trees), for monitoring.
+
+    Exit status: 0 done (--check: the kernel matches); 2 bad input (config,
+    options, missing device or kernel feature, not root), nothing changed; 1 a
+    system command failed (--check: the kernel differs, as printed).
     """
     from shapekit import commands
 
-    _run("shape-init", lambda: commands.init(_options(config, dry_run, verbose), dev or []))
+    options = _options(config, dry_run, verbose)
+    if check:
+
+        def report() -> None:
+            differences = commands.check(options, dev or [])
+            for line in differences:
+                typer.echo(line)
+            if differences:
+                raise typer.Exit(1)
+            typer.echo("the kernel matches the config and saved state")
+
+        _run("shape-init", report)
+        return
+    _run("shape-init", lambda: commands.init(options, dev or [], skip_unknown))
 
 
 flush_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shapekit import apply, plan, plan_limits, plan_mangle
+from shapekit import apply, drift, plan, plan_limits, plan_mangle
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import Config, Device, config_path, load_config
 from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
@@ -50,9 +50,13 @@ def select_devices(config: Config, names: list[str]) -> list[Device]:
     return [config.devices[n] for n in dict.fromkeys(names)] if names else list(config.devices.values())
 
 
-def init(options: Options, devs: list[str]) -> None:
+def init(options: Options, devs: list[str], skip_unknown: bool = False) -> None:
     """shape-init: replace shapekit's tree on each selected device."""
     config = options.load()
+    if skip_unknown and devs:
+        devs = [d for d in devs if d in config.devices]
+        if not devs:
+            return
     devices = select_devices(config, devs)
     apply.require_root(options.dry_run, "shape-init")
     apply.require_binaries(["tc"])
@@ -65,6 +69,39 @@ def init(options: Options, devs: list[str]) -> None:
             current = apply.read_root(runner, device.name)
             caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
             apply.apply_tree(runner, device.name, plan.plan_init(device, config.bypass, current) + caps)
+
+
+def check(options: Options, devs: list[str]) -> list[str]:
+    """shape-init --check: every way the kernel differs from the config and saved state; changes nothing."""
+    config = options.load()
+    devices = select_devices(config, devs)
+    if os.geteuid() != 0:
+        raise UsageError("--check reads the kernel's netfilter and ipset state: run it as root")
+    apply.require_binaries(["tc", "ipset", "unshare", *apply.MANGLE_TOOLS])
+    apply.require_devices([d.name for d in devices])
+    runner = options.runner()
+    now = time.time()
+    runtime = _live(load_caps(state_dir()), now)
+    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+    placed = {d.name: place_caps(d, runtime, now) for d in config.devices.values()}
+    differences = []
+    for device in devices:
+        cmds = plan.plan_tree(device, config.bypass) + plan_limits.cap_tree(device, placed[device.name])
+        have = apply.read_tree(runner, device.name, plan.root_handle())
+        differences += drift.diff_tree(device.name, drift.planned_tree(cmds), have)
+    if devs:
+        return differences  # a device's own check: its tree
+    sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in placed.items())
+    for family in FAMILIES:
+        chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
+        want = apply.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
+        differences += drift.diff_chains(family, want, apply.read_mangle(runner, family))
+    want_entries = {
+        (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
+        for name, caps in placed.items()
+        for p in caps
+    }
+    return differences + drift.diff_sets(want_entries, apply.read_set_entries(runner))
 
 
 def flush(options: Options, devs: list[str], forget: bool) -> None:

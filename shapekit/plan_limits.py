@@ -22,7 +22,6 @@ entry's ipset timeout: the kernel drops it when it lapses, with no daemon.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +29,7 @@ from shapekit.addresses import Network
 from shapekit.config import TOP_MINOR, Device
 from shapekit.config_rules import CAP_MINORS, Cap
 from shapekit.plan import LEAF_QDISC, Argv, classid
+from shapekit.tc_text import parse_tc_classes
 from shapekit.units import format_rate
 
 LIMIT = "SHAPEKIT-LIMIT"
@@ -119,18 +119,11 @@ def cap_tree(device: Device, placed: Sequence[PlacedCap]) -> list[Argv]:
     return [cmd for p in placed for cmd in cap_class(device.name, device.leaf, p)]
 
 
-_TC_CLASS = re.compile(r"^class htb 5c:([0-9a-f]+) .*\brate (\S+) ceil (\S+)", re.MULTILINE)
-_TC_RATE = re.compile(r"^([0-9.]+)([KMGT]?)bit$")
-_TC_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
 def parse_cap_classes(text: str) -> dict[int, int]:
-    """Cap classes (minor → ceil in bits/s) in `tc class show` text; iproute2 6.1 has no JSON for HTB classes."""
-    classes = {}
-    for minor, _rate, ceil in _TC_CLASS.findall(text):
-        if int(minor, 16) in CAP_MINORS and (match := _TC_RATE.match(ceil)):
-            classes[int(minor, 16)] = round(float(match.group(1)) * _TC_SCALE[match.group(2)])
-    return classes
+    """Cap classes (minor → ceil in bits/s) in `tc class show` text."""
+    classes = parse_tc_classes(text)
+    caps = {int(cid.split(":")[1], 16): c.ceil for cid, c in classes.items() if cid.startswith("5c:")}
+    return {minor: ceil for minor, ceil in caps.items() if minor in CAP_MINORS}
 
 
 def sync_cap_classes(device: Device, placed: Sequence[PlacedCap], current: dict[int, int]) -> list[Argv]:

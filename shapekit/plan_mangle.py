@@ -216,7 +216,7 @@ def plan_restore(state: MangleState, planned: Chains, own: str | None) -> str:
     """
     needed = dict(planned)
     for other in OWNED:
-        if other != own and other not in state.chains:
+        if other not in needed and other not in state.chains:
             needed[other] = []
     stale = [name for name in state.chains if _mine(own)(name) and name not in planned]
     lines = ["*mangle"]

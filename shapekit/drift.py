@@ -1,0 +1,121 @@
+"""Pure comparison of what the kernel holds with what the plan says it should (`shape-init --check`).
+
+The kernel's side is read by `apply` (tc, iptables-save, ipset save); this
+module parses those outputs and the plan's own commands into the same
+shapes, and names every difference in a line a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shapekit.plan import Argv
+from shapekit.plan_mangle import MangleState
+from shapekit.tc_text import TcClass, parse_tc_classes
+from shapekit.units import format_rate, parse_rate
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A device's shapekit tree: its root, classes and leaf qdiscs."""
+
+    default: str | None  # the root's default class minor, hex ("1030"); None: no shapekit root
+    classes: dict[str, TcClass]  # "5c:1030" → class
+    leaves: dict[str, str]  # parent class id → leaf qdisc kind
+
+
+def kernel_tree(qdisc_json: str, class_text: str, root_handle: str) -> Tree:
+    qdiscs = json.loads(qdisc_json or "[]")
+    root = next((q for q in qdiscs if q.get("root")), None)
+    if root is None or root.get("kind") != "htb" or root.get("handle") != root_handle:
+        return Tree(default=None, classes={}, leaves={})
+    default = format(int(str(root.get("options", {}).get("default", "0")), 16), "x")
+    leaves = {
+        q["parent"]: q["kind"] for q in qdiscs if not q.get("root") and q.get("parent", "").startswith(root_handle)
+    }
+    return Tree(default=default, classes=parse_tc_classes(class_text), leaves=leaves)
+
+
+def planned_tree(cmds: Sequence[Argv]) -> Tree:
+    """The tree a plan's `tc ... add` commands build."""
+    default, classes, leaves = None, {}, {}
+    for cmd in cmds:
+        words = dict(zip(cmd[5::2], cmd[6::2], strict=False)) if len(cmd) > 5 else {}
+        if cmd[1:3] == ("qdisc", "add") and "root" in cmd:
+            default = cmd[cmd.index("default") + 1]
+        elif cmd[1:3] == ("class", "add"):
+            opts = dict(zip(cmd[cmd.index("htb") + 1 :: 2], cmd[cmd.index("htb") + 2 :: 2], strict=False))
+            parent = words["parent"] if not words["parent"].endswith(":") else "root"
+            classes[words["classid"]] = TcClass(parent, parse_rate(opts["rate"]), parse_rate(opts["ceil"]))
+        elif cmd[1:3] == ("qdisc", "add"):
+            leaves[words["parent"]] = cmd[cmd.index("handle") + 2]
+    return Tree(default=default, classes=classes, leaves=leaves)
+
+
+def _close(a: int, b: int) -> bool:
+    return abs(a - b) <= max(8, b // 1000)  # HTB keeps bytes/s; tc prints rounded
+
+
+def diff_tree(dev: str, want: Tree, have: Tree) -> list[str]:
+    if have.default is None:
+        return [f"{dev}: shapekit's tree is missing (run shape-init)"]
+    out = []
+    if want.default != have.default:
+        out.append(f"{dev}: unmarked traffic goes to 5c:{have.default}, the config says 5c:{want.default}")
+    for cid in sorted(set(want.classes) - set(have.classes)):
+        out.append(f"{dev}: class {cid} is missing")
+    for cid in sorted(set(have.classes) - set(want.classes)):
+        out.append(f"{dev}: class {cid} is not in the config")
+    for cid in sorted(set(want.classes) & set(have.classes)):
+        w, h = want.classes[cid], have.classes[cid]
+        if w.parent != h.parent:
+            out.append(f"{dev}: class {cid} hangs under {h.parent}, the config says {w.parent}")
+        for name in ("rate", "ceil"):
+            if not _close(getattr(h, name), getattr(w, name)):
+                got, said = format_rate(getattr(h, name)), format_rate(getattr(w, name))
+                out.append(f"{dev}: class {cid} {name} is {got}, the config says {said}")
+    for parent in sorted((set(want.leaves) | set(have.leaves)) & set(have.classes)):
+        if want.leaves.get(parent) != have.leaves.get(parent):
+            got, said = have.leaves.get(parent, "none"), want.leaves.get(parent, "none")
+            out.append(f"{dev}: leaf qdisc under {parent} is {got}, the config says {said}")
+    return out
+
+
+def diff_chains(family: int, want: MangleState, have: MangleState) -> list[str]:
+    out = []
+    if not have.jumps and want.jumps:
+        out.append(f"IPv{family}: the jump from POSTROUTING to SHAPEKIT is missing")
+    for name in sorted(set(want.chains) | set(have.chains)):
+        if name not in have.chains:
+            out.append(f"IPv{family}: chain {name} is missing")
+        elif name not in want.chains:
+            out.append(f"IPv{family}: chain {name} is not in the config")
+        elif want.chains[name] != have.chains[name]:
+            out.append(f"IPv{family}: chain {name} differs from the config")
+    return out
+
+
+_IPSET_ADD = re.compile(r"^add (\S+) (\S+) .*?\bskbprio (\S+)", re.MULTILINE)
+
+
+def parse_set_entries(ipset_save: str, prefix: str) -> set[tuple[str, str, str]]:
+    """(set, host, class) of every entry in shapekit's sets; a single address is written as /32 or /128."""
+    entries = set()
+    for name, host, prio in _IPSET_ADD.findall(ipset_save):
+        if name.startswith(prefix):
+            if "/" not in host:
+                host += "/128" if ":" in host else "/32"
+            entries.add((name, host, prio))
+    return entries
+
+
+def diff_sets(want: set[tuple[str, str, str]], have: set[tuple[str, str, str]]) -> list[str]:
+    out = [f"cap {host} ({cls}) is missing from {name}" for name, host, cls in sorted(want - have)]
+    out += [
+        f"{name} caps {host} ({cls}), which the config and saved state do not"
+        for name, host, cls in sorted(have - want)
+    ]
+    return out
