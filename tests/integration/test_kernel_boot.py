@@ -1,0 +1,232 @@
+"""The init scripts and hotplug hooks, run for real against a namespace's device."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from netns import sh
+
+REPO = Path(__file__).resolve().parents[2]
+INIT = REPO / "init"
+CONFIG = """
+[device.DEV]
+rate = "100mbit"
+default = "bulk"
+leaf = "pfifo"
+classifier = "classify"
+
+[device.DEV.classes.bulk]
+rate = "2mbit"
+
+[device.DEV.limits]
+"198.18.0.2" = "1mbit"
+
+[bypass]
+ports = ["22/tcp"]
+
+[[mark]]
+class = "bulk"
+proto = "udp"
+dport = 53
+"""
+
+
+@pytest.fixture
+def env(netpair):
+    """What the scripts need to find shapekit (the checkout's bin/), its config and state."""
+    config = netpair.write_config(CONFIG)
+    netpair.env.update(SHAPEKIT_BIN=str(REPO / "bin"), SHAPEKIT_CONFIG=str(config))
+    return netpair
+
+
+def run_in(netpair, *argv: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ip", "netns", "exec", netpair.left.name, *argv],
+        capture_output=True,
+        text=True,
+        env={**netpair.env, **(extra or {})},
+        timeout=120,
+    )
+
+
+def live(netpair) -> bool:
+    return netpair.shapekit("shape-init", "--check", check=False).returncode == 0
+
+
+def has_tree(netpair) -> bool:
+    return any(q["kind"] == "htb" and q["handle"] == "5c:" for q in netpair.qdiscs())
+
+
+def test_sysv_script_start_status_reload_stop_status(env):
+    script = str(INIT / "sysv" / "shapekit")
+
+    started = run_in(env, script, "start")
+    status_live = run_in(env, script, "status")
+    reloaded = run_in(env, script, "reload")
+    after_reload = live(env)
+    stopped = run_in(env, script, "stop")
+    status_stopped = run_in(env, script, "status")
+
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert status_live.returncode == 0, status_live.stdout + status_live.stderr
+    assert reloaded.returncode == 0 and after_reload
+    assert stopped.returncode == 0 and not has_tree(env)
+    assert status_stopped.returncode == 3
+    assert "shapekit's tree is missing" in status_stopped.stdout
+
+
+def test_sysv_status_sees_drift(env):
+    script = str(INIT / "sysv" / "shapekit")
+    run_in(env, script, "start")
+
+    env.left.run("tc", "class", "del", "dev", env.dev, "classid", "5c:10")
+
+    result = run_in(env, script, "status")
+    assert result.returncode == 3
+    assert f"{env.dev}: class 5c:10 is missing" in result.stdout
+
+
+OPENRC_DIRS = "started starting stopping inactive wasinactive exclusive daemons options scheduled failed hotplugged tmp"
+
+
+def openrc(netpair, service_dir: Path, *actions: str) -> list[subprocess.CompletedProcess]:
+    """Run the OpenRC script in a private mount namespace whose /run/openrc is a fresh tmpfs."""
+    results = []
+    for action in actions:
+        script = (
+            "mkdir -p /run/openrc && mount -t tmpfs shapekit-test /run/openrc && cd /run/openrc && "
+            f"mkdir -p {OPENRC_DIRS} && touch softlevel && "
+            # OpenRC keeps its 'started' state in /run/openrc: carry it between the actions.
+            f"cp -a {service_dir}/state/. /run/openrc/ 2>/dev/null; "
+            f"{service_dir}/init.d/shapekit {action}; rc=$?; "
+            f"rm -rf {service_dir}/state; cp -a /run/openrc {service_dir}/state; exit $rc"
+        )
+        results.append(run_in(netpair, "unshare", "--mount", "sh", "-c", script))
+    return results
+
+
+@pytest.mark.skipif(shutil.which("openrc-run") is None, reason="needs openrc (./run-tests installs it)")
+def test_openrc_script_start_status_reload_stop_status(env):
+    service_dir = env.workdir / "openrc"
+    (service_dir / "init.d").mkdir(parents=True)
+    (service_dir / "conf.d").mkdir()
+    shutil.copy(INIT / "openrc" / "shapekit", service_dir / "init.d" / "shapekit")
+    # OpenRC passes no environment to services: settings go in conf.d, as on a real system.
+    (service_dir / "conf.d" / "shapekit").write_text(
+        f"SHAPEKIT_BIN={REPO / 'bin'}\nSHAPEKIT_CONFIG={env.env['SHAPEKIT_CONFIG']}\n"
+        f"SHAPEKIT_STATE_DIR={env.env['SHAPEKIT_STATE_DIR']}\n"
+    )
+
+    started, status_live = openrc(env, service_dir, "start", "status")
+    was_live = live(env)
+    reloaded, stopped, status_stopped = openrc(env, service_dir, "reload", "stop", "status")
+
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert status_live.returncode == 0 and was_live, status_live.stdout + status_live.stderr
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    assert stopped.returncode == 0 and not has_tree(env), stopped.stdout + stopped.stderr
+    assert status_stopped.returncode == 3, status_stopped.stdout + status_stopped.stderr
+
+
+def test_if_up_hook_applies_a_configured_device_and_ignores_others(env):
+    hook = str(INIT / "ifupdown" / "shapekit")
+
+    other = run_in(env, hook, extra={"IFACE": "lo", "MODE": "start"})
+    unconfigured = run_in(env, hook, extra={"IFACE": "sknotconfigured", "MODE": "start"})
+    assert other.returncode == 0 and unconfigured.returncode == 0, unconfigured.stderr
+    assert not has_tree(env)
+
+    configured = run_in(env, hook, extra={"IFACE": env.dev, "MODE": "start", "PHASE": "post-up"})
+    assert configured.returncode == 0, configured.stderr
+    assert has_tree(env)
+
+
+def test_a_deleted_and_recreated_device_gets_its_tree_back_through_the_hook(env):
+    for command in ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip"):
+        env.shapekit(command)
+    assert live(env)
+
+    env.left.run("ip", "link", "del", env.dev)
+    sh(
+        "ip",
+        "link",
+        "add",
+        env.dev,
+        "netns",
+        env.left.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        env.right.dev,
+        "netns",
+        env.right.name,
+    )
+    env.left.run("ip", "addr", "add", f"{env.left.addr4}/24", "dev", env.dev)
+    env.right.run("ip", "addr", "add", f"{env.right.addr4}/24", "dev", env.right.dev)
+    env.left.run("ip", "link", "set", env.dev, "up")
+    env.right.run("ip", "link", "set", env.right.dev, "up")
+    assert not has_tree(env) and not live(env)
+
+    hooked = run_in(env, str(INIT / "ifupdown" / "shapekit"), extra={"IFACE": env.dev, "MODE": "start"})
+
+    assert hooked.returncode == 0, hooked.stderr
+    assert live(env)  # the tree, its cap class, and the chains and sets that stayed
+    assert 0.90 <= env.goodput(to=env.right.addr4) / 1_000_000 <= 1.0  # the cap holds again
+
+
+def test_networkmanager_dispatcher_applies_on_up_only(env):
+    script = str(INIT / "networkmanager" / "50-shapekit")
+
+    down = run_in(env, script, env.dev, "down")
+    unconfigured = run_in(env, script, "wlan9", "up")
+    assert down.returncode == 0 and unconfigured.returncode == 0 and not has_tree(env)
+
+    up = run_in(env, script, env.dev, "up")
+    assert up.returncode == 0, up.stderr
+    assert has_tree(env)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd (./run-tests installs it)")
+@pytest.mark.parametrize("unit", ["shapekit.service", "shapekit@.service"])
+def test_systemd_units_verify(tmp_path, unit):
+    # The units name the installed commands; point them at this checkout's bin/ so that
+    # systemd-analyze finds every ExecStart executable.
+    text = (INIT / "systemd" / unit).read_text().replace("/usr/local/sbin/", f"{REPO}/bin/")
+    (tmp_path / unit).write_text(text)
+
+    result = sh("systemd-analyze", "verify", str(tmp_path / unit), check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert "Unknown" not in result.stderr and "not executable" not in result.stderr, result.stderr
+
+
+def test_install_places_the_commands_config_and_init_files(tmp_path):
+    dest = tmp_path / "root"
+
+    result = subprocess.run(
+        [str(INIT / "install"), "systemd", "openrc", "ifupdown", "networkmanager"],
+        env={**os.environ, "DESTDIR": str(dest)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr
+    for path in (
+        "etc/shapekit/shapekit.toml",
+        "etc/systemd/system/shapekit.service",
+        "etc/systemd/system/shapekit@.service",
+        "etc/init.d/shapekit",
+        "etc/network/if-up.d/shapekit",
+        "etc/NetworkManager/dispatcher.d/50-shapekit",
+    ):
+        assert (dest / path).is_file(), path
+    assert (dest / "usr/local/sbin/shape-limit-ip").readlink() == Path("/opt/shapekit/bin/shape-limit-ip")
+    version = sh(str(dest / "opt/shapekit/bin/shape-init"), "--version")
+    assert version.stdout.startswith("shapekit ")
+    assert (dest / "etc/shapekit/shapekit.toml").stat().st_mode & 0o777 == 0o644
