@@ -1,0 +1,129 @@
+"""shape-init --check: the pure comparison, and the command's exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from paths import SEED_CONFIG
+
+from shapekit import drift, plan
+from shapekit.cli import init_app
+from shapekit.config import load_config
+from shapekit.plan_mangle import MangleState
+
+TC_CLASSES = """\
+class htb 5c:1090 parent 5c:10 leaf 1090: prio 7 rate 512Kbit ceil 2048Kbit burst 1600b cburst 1599b
+class htb 5c:1010 parent 5c:10 leaf 1010: prio 0 rate 10Mbit ceil 50Mbit burst 1600b cburst 1600b
+class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b
+class htb 5c:10 parent 5c:1 rate 50Mbit ceil 50Mbit burst 1600b cburst 1600b
+class htb 5c:2 parent 5c:1 leaf 2: prio 0 rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b
+class htb 5c:1030 parent 5c:10 leaf 1030: prio 5 rate 512Kbit ceil 50Mbit burst 1600b cburst 1600b
+"""
+QDISCS = json.dumps(
+    [{"kind": "htb", "handle": "5c:", "root": True, "options": {"default": "0x1030"}}]
+    + [{"kind": "sfq", "handle": f"{m}:", "parent": f"5c:{m}"} for m in ("2", "1010", "1030", "1090")]
+)
+
+
+def seed_tree() -> drift.Tree:
+    config = load_config(SEED_CONFIG, check_owner=False)
+    return drift.planned_tree(plan.plan_tree(config.devices["eth0"], config.bypass))
+
+
+def test_the_seed_tree_read_back_matches_its_plan():
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(QDISCS, TC_CLASSES, "5c:")) == []
+
+
+def test_every_kind_of_difference_is_one_line():
+    classes = TC_CLASSES.replace("rate 512Kbit ceil 2048Kbit", "rate 512Kbit ceil 4Mbit")
+    classes = classes.replace("class htb 5c:1010 parent 5c:10", "class htb 5c:1010 parent 5c:1")
+    classes = "\n".join(line for line in classes.splitlines() if "5c:1030" not in line)
+    classes += "\nclass htb 5c:77 parent 5c:1 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
+    qdiscs = QDISCS.replace('"0x1030"', '"0x77"').replace(
+        '"kind": "sfq", "handle": "2:"', '"kind": "pfifo", "handle": "2:"'
+    )
+
+    lines = drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(qdiscs, classes, "5c:"))
+
+    assert lines == [
+        "eth0: unmarked traffic goes to 5c:77, the config says 5c:1030",
+        "eth0: class 5c:1030 is missing",
+        "eth0: class 5c:77 is not in the config",
+        "eth0: class 5c:1010 hangs under 5c:1, the config says 5c:10",
+        "eth0: class 5c:1090 ceil is 4mbit, the config says 2048kbit",
+        "eth0: leaf qdisc under 5c:2 is pfifo, the config says sfq",
+    ]
+
+
+def test_a_device_without_shapekits_root():
+    other_root = json.dumps([{"kind": "fq_codel", "handle": "0:", "root": True}])
+
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(other_root, "", "5c:")) == [
+        "eth0: shapekit's tree is missing (run shape-init)"
+    ]
+
+
+def test_chains_and_sets():
+    want = MangleState(
+        chains={"SHAPEKIT": ("-A SHAPEKIT -j X",), "SHAPEKIT-MARK": ()}, jumps=("-A POSTROUTING -j SHAPEKIT",)
+    )
+    have = MangleState(chains={"SHAPEKIT": ("-A SHAPEKIT -j Y",), "SHAPEKIT-OLD": ()})
+    entries = drift.parse_set_entries(
+        "create SHAPEKIT-eth0-4 hash:net family inet\n"
+        "add SHAPEKIT-eth0-4 198.51.100.7 timeout 0 skbprio 5c:8000\n"
+        "add SHAPEKIT-eth0-4 198.51.100.0/24 skbprio 5c:8001\n"
+        "add OTHER 198.51.100.9 skbprio 1:1\n",
+        "SHAPEKIT-",
+    )
+
+    assert drift.diff_chains(4, want, have) == [
+        "IPv4: the jump from POSTROUTING to SHAPEKIT is missing",
+        "IPv4: chain SHAPEKIT differs from the config",
+        "IPv4: chain SHAPEKIT-MARK is missing",
+        "IPv4: chain SHAPEKIT-OLD is not in the config",
+    ]
+    assert drift.diff_sets({("SHAPEKIT-eth0-4", "198.51.100.7/32", "5c:8000")}, entries) == [
+        "SHAPEKIT-eth0-4 caps 198.51.100.0/24 (5c:8001), which the config and saved state do not"
+    ]
+
+
+def test_check_exit_codes(system, cli, mocker):
+    check = mocker.patch("shapekit.commands.check", return_value=[])
+    matched = cli(init_app, "--check", "--config", str(SEED_CONFIG))
+    check.return_value = ["eth0: class 5c:1030 is missing"]
+    drifted = cli(init_app, "--check", "--config", str(SEED_CONFIG))
+
+    assert (matched.exit_code, matched.stdout) == (0, "the kernel matches the config and saved state\n")
+    assert (drifted.exit_code, drifted.stdout) == (1, "eth0: class 5c:1030 is missing\n")
+    assert system.batches() == []
+
+
+def test_check_needs_root(system, cli, mocker):
+    mocker.patch("os.geteuid", return_value=1000)
+
+    result = cli(init_app, "--check", "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2 and "run it as root" in result.stderr
+
+
+def test_skip_unknown_ignores_devices_the_config_does_not_shape(system, cli):
+    skipped = cli(init_app, "--dev", "wlan0", "--skip-unknown", "--config", str(SEED_CONFIG))
+    refused = cli(init_app, "--dev", "wlan0", "--config", str(SEED_CONFIG))
+
+    assert skipped.exit_code == 0 and system.calls == []
+    assert refused.exit_code == 2
+
+
+def test_python_m_shapekit_runs_a_command_by_name(mocker):
+    import sys
+
+    from shapekit.__main__ import main
+
+    init_main = mocker.patch("shapekit.cli.init_main")
+    mocker.patch.object(sys, "argv", ["shapekit", "shape-init", "--dry-run"])
+    mocker.patch.dict("shapekit.__main__.MAINS", {"shape-init": init_main})
+
+    main()
+
+    init_main.assert_called_once_with()
+    assert sys.argv == ["shapekit", "--dry-run"]
