@@ -1,12 +1,27 @@
 #!/usr/bin/env python3
-"""shapekit benchmarks, run as root inside network namespaces this script makes and deletes.
+"""shapekit benchmarks. Run as root; everything happens in network namespaces this script makes and deletes.
 
-    bench/bench.py add --caps 1000 [--repeat 10]
+    bench/bench.py all [--caps 100 1000 10000]      # every table below (several minutes)
+    bench/bench.py apply [--caps ...]               # apply time: shapekit vs seed 002's loop vs the floor
+    bench/bench.py add [--caps ...] [--repeat 10]   # one `shape-limit-ip add` with N caps installed
+    bench/bench.py packet [--caps 10000]            # unlimited flow throughput with N caps vs none
+    bench/bench.py tcconfig [--caps 100]            # tcconfig's tcset as a peer (installs it in bench/.tcconfig)
+    bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
 
-`add`: seconds for one `shape-limit-ip add` with N caps already installed
-(median of --repeat runs, each adding a new host), after the boot sequence
-on a config that holds the N caps. Prints a table and writes it as JSON
-(bench/results/add.json).
+Each table is printed and written as JSON to bench/results/NAME.json. The
+three apply columns run side by side in one run, so their ratios hold on
+a noisy, shared machine even when the seconds do not.
+
+- shapekit: `shape-init` + `shape-limit-ip` from a config holding the N caps
+  (the commands that build what the seed loop builds), and the whole boot
+  sequence (`shape-init`, `shape-bypass`, `shape-mark`, `shape-limit-ip`).
+- seed loop: seed 002's script (three processes per host), with two changes
+  the test kernel forces: its `fw` filters become `u32 match ip dst` filters
+  (no cls_fw here), and class ids are written in hex (the seed's `1:$mark`
+  breaks at mark 10000, which tc reads as 0x10000).
+- floor: the same objects as shapekit's (classes, leaf qdiscs, set entries,
+  the rule), written by this script as one `tc -batch` and one `ipset
+  restore` + `iptables-restore`: what any tool must at least spend.
 """
 
 from __future__ import annotations
@@ -21,15 +36,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+LINE = "10gbit"
 
 
-def run(*argv: str, stdin: str | None = None) -> str:
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True).stdout
+def run(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:8])}: {result.stderr.strip()[:500]}")
+    return result.stdout
 
 
 def tool(name: str) -> str:
@@ -37,80 +57,349 @@ def tool(name: str) -> str:
     return str(beside) if beside.exists() else shutil.which(name) or name
 
 
-@contextmanager
-def namespace_pair() -> Iterator[tuple[str, str]]:
-    """Two namespaces joined by a veth; yields (namespace, device) of the shaping side."""
-    token = secrets.token_hex(3)
-    left, right, dev = f"skb-{token}-l", f"skb-{token}-r", f"skb{token}l"
-    try:
-        run("ip", "netns", "add", left)
-        run("ip", "netns", "add", right)
-        run("ip", "link", "add", dev, "netns", left, "type", "veth", "peer", "name", f"skb{token}r", "netns", right)
-        run("ip", "-n", left, "addr", "add", "198.18.0.1/15", "dev", dev)
-        run("ip", "-n", right, "addr", "add", "198.18.0.2/15", "dev", f"skb{token}r")
-        run("ip", "-n", left, "link", "set", dev, "up")
-        run("ip", "-n", right, "link", "set", f"skb{token}r", "up")
-        yield left, dev
-    finally:
-        for ns in (left, right):
+class Pair:
+    """Two namespaces joined by a veth: `ns`/`dev` shape, `peer_ns` receives at 198.18.0.2."""
+
+    def __init__(self) -> None:
+        token = secrets.token_hex(3)
+        self.ns, self.peer_ns = f"skb-{token}-l", f"skb-{token}-r"
+        self.dev, self.peer_dev = f"skb{token}l", f"skb{token}r"
+        self.tmp = Path(tempfile.mkdtemp(prefix="shapekit-bench-"))
+        self.env = {**os.environ, "SHAPEKIT_STATE_DIR": str(self.tmp / "state")}
+
+    def up(self) -> None:
+        run("ip", "netns", "add", self.ns)
+        run("ip", "netns", "add", self.peer_ns)
+        run(
+            "ip",
+            "link",
+            "add",
+            self.dev,
+            "netns",
+            self.ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.peer_dev,
+            "netns",
+            self.peer_ns,
+        )
+        run("ip", "-n", self.ns, "addr", "add", "198.18.0.1/15", "dev", self.dev)
+        run("ip", "-n", self.peer_ns, "addr", "add", "198.18.0.2/15", "dev", self.peer_dev)
+        for ns, dev in ((self.ns, self.dev), (self.peer_ns, self.peer_dev)):
+            run("ip", "-n", ns, "link", "set", dev, "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def down(self) -> None:
+        for ns in (self.ns, self.peer_ns):
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+                subprocess.run(["kill", "-9", pid], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def inside(self, *argv: str, stdin: str | None = None) -> str:
+        return run("ip", "netns", "exec", self.ns, *argv, stdin=stdin, env=self.env)
+
+    def shapekit(self, command: str, *args: str) -> None:
+        self.inside(tool(command), *args)
+
+    def timed(self, action: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        action()
+        return time.perf_counter() - start
+
+    def throughput(self, seconds: int = 4) -> float:
+        """Goodput of one unlimited TCP flow to 198.18.0.2 (not capped), bits/s."""
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", self.peer_ns, "iperf3", "-s", "-1", "-B", "198.18.0.2"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(50):
+                out = subprocess.run(
+                    ["ip", "netns", "exec", self.ns, "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-J"],
+                    capture_output=True,
+                    text=True,
+                )
+                report = json.loads(out.stdout or "{}")
+                if "error" not in report and "end" in report:
+                    return float(report["end"]["sum_received"]["bits_per_second"])
+                time.sleep(0.1)
+            raise RuntimeError("iperf3 did not connect")
+        finally:
+            server.kill()
+            server.wait()
 
 
-def cap_host(n: int) -> str:
-    """The n-th host of 198.18.0.0/15, from 198.18.1.0 (198.18.0.x are the namespaces' own)."""
+@contextmanager
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        p.up()
+        yield p
+    finally:
+        p.down()
+
+
+def host(n: int) -> str:
+    """The n-th capped host, from 198.18.1.0 (198.18.0.x are the namespaces' own)."""
     n += 256
     return f"198.{18 + n // 65536}.{n // 256 % 256}.{n % 256}"
 
 
-def caps_config(dev: str, caps: int) -> str:
-    lines = [f'[device.{dev}]\nrate = "10gbit"\nleaf = "pfifo"\nclassifier = "classify"\n', f"[device.{dev}.limits]"]
-    lines += [f'"{cap_host(n)}" = "{1 + n % 100}mbit"' for n in range(caps)]
+def kbit(n: int) -> int:
+    return 128 * (1 + n % 64)
+
+
+def config_text(dev: str, caps: int) -> str:
+    lines = [f'[device.{dev}]\nrate = "{LINE}"\nleaf = "pfifo"\nclassifier = "classify"\n', f"[device.{dev}.limits]"]
+    lines += [f'"{host(n)}" = "{kbit(n)}kbit"' for n in range(caps)]
     return "\n".join(lines) + "\n"
 
 
-def bench_add(caps: int, repeat: int) -> dict[str, object]:
-    with namespace_pair() as (ns, dev), tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "shapekit.toml"
-        config.write_text(caps_config(dev, caps))
-        env = {**os.environ, "SHAPEKIT_STATE_DIR": f"{tmp}/state"}
-        for command in ("shape-init", "shape-limit-ip"):
-            subprocess.run(["ip", "netns", "exec", ns, tool(command), "--config", str(config)], env=env, check=True)
-        times = []
-        for i in range(repeat):
-            argv = [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                tool("shape-limit-ip"),
-                "add",
-                cap_host(caps + i),
-                "1mbit",
-                "--config",
-                str(config),
-            ]
-            start = time.perf_counter()
-            subprocess.run(argv, env=env, check=True)
-            times.append(time.perf_counter() - start)
-    return {"caps_installed": caps, "repeat": repeat, "median_s": statistics.median(times), "max_s": max(times)}
+def write_config(p: Pair, caps: int) -> str:
+    path = p.tmp / "shapekit.toml"
+    path.write_text(config_text(p.dev, caps))
+    return str(path)
+
+
+# --- the three ways to install N caps ------------------------------------------------
+
+
+def shapekit_caps(p: Pair, caps: int) -> float:
+    config = write_config(p, caps)
+    return p.timed(lambda: [p.shapekit(c, "--config", config) for c in ("shape-init", "shape-limit-ip")])
+
+
+def shapekit_boot(p: Pair, caps: int) -> float:
+    config = write_config(p, caps)
+    commands = ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip")
+    return p.timed(lambda: [p.shapekit(c, "--config", config) for c in commands])
+
+
+def seed_script(dev: str, caps: int) -> str:
+    """Seed 002's loop, as a script (fw → u32 and hex class ids: see the module's doc)."""
+    lines = [
+        f"NETCARD={dev}",
+        "tc qdisc del dev $NETCARD root 2>/dev/null || true",
+        "tc qdisc add dev $NETCARD root handle 1: htb default 9999",
+        f"tc class add dev $NETCARD parent 1:0 classid 1:9999 htb rate {LINE} ceil {LINE} burst 5k prio 9999",
+    ]
+    for n in range(caps):
+        mark = n + 1
+        lines += [
+            f"tc class add dev $NETCARD parent 1:0 classid 1:{mark:x} htb rate {kbit(n)}kbit ceil {kbit(n)}kbit burst 5k prio {mark}",
+            f"iptables -t mangle -A INPUT -i $NETCARD -s {host(n)} -j CONNMARK --set-mark {mark}",
+            f"tc filter add dev $NETCARD parent 1:0 protocol ip prio 1 u32 match ip dst {host(n)} flowid 1:{mark:x}",
+        ]
+    lines.append("iptables -t mangle -A POSTROUTING -j CONNMARK --restore-mark")
+    return "set -e\n" + "\n".join(lines) + "\n"
+
+
+def seed_loop(p: Pair, caps: int) -> float:
+    script = p.tmp / "seed002.sh"
+    script.write_text(seed_script(p.dev, caps))
+    return p.timed(lambda: p.inside("sh", str(script)))
+
+
+def floor_texts(dev: str, caps: int) -> tuple[str, str, str]:
+    """shapekit's objects as one tc batch, one ipset restore and one iptables restore."""
+    tc = [
+        f"qdisc add dev {dev} root handle 5c: htb default 10",
+        f"class add dev {dev} parent 5c: classid 5c:1 htb rate {LINE} ceil {LINE}",
+        f"class add dev {dev} parent 5c:1 classid 5c:10 htb rate {LINE} ceil {LINE}",
+    ]
+    sets = [f"create SHAPEKIT-{dev}-4 hash:net family inet skbinfo timeout 0"]
+    for n in range(caps):
+        minor = 0x8000 + n
+        tc += [
+            f"class add dev {dev} parent 5c:1 classid 5c:{minor:x} htb rate {kbit(n)}kbit ceil {kbit(n)}kbit",
+            f"qdisc add dev {dev} parent 5c:{minor:x} handle {minor:x}: pfifo",
+        ]
+        sets.append(f"add SHAPEKIT-{dev}-4 {host(n)} skbprio 5c:{minor:x}")
+    rules = f"*mangle\n:SHAPEKIT-LIMIT - [0:0]\n-A SHAPEKIT-LIMIT -o {dev} -j SET --map-set SHAPEKIT-{dev}-4 dst --map-prio\n-A POSTROUTING -j SHAPEKIT-LIMIT\nCOMMIT\n"
+    return "\n".join(tc) + "\n", "\n".join(sets) + "\n", rules
+
+
+def floor(p: Pair, caps: int) -> float:
+    tc, sets, rules = floor_texts(p.dev, caps)
+
+    def apply() -> None:
+        p.inside("tc", "-batch", "-", stdin=tc)
+        p.inside("ipset", "restore", stdin=sets)
+        p.inside("iptables-restore", "--noflush", stdin=rules)
+
+    return p.timed(apply)
+
+
+def bench_apply(sizes: list[int]) -> list[dict[str, object]]:
+    rows = []
+    for caps in sizes:
+        seconds = {}
+        for name, way in (("shapekit", shapekit_caps), ("boot", shapekit_boot), ("seed", seed_loop), ("floor", floor)):
+            with pair() as p:
+                seconds[name] = way(p, caps)
+        rows.append(
+            {
+                "caps": caps,
+                "shapekit_s": seconds["shapekit"],
+                "shapekit_boot_s": seconds["boot"],
+                "seed_loop_s": seconds["seed"],
+                "floor_s": seconds["floor"],
+                "seed_over_shapekit": seconds["seed"] / seconds["shapekit"],
+                "shapekit_over_floor": seconds["shapekit"] / seconds["floor"],
+            }
+        )
+    return rows
+
+
+# --- one add -------------------------------------------------------------------------
+
+
+def bench_add(sizes: list[int], repeat: int) -> list[dict[str, object]]:
+    rows = []
+    for caps in sizes:
+        with pair() as p:
+            config = write_config(p, caps)
+            for command in ("shape-init", "shape-limit-ip"):
+                p.shapekit(command, "--config", config)
+            adds = [("shape-limit-ip", "add", host(caps + i), "1mbit", "--config", config) for i in range(repeat)]
+            times = [p.timed(lambda argv=argv: p.shapekit(*argv)) for argv in adds]
+        rows.append({"caps": caps, "repeat": repeat, "median_s": statistics.median(times), "max_s": max(times)})
+    return rows
+
+
+# --- per-packet cost -----------------------------------------------------------------
+
+
+def seed_rules(dev: str, caps: int) -> str:
+    """The iptables rules seed 002's loop leaves, loaded at once (how they got there does not matter per packet)."""
+    rules = [f"-A INPUT -i {dev} -s {host(n)} -j CONNMARK --set-xmark {n + 1}/0xffffffff" for n in range(caps)]
+    return "*mangle\n" + "\n".join([*rules, "-A POSTROUTING -j CONNMARK --restore-mark"]) + "\nCOMMIT\n"
+
+
+def bench_packet(caps: int, rounds: int) -> dict[str, object]:
+    def shapekit_with(n: int) -> Callable[[Pair], None]:
+        return lambda p: shapekit_boot(p, n) and None
+
+    def seed_with(n: int) -> Callable[[Pair], None]:
+        return lambda p: p.inside("iptables-restore", "--noflush", stdin=seed_rules(p.dev, n)) and None
+
+    ways = {
+        "nothing": lambda p: None,
+        "shapekit_0": shapekit_with(0),
+        f"shapekit_{caps}": shapekit_with(caps),
+        "seed_0": seed_with(0),
+        f"seed_{caps}": seed_with(caps),
+    }
+    results: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):  # interleaved, so drift on a shared machine hits every column alike
+        for name, setup in ways.items():
+            with pair() as p:
+                setup(p)
+                results[name].append(p.throughput())
+    gbit = {name: statistics.median(values) / 1e9 for name, values in results.items()}
+    return {
+        "caps": caps,
+        "rounds": rounds,
+        "gbit_s": gbit,
+        "shapekit_ratio": gbit[f"shapekit_{caps}"] / gbit["shapekit_0"],
+        "seed_ratio": gbit[f"seed_{caps}"] / gbit["seed_0"],
+    }
+
+
+# --- tcconfig ------------------------------------------------------------------------
+
+
+def bench_tcconfig(caps: int) -> dict[str, object]:
+    venv = HERE / ".tcconfig"
+    if not (venv / "bin" / "tcset").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "tcconfig"], check=True)
+    with pair() as p:
+        try:
+            seconds = p.timed(
+                lambda: [
+                    p.inside(
+                        str(venv / "bin" / "tcset"), p.dev, "--rate", f"{kbit(n)}Kbps", "--network", host(n), "--add"
+                    )
+                    for n in range(caps)
+                ]
+            )
+        except RuntimeError as exc:
+            return {"caps": caps, "runs": False, "error": str(exc)}
+        classes = p.inside("tc", "class", "show", "dev", p.dev).count("class htb")
+    return {"caps": caps, "runs": True, "seconds": seconds, "per_rule_s": seconds / caps, "htb_classes": classes}
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
+    header = [title for _, title, _ in columns]
+    body = [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body])
+
+
+def save(name: str, data: object, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    add = sub.add_parser("add", help="seconds for one shape-limit-ip add with N caps installed")
-    add.add_argument("--caps", type=int, nargs="+", default=[1000])
-    add.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("what", choices=["all", "apply", "add", "packet", "tcconfig"])
+    parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
+    parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
+    parser.add_argument("--quick", action="store_true", help="tiny N and one round: checks that the script works")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
-    rows = [bench_add(n, args.repeat) for n in args.caps]
-    print(f"{'caps installed':>15}  {'median add (s)':>14}  {'max (s)':>8}")
-    for row in rows:
-        print(f"{row['caps_installed']:>15}  {row['median_s']:>14.3f}  {row['max_s']:>8.3f}")
-    out = HERE / "results" / "add.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    quick = args.quick
+    todo = ["apply", "add", "packet", "tcconfig"] if args.what == "all" else [args.what]
+    if "apply" in todo:
+        rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
+        save("apply", rows, args.out)
+        print("apply time, seconds (shapekit = shape-init + shape-limit-ip; boot = all four commands)")
+        print(
+            table(
+                rows,
+                [
+                    ("caps", "caps", "d"),
+                    ("shapekit_s", "shapekit", ".3f"),
+                    ("shapekit_boot_s", "boot", ".3f"),
+                    ("seed_loop_s", "seed loop", ".3f"),
+                    ("floor_s", "floor", ".3f"),
+                    ("seed_over_shapekit", "seed/shapekit", ".1f"),
+                    ("shapekit_over_floor", "shapekit/floor", ".2f"),
+                ],
+            )
+        )
+    if "add" in todo:
+        rows = bench_add(args.caps or ([10] if quick else [0, 1000, 10000]), 2 if quick else args.repeat)
+        save("add", rows, args.out)
+        print("\none shape-limit-ip add with N caps installed, seconds")
+        print(table(rows, [("caps", "caps", "d"), ("median_s", "median", ".3f"), ("max_s", "max", ".3f")]))
+    if "packet" in todo:
+        caps = (args.caps or [10 if quick else 10000])[0]
+        row = bench_packet(caps, 1 if quick else args.rounds)
+        save("packet", row, args.out)
+        print(f"\nunlimited TCP flow, Gbit/s (median of {row['rounds']}), with {caps} caps vs none")
+        for name, value in row["gbit_s"].items():
+            print(f"  {name:>16}  {value:7.2f}")
+        print(f"  shapekit {caps}/0: {row['shapekit_ratio']:.2f}   seed rules {caps}/0: {row['seed_ratio']:.2f}")
+    if "tcconfig" in todo:
+        row = bench_tcconfig((args.caps or [3 if quick else 100])[0])
+        save("tcconfig", row, args.out)
+        if row["runs"]:
+            print(f"\ntcconfig: {row['caps']} tcset --add in {row['seconds']:.1f} s ({row['per_rule_s']:.2f} s a rule)")
+        else:
+            print(f"\ntcconfig does not run here: {row['error']}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ decimal unit that divides them exactly, so `512kbps` becomes `4096kbit`.
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -82,6 +83,13 @@ def _whole(number: Decimal, scale: int, text: str | int, what: str) -> int:
 
 def parse_rate(text: str | int) -> int:
     """A tc rate ('100mbit', '512kbps') as bits per second; ambiguous units refused."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise UnitError(f"rate must be a string like '10mbit', not {text!r}")
+    return _parse_rate(text)
+
+
+@functools.lru_cache(maxsize=1024)  # configs repeat the same few rates thousands of times
+def _parse_rate(text: str | int) -> int:
     number, unit = _split(text, "rate")
     if unit in _AMBIGUOUS_RATE:
         prefix = _AMBIGUOUS_RATE[unit]

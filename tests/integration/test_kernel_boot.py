@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,18 @@ def test_install_places_the_commands_config_and_init_files(tmp_path):
     version = sh(str(dest / "opt/shapekit/bin/shape-init"), "--version")
     assert version.stdout.startswith("shapekit ")
     assert (dest / "etc/shapekit/shapekit.toml").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_benchmark_script_runs(tmp_path):
+    """Benchmarks are not tests: this only keeps bench/bench.py working, at a tiny N."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench.py"), "all", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("apply", "add", "packet", "tcconfig"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())
+    assert "seed/shapekit" in result.stdout
