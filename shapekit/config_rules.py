@@ -260,9 +260,9 @@ def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int) -> tu
         problem = check_cap(host, rate, line_rate)
         if problem:
             raise ConfigError(path, where, problem.replace(" (use --force if you mean it)", ""))
-        if host in caps:
+        cap = Cap(host=host, rate=rate, dev=dev)
+        if caps.setdefault(host, cap) is not cap:  # one hash of the host, not two: 10,000 caps are common
             raise ConfigError(path, where, f"{host} is capped twice on {dev}")
-        caps[host] = Cap(host=host, rate=rate, dev=dev)
     if len(caps) > len(CAP_MINORS):
         raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {len(CAP_MINORS)}")
     return tuple(caps.values())

@@ -8,6 +8,7 @@ import pytest
 from paths import INCIDENT_CONFIG
 
 from shapekit.cli import init_app, limit_ip_app
+from shapekit.errors import CommandFailed
 
 NOW = 1_800_000_000.0
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
@@ -120,7 +121,6 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert booted.calls == [
         (("ip", "-j", "addr", "show"), None),
-        (READ_ROOT, None),
         (("ipset", "list", "-n"), None),
         (
             BATCH,
@@ -321,6 +321,12 @@ def test_several_devices_need_dev(booted, cli, write_config):
 
 def test_a_device_without_shapekits_tree_is_refused(booted, cli):
     booted.roots["eth0"] = {"kind": "fq_codel", "handle": "0:", "root": True}
+
+    def no_parent_class(argv, stdin):
+        if argv == BATCH and stdin.startswith("class replace"):
+            raise CommandFailed("tc -batch -", "Error: Failed to find specified qdisc.\nCommand failed -:1\n")
+
+    booted.hooks.append(no_parent_class)
 
     result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(INCIDENT_CONFIG))
 
