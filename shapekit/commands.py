@@ -338,7 +338,8 @@ def limit_add(options: Options, request: CapRequest) -> None:
         placed = next(p for p in place_caps(device, [*others, cap], now) if p.cap.host == host)
         try:
             runner.tc_batch(
-                f"{device.name}: the class of {host}", plan_limits.cap_class(device.name, device.leaf, placed, "replace")
+                f"{device.name}: the class of {host}",
+                plan_limits.cap_class(device.name, device.leaf, placed, "replace"),
             )
         except CommandFailed:
             # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
