@@ -163,6 +163,23 @@ def _try_in_scratch_namespace(argv: Argv, text: str) -> CommandFailed | None:
 
 _RESTORE_FAILED_LINE = re.compile(r"Error occurred at line: (\d+)")
 
+# What per-IP caps need: a hash:net set with skbinfo, and iptables' SET target with --map-prio.
+_CAP_PROBE = (
+    "ipset create probe hash:net family inet skbinfo timeout 0 && "
+    "printf '*mangle\\n-A POSTROUTING -o lo -j SET --map-set probe dst --map-prio\\nCOMMIT\\n' | iptables-restore --noflush"
+)
+
+
+def probe_caps() -> None:
+    """Refuse, before anything changes, a machine whose ipset or kernel cannot do per-IP caps."""
+    failed = _try_in_scratch_namespace(("sh", "-c", _CAP_PROBE), "")
+    if failed is None or failed.stderr.startswith("unshare:"):
+        return  # works, or no namespace could be made to ask in
+    raise UsageError(
+        f"per-IP caps need ipset hash:net sets with skbinfo and iptables' SET target (--map-prio), "
+        f"which this machine lacks: {_first_error(failed.stderr)}"
+    )
+
 
 def probe_rules(plans: dict[int, str]) -> None:
     """Load each family's rules into a throwaway namespace first: refuse what this machine cannot load."""

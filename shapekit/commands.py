@@ -253,6 +253,7 @@ def limit_ip(options: Options) -> None:
 
 def _install_limits(options: Options, config: Config, runtime: list[Cap], now: float) -> None:
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
+    apply.probe_caps()
     runner = options.runner()
     for device in config.devices.values():
         apply.require_shapekit_tree(runner, device.name)

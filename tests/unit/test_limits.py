@@ -7,6 +7,7 @@ import json
 import pytest
 from paths import INCIDENT_CONFIG
 
+from shapekit import apply
 from shapekit.cli import init_app, limit_ip_app
 from shapekit.errors import CommandFailed
 
@@ -16,6 +17,7 @@ CLASSES = ("tc", "class", "show", "dev", "eth0")
 BATCH = ("tc", "-batch", "-")
 IPSET = ("ipset", "restore")
 V4, V6 = ("iptables-restore", "--noflush"), ("ip6tables-restore", "--noflush")
+CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._CAP_PROBE)
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
 ADDRESSES = [
     {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1"}, {"family": "inet6", "local": "::1"}]},
@@ -87,6 +89,7 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
 
     assert result.exit_code == 0, result.stderr
     assert booted.calls == [
+        (CAP_PROBE, ""),  # a set with skbinfo and the SET target, tried in a throwaway namespace
         (READ_ROOT, None),
         (CLASSES, None),
         (BATCH, SEED_002_CLASSES),
@@ -331,3 +334,21 @@ def test_a_device_without_shapekits_tree_is_refused(booted, cli):
     result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 2 and "eth0 has no shapekit tree to cap hosts in: run shape-init first" in result.stderr
+
+
+def test_a_machine_without_skbinfo_sets_is_refused_before_any_change(booted, cli, tmp_path):
+    def no_skbinfo(argv, stdin):
+        if argv == CAP_PROBE:
+            raise CommandFailed("unshare", "ipset v7.17: Syntax error: 'skbinfo' is invalid\n")
+
+    booted.hooks.append(no_skbinfo)
+
+    result = cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "shape-limit-ip: per-IP caps need ipset hash:net sets with skbinfo and iptables' SET target (--map-prio), "
+        "which this machine lacks: ipset v7.17: Syntax error: 'skbinfo' is invalid\n"
+    )
+    assert booted.calls == [(CAP_PROBE, "")]
+    assert not (tmp_path / "state" / "limits.json").exists()
