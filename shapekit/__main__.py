@@ -12,6 +12,7 @@ MAINS = {
     "shape-bypass": cli.bypass_main,
     "shape-limit-ip": cli.limit_ip_main,
     "shape-flush": cli.flush_main,
+    "shape-status": cli.status_main,
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from shapekit import drift, plan_limits, plan_mangle
+from shapekit import drift, plan_limits, plan_mangle, tc_netlink
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
 from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
@@ -292,6 +292,26 @@ def canonical_mangle(family: int, sets: str, rules: str) -> MangleState:
         Path(tmp, "rules").write_text(rules)
         script = f"ipset restore < {tmp}/sets && {restore} --noflush < {tmp}/rules && {save} -t mangle"
         return plan_mangle.parse_mangle_save(run_command(("unshare", "--net", "--", "sh", "-c", script)))
+
+
+def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
+    """Every tc class of `dev` with its counters, from one rtnetlink dump (no process, no root)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(tc_netlink.dump_request(socket.if_nametoindex(dev)))
+        classes: list[tc_netlink.ClassStats] = []
+        done = False
+        while not done:
+            batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
+            classes += batch
+    return classes
+
+
+def read_rule_counters(runner: Runner) -> dict[int, str] | None:
+    """Both families' mangle tables with packet counters; None when only root may read them."""
+    if os.geteuid() != 0:
+        return None
+    return {family: runner.query((TOOLS[family][0], "-c", "-t", "mangle")) for family in FAMILIES}
 
 
 def read_root(runner: Runner, dev: str) -> RootQdisc:

@@ -12,6 +12,7 @@ import typer
 
 from shapekit import __version__
 from shapekit.errors import ShapekitError
+from shapekit.status import table
 
 if TYPE_CHECKING:
     from shapekit.commands import Options
@@ -60,6 +61,8 @@ def _run(prog: str, action: Callable[[], None]) -> None:
         typer.echo(f"{prog}: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
+        if prog == "shape-status":  # the way to end --watch
+            raise typer.Exit(0) from None
         typer.echo(f"{prog}: interrupted", err=True)
         raise typer.Exit(130) from None
 
@@ -258,16 +261,9 @@ def bypass_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOp
         if as_json:
             typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         else:
-            typer.echo(_table(["ENTRY", "KIND", "SOURCE"], [[r.entry, r.kind, r.source] for r in rows]))
+            typer.echo(table(["ENTRY", "KIND", "SOURCE"], [[r.entry, r.kind, r.source] for r in rows]))
 
     _run("shape-bypass", show)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
-    )
 
 
 limit_ip_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
@@ -359,9 +355,52 @@ def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOpt
             return
         header = ["HOST", "RATE", "DEV", "SOURCE", "EXPIRES", "CLASS", "COMMENT"]
         cells = [[r.host, r.rate, r.dev, r.source, r.expires or "-", r.classid, r.comment] for r in rows]
-        typer.echo(_table(header, cells))
+        typer.echo(table(header, cells))
 
     _run("shape-limit-ip", show)
+
+
+status_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
+
+
+@status_app.command()
+def shape_status(
+    dev: DevOption = None,
+    interval: Annotated[
+        float, typer.Option("--interval", "-i", metavar="S", min=0.1, help="Seconds the current rate is measured over.")
+    ] = 1.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Sample again and again, in place, until Ctrl-C.")
+    ] = False,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    version: VersionOption = False,
+) -> None:
+    """A live view of each device's classes: what each is (config class, capped host,
+    bypass, default), its rate and ceil, its current rate over --interval, bytes
+    and packets sent, drops, overlimits and backlog — read from the kernel — and
+    the packet counters of shapekit's marking, bypass and cap rules.
+
+    --json prints one JSON document per sample (one per line with --watch).
+    Needs no root, except for the rule counters.
+
+    Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input.
+    """
+    from shapekit import commands, status
+
+    options = _options(config, False, False)
+
+    def show() -> None:
+        while True:
+            document = commands.status_sample(options, dev or [], interval)
+            if as_json:
+                typer.echo(json.dumps(document))
+            else:
+                typer.echo(("\x1b[H\x1b[2J" if watch else "") + status.render(document))
+            if not watch:
+                return
+
+    _run("shape-status", show)
 
 
 def init_main() -> None:
@@ -382,3 +421,7 @@ def bypass_main() -> None:
 
 def limit_ip_main() -> None:
     limit_ip_app(prog_name="shape-limit-ip")
+
+
+def status_main() -> None:
+    status_app(prog_name="shape-status")

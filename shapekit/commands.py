@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shapekit import apply, drift, plan, plan_limits, plan_mangle
+from shapekit import apply, drift, plan, plan_limits, plan_mangle, status
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import Config, Device, config_path, load_config
 from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
@@ -439,3 +439,26 @@ def _row(placed: PlacedCap) -> CapRow:
     if cap.expires is not None:
         expires = datetime.datetime.fromtimestamp(cap.expires, datetime.timezone.utc).isoformat(timespec="seconds")
     return CapRow(host, format_rate(cap.rate), cap.dev, cap.source, expires, cap.comment, plan.classid(placed.minor))
+
+
+# --- shape-status ---------------------------------------------------------------
+
+
+def status_sample(options: Options, devs: list[str], interval: float) -> dict:
+    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
+    config = options.load()
+    devices = select_devices(config, devs)
+    apply.require_devices([d.name for d in devices])
+    now = time.time()
+    runtime = _live(load_caps(state_dir()), now)
+    names = {d.name: status.class_names(d, place_caps(d, runtime, now)) for d in devices}
+    start = time.monotonic()
+    before = {d.name: apply.read_classes(d.name) for d in devices}
+    time.sleep(interval)
+    after = {d.name: apply.read_classes(d.name) for d in devices}
+    seconds = time.monotonic() - start
+    rows = {d.name: status.class_rows(names[d.name], before[d.name], after[d.name], seconds) for d in devices}
+    counters = apply.read_rule_counters(options.runner())
+    rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return status.sample_document(when, round(seconds, 3), rows, rules)

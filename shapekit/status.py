@@ -1,0 +1,158 @@
+"""Pure parts of shape-status: naming the classes, computing rates, rendering a sample."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from shapekit.config import TOP_MINOR, Device
+from shapekit.config_rules import BYPASS_MINOR
+from shapekit.plan import classid
+from shapekit.plan_limits import PlacedCap
+from shapekit.tc_netlink import ClassStats
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    name: str
+    classid: str
+    parent: str
+    rate: int  # bits/s, as the kernel keeps it
+    ceil: int
+    throughput: float  # bits/s over the interval
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+    backlog_bytes: int
+    backlog_packets: int
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    family: int
+    chain: str
+    rule: str  # the [[mark]] rule's comment ("mark[3] high"), else its match
+    packets: int
+    bytes: int
+
+
+def class_names(device: Device, caps: list[PlacedCap]) -> dict[str, str]:
+    """Class id → what it is in the config and saved state."""
+    names = {classid(TOP_MINOR): "(line)", classid(BYPASS_MINOR): "bypass"}
+    for cls in device.classes:
+        names[classid(cls.minor)] = cls.name + (" (default)" if cls.name == device.default else "")
+    for placed in caps:
+        names[classid(placed.minor)] = f"cap {_host(placed)}"
+    return names
+
+
+def _host(placed: PlacedCap) -> str:
+    host = placed.cap.host
+    return str(host.network_address) if host.prefixlen == host.max_prefixlen else str(host)
+
+
+def class_rows(
+    names: dict[str, str], before: list[ClassStats], after: list[ClassStats], seconds: float
+) -> list[ClassRow]:
+    """Rows for the classes of the second sample, shapekit's in tree order first."""
+    earlier = {c.classid: c for c in before}
+    order = {cid: n for n, cid in enumerate(names)}
+    rows = []
+    for c in sorted(after, key=lambda c: (order.get(c.classid, len(order)), _minor(c.classid))):
+        sent = c.bytes - earlier[c.classid].bytes if c.classid in earlier else 0
+        rows.append(
+            ClassRow(
+                name=names.get(c.classid, "(not shapekit's)"),
+                classid=c.classid,
+                parent=c.parent,
+                rate=c.rate,
+                ceil=c.ceil,
+                throughput=max(sent, 0) * 8 / seconds,
+                bytes=c.bytes,
+                packets=c.packets,
+                drops=c.drops,
+                overlimits=c.overlimits,
+                backlog_bytes=c.backlog,
+                backlog_packets=c.qlen,
+            )
+        )
+    return rows
+
+
+def _minor(cid: str) -> int:
+    return int(cid.split(":")[1] or "0", 16)
+
+
+_COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (SHAPEKIT-(?:MARK|BYPASS|LIMIT)) (.*)$", re.MULTILINE)
+_COMMENT = re.compile(r'-m comment --comment "([^"]*)"')
+_TARGET = re.compile(r" -[jg] \S+.*$")
+
+
+def rule_rows(family: int, save_with_counters: str) -> list[RuleRow]:
+    """The packet counters of shapekit's marking, bypass and cap rules, from `iptables-save -c`."""
+    rows = []
+    for packets, sent, chain, rule in _COUNTED.findall(save_with_counters):
+        comment = _COMMENT.search(rule)
+        label = comment.group(1) if comment else _TARGET.sub("", rule).strip()
+        if chain == "SHAPEKIT-LIMIT":
+            label = "caps on " + label.removeprefix("-o ")
+        rows.append(RuleRow(family, chain, label, int(packets), int(sent)))
+    return rows
+
+
+def sample_document(when: str, seconds: float, devices: dict[str, list[ClassRow]], rules: list[RuleRow] | None) -> dict:
+    """One sample as --json prints it."""
+    return {
+        "time": when,
+        "interval_s": seconds,
+        "devices": {dev: [asdict(r) for r in rows] for dev, rows in devices.items()},
+        "rules": None if rules is None else [asdict(r) for r in rules],
+    }
+
+
+def human(value: float, unit: str) -> str:
+    """1910000, "bit" → "1.91mbit"; bytes as "B"."""
+    for scale, prefix in ((1e9, "g"), (1e6, "m"), (1e3, "k")):
+        if value >= scale:
+            text = f"{value / scale:.3g}"
+            return f"{text}{prefix}{unit}" if unit == "bit" else f"{text}{prefix.upper()}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+def render(document: dict) -> str:
+    """A sample as tables: one per device, then the rule counters."""
+    out = [f"shapekit status at {document['time']} (over {document['interval_s']:g}s)"]
+    header = ["NAME", "CLASS", "RATE", "CEIL", "NOW", "SENT", "PACKETS", "DROPS", "OVERLIMITS", "BACKLOG"]
+    for dev, rows in document["devices"].items():
+        cells = [
+            [
+                r["name"],
+                r["classid"],
+                human(r["rate"], "bit"),
+                human(r["ceil"], "bit"),
+                human(r["throughput"], "bit"),
+                human(r["bytes"], "B"),
+                str(r["packets"]),
+                str(r["drops"]),
+                str(r["overlimits"]),
+                f"{human(r['backlog_bytes'], 'B')}/{r['backlog_packets']}p",
+            ]
+            for r in rows
+        ]
+        out += ["", dev, table(header, cells)]
+    rules = document["rules"]
+    out.append("")
+    if rules is None:
+        out.append("rule counters: run as root to read them")
+    else:
+        cells = [[f"IPv{r['family']}", r["chain"], r["rule"], str(r["packets"]), human(r["bytes"], "B")] for r in rules]
+        out.append(table(["FAMILY", "CHAIN", "RULE", "PACKETS", "BYTES"], cells))
+    return "\n".join(out)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
