@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
+import time
 
 from netns import script
 
@@ -58,3 +60,30 @@ def test_the_loaded_class_shows_the_measured_rate_and_idle_classes_show_none(net
     assert rows["cap 198.18.0.77"]["throughput"] == 0 and rows["cap 198.18.0.77"]["ceil"] == 1_000_000
     assert rows["(line)"]["throughput"] >= loaded  # the top class carries its children
     assert {r["rule"] for r in samples[0]["rules"]} >= {"mark[1] idle", f"caps on {netpair.dev}"}
+
+
+def test_watch_redraws_until_ctrl_c_and_exits_cleanly(netpair):
+    config = str(netpair.write_config(CONFIG))
+    netpair.shapekit("shape-init", "--config", config)
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        netpair.left.name,
+        script("shape-status"),
+        "--config",
+        config,
+        "--watch",
+        "-i",
+        "0.2",
+    ]
+    watch = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=netpair.env)
+
+    time.sleep(2)
+    watch.send_signal(signal.SIGINT)
+    stdout, stderr = watch.communicate(timeout=10)
+
+    assert watch.returncode == 0, stderr
+    assert "Traceback" not in stderr and stderr == ""
+    assert stdout.count("shapekit status at") >= 2  # sampled again and again (the redraw codes go to terminals only)
+    assert "bulk (default)" in stdout
