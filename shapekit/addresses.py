@@ -21,13 +21,19 @@ def parse_host(text: object) -> Network:
     """An IPv4/IPv6 address or CIDR block; host bits set in a block are refused."""
     if not isinstance(text, str):
         raise ValueProblem(f"{text!r} is not a host: write an address or CIDR block as a string")
+    if "%" in text:
+        raise ValueProblem(f"{text!r} has a scope (%zone): write the address without it")
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
+        network = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
         if "has host bits set" in str(exc):
             loose = ipaddress.ip_network(text.strip(), strict=False)
             raise ValueProblem(f"{text!r} has host bits set: write {loose} (the block) or a single address") from None
         raise ValueProblem(f"{text!r} is not an IPv4/IPv6 address or CIDR block") from None
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None:
+        raise ValueProblem(f"{text!r} is an IPv4 address written as IPv6: write {mapped}")
+    return network
 
 
 def family(network: Network) -> int:

@@ -121,6 +121,14 @@ def require_binaries(names: Sequence[str]) -> None:
             raise UsageError(missing_binary(name))
 
 
+def device_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
 def require_devices(names: Sequence[str]) -> None:
     for name in names:
         try:
@@ -296,15 +304,20 @@ def canonical_mangle(family: int, sets: str, rules: str) -> MangleState:
 
 def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
     """Every tc class of `dev` with its counters, from one rtnetlink dump (no process, no root)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        sock.send(tc_netlink.dump_request(socket.if_nametoindex(dev)))
-        classes: list[tc_netlink.ClassStats] = []
-        done = False
-        while not done:
-            batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
-            classes += batch
-    return classes
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            sock.send(tc_netlink.dump_request(socket.if_nametoindex(dev)))
+            classes: list[tc_netlink.ClassStats] = []
+            done = False
+            while not done:
+                batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
+                classes += batch
+    except OSError as exc:
+        if not device_exists(dev):
+            raise UsageError(f"device {dev!r} is gone: check it with `ip link`, or leave it out with --dev") from None
+        raise CommandFailed(f"rtnetlink dump of {dev}'s classes", exc.strerror or str(exc)) from None
+    return [c for c in classes if c.kind == "htb"]  # sfq and fq_codel list a class per flow: not shapekit's
 
 
 def read_rule_counters(runner: Runner) -> dict[int, str] | None:

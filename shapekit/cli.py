@@ -312,7 +312,7 @@ def limit_add(
     ] = None,
     comment: Annotated[str, typer.Option("--comment", metavar="TEXT", help="Why: shown by list.")] = "",
     force: Annotated[
-        bool, typer.Option("--force", help="Allow 0.0.0.0/0, ::/0 and this machine's own addresses.")
+        bool, typer.Option("--force", help="Allow a block that holds this machine's own addresses.")
     ] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,

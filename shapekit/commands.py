@@ -81,13 +81,15 @@ def check(options: Options, devs: list[str]) -> list[str]:
     apply.require_devices([d.name for d in devices])
     runner = options.runner()
     now = time.time()
-    runtime = _live(load_caps(state_dir()), now)
+    saved = load_caps(state_dir())
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-    placed = {d.name: place_caps(d, runtime, now) for d in config.devices.values()}
+    placed = {d.name: place_caps(d, saved, now) for d in config.devices.values()}
     differences = []
     for device in devices:
         cmds = plan.plan_tree(device, config.bypass) + plan_limits.cap_tree(device, placed[device.name])
         have = apply.read_tree(runner, device.name, plan.root_handle())
+        # A lapsed cap's class stays until the next full install: neither wanted nor drift.
+        have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(device, saved, now)})
         differences += drift.diff_tree(device.name, drift.planned_tree(cmds), have)
     if devs:
         return differences  # a device's own check: its tree
@@ -242,6 +244,10 @@ def _live(caps: list[Cap], now: float) -> list[Cap]:
     return [c for c in caps if not lapsed(c, now)]
 
 
+def _lapsed(device: Device, caps: list[Cap], now: float) -> list[PlacedCap]:
+    return [PlacedCap(c, c.minor) for c in caps if c.dev == device.name and lapsed(c, now) and c.minor is not None]
+
+
 def limit_ip(options: Options) -> None:
     """shape-limit-ip: every device's caps (config plus run-time) into classes, sets and one rule each."""
     config = options.load()
@@ -255,10 +261,11 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
     apply.probe_caps()
     runner = options.runner()
-    for device in config.devices.values():
+    present = [d for d in config.devices.values() if apply.device_exists(d.name)]  # a hotplug device may be away
+    for device in present:
         apply.require_shapekit_tree(runner, device.name)
-    saved = [c for c in runtime if c.dev not in config.devices]  # kept for a device configured again later
-    for device in config.devices.values():
+    saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
+    for device in present:
         placed = place_caps(device, runtime, now)
         sync = plan_limits.sync_cap_classes(device, placed, apply.read_cap_classes(runner, device.name))
         runner.tc_batch(f"{device.name}: per-IP cap classes", sync)
@@ -309,12 +316,14 @@ def limit_add(options: Options, request: CapRequest) -> None:
         seconds = parse_duration(request.duration) if request.duration else None
     except UnitError as exc:
         raise UsageError(str(exc)) from None
+    if not request.comment.isprintable():
+        raise UsageError("--comment must be one line of printable text")
     if seconds is not None and seconds > IPSET_MAX_TIMEOUT:
         raise UsageError(
             f"--for {request.duration} is longer than ipset's longest timeout ({IPSET_MAX_TIMEOUT}s, about 24 days)"
         )
     problem = check_cap(host, rate, device.rate)
-    if problem and not (request.force and host.prefixlen == 0):
+    if problem:
         raise UsageError(problem)
     if seconds is not None and any(c.host == host for c in device.limits):
         raise UsageError(
@@ -322,6 +331,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
             "add it without --for, or change the config"
         )
     _check_limits(options)
+    apply.require_devices([device.name])
     runner = options.runner()
     if not request.force:
         _refuse_own_addresses(runner, host)
@@ -329,12 +339,15 @@ def limit_add(options: Options, request: CapRequest) -> None:
         if options.dry_run:
             apply.require_shapekit_tree(runner, device.name)
         now = time.time()
-        runtime = _live(load_caps(state_dir()), now)
-        others = [c for c in runtime if c.key != (device.name, host)]
-        cap = Cap(host, rate, device.name, "run-time", now + seconds if seconds else None, request.comment)
+        saved = load_caps(state_dir())  # lapsed ones too: their classes still hold their minors
+        mine = next((c for c in saved if c.key == (device.name, host)), None)
+        others = [c for c in saved if c is not mine]
+        expires = now + seconds if seconds else None
+        # Capped already: the new rate goes into the same class.
+        cap = Cap(host, rate, device.name, "run-time", expires, request.comment, mine.minor if mine else None)
         if not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(apply.list_sets(runner)):
             # Never installed since boot: install everything, this cap included.
-            _install_limits(options, config, [*others, cap], now)
+            _install_limits(options, config, _live([*others, cap], now), now)
             return
         placed = next(p for p in place_caps(device, [*others, cap], now) if p.cap.host == host)
         try:
@@ -369,7 +382,8 @@ def limit_remove(options: Options, host_text: str, dev: str | None) -> None:
     runner = options.runner()
     with options.lock():
         now = time.time()
-        runtime = _live(load_caps(state_dir()), now)
+        saved = load_caps(state_dir())
+        runtime = _live(saved, now)
         matches = [c for c in runtime if c.host == host and (dev is None or c.dev == dev)]
         if not matches:
             in_config = [d.name for d in config.devices.values() if any(c.host == host for c in d.limits)]
@@ -383,8 +397,9 @@ def limit_remove(options: Options, host_text: str, dev: str | None) -> None:
             raise UsageError(f"{host} is capped on {', '.join(c.dev for c in matches)}: pass --dev")
         removed = matches[0]
         device = config.devices.get(removed.dev)
-        kept = [c for c in runtime if c is not removed]
+        kept = [c for c in saved if c is not removed]
         if device is not None:
+            apply.require_devices([device.name])
             _lift(runner, device, removed, kept, now)
         if not options.dry_run:
             save_caps(state_dir(), kept)
@@ -397,9 +412,10 @@ def _lift(runner: apply.Runner, device: Device, removed: Cap, kept: list[Cap], n
         apply.ipset_restore(
             runner, f"{device.name}: {removed.host} uncapped", plan_limits.plan_set_removal(device.name, removed.host)
         )
-        runner.tc_batch(
-            f"{device.name}: the class of {removed.host}", plan_limits.remove_cap_class(device.name, before.minor)
-        )
+        if before.minor in apply.read_cap_classes(runner, device.name):  # gone already after a flush or re-init
+            runner.tc_batch(
+                f"{device.name}: the class of {removed.host}", plan_limits.remove_cap_class(device.name, before.minor)
+            )
     else:  # back to the config's cap, in the same class
         runner.tc_batch(
             f"{device.name}: {removed.host} back to its config cap",
@@ -450,8 +466,8 @@ def status_sample(options: Options, devs: list[str], interval: float) -> dict:
     devices = select_devices(config, devs)
     apply.require_devices([d.name for d in devices])
     now = time.time()
-    runtime = _live(load_caps(state_dir()), now)
-    names = {d.name: status.class_names(d, place_caps(d, runtime, now)) for d in devices}
+    saved = load_caps(state_dir())
+    names = {d.name: status.class_names(d, place_caps(d, saved, now), _lapsed(d, saved, now)) for d in devices}
     start = time.monotonic()
     before = {d.name: apply.read_classes(d.name) for d in devices}
     time.sleep(interval)

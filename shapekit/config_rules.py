@@ -240,7 +240,7 @@ class Cap:
 def check_cap(host: Network, rate: int, line_rate: int) -> str | None:
     """Why this cap is refused, or None. (Own addresses are checked where they can be read.)"""
     if host.prefixlen == 0:
-        return f"{host} would cap every host: name the client (use --force if you mean it)"
+        return f"{host} would cap every host, which a per-IP cap cannot (ipset takes /1 and longer): lower the device's rate instead"
     if rate > line_rate:
         return f"{format_rate(rate)} is above the device's line rate {format_rate(line_rate)}"
     return None
@@ -259,7 +259,7 @@ def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int) -> tu
             raise ConfigError(path, where, str(exc)) from None
         problem = check_cap(host, rate, line_rate)
         if problem:
-            raise ConfigError(path, where, problem.replace(" (use --force if you mean it)", ""))
+            raise ConfigError(path, where, problem)
         cap = Cap(host=host, rate=rate, dev=dev)
         if caps.setdefault(host, cap) is not cap:  # one hash of the host, not two: 10,000 caps are common
             raise ConfigError(path, where, f"{host} is capped twice on {dev}")

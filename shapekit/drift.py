@@ -39,6 +39,13 @@ def kernel_tree(qdisc_json: str, class_text: str, root_handle: str) -> Tree:
     return Tree(default=default, classes=parse_tc_classes(class_text), leaves=leaves)
 
 
+def without(tree: Tree, classids: set[str]) -> Tree:
+    """The tree less these classes and their leaves."""
+    classes = {cid: c for cid, c in tree.classes.items() if cid not in classids}
+    leaves = {parent: kind for parent, kind in tree.leaves.items() if parent not in classids}
+    return Tree(default=tree.default, classes=classes, leaves=leaves)
+
+
 def planned_tree(cmds: Sequence[Argv]) -> Tree:
     """The tree a plan's `tc ... add` commands build."""
     default, classes, leaves = None, {}, {}

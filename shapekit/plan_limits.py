@@ -54,14 +54,15 @@ def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[Place
 
     Config caps take minors from 0x8000 in file order; a run-time cap keeps
     the minor saved with it, or takes the config cap's it overrides, or the
-    lowest free one. Lapsed run-time caps are gone.
+    lowest free one. Lapsed run-time caps are gone, but the minors of their
+    classes (which stay until the next full install) are not given out.
     """
     placed = {cap.host: PlacedCap(cap, minor) for cap, minor in zip(device.limits, CAP_MINORS, strict=False)}
     live = [c for c in runtime if c.dev == device.name and not lapsed(c, now)]
     for cap in live:
         if cap.host in placed:
             placed[cap.host] = PlacedCap(cap, placed[cap.host].minor)
-    taken = {p.minor for p in placed.values()}
+    taken = {p.minor for p in placed.values()} | lapsed_minors(device, runtime, now)
     for cap in live:
         if cap.host in placed:
             continue
@@ -69,6 +70,11 @@ def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[Place
         taken.add(minor)
         placed[cap.host] = PlacedCap(cap, minor)
     return list(placed.values())
+
+
+def lapsed_minors(device: Device, runtime: Sequence[Cap], now: float) -> set[int]:
+    """Class minors of lapsed run-time caps: their classes stay until `shape-limit-ip` or `shape-init`."""
+    return {c.minor for c in runtime if c.dev == device.name and lapsed(c, now) and c.minor is not None}
 
 
 def free_minor(taken: set[int]) -> int:
@@ -179,7 +185,8 @@ def plan_set_entry(dev: str, placed: PlacedCap, now: float) -> str:
 
 
 def plan_set_removal(dev: str, host: Network) -> str:
-    return f"del {set_name(dev, host.version)} {host} -exist\n"
+    name = set_name(dev, host.version)
+    return f"{_create(name, host.version)}\ndel {name} {host} -exist\n"
 
 
 def plan_destroy_sets(names: Sequence[str]) -> str:

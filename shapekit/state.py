@@ -115,7 +115,7 @@ def load_caps(directory: Path) -> list[Cap]:
                 rate=parse_rate(item["rate"]),
                 dev=str(item["dev"]),
                 source="run-time",
-                expires=item.get("expires"),
+                expires=_expires(item.get("expires")),
                 comment=str(item.get("comment", "")),
                 minor=item.get("minor"),
             )
@@ -123,6 +123,14 @@ def load_caps(directory: Path) -> list[Cap]:
         ]
     except (KeyError, TypeError, ValueProblem, UnitError) as exc:
         raise UsageError(f"state file {path}: bad entry ({exc}): fix it or remove it to start afresh") from None
+
+
+def _expires(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**40:
+        raise TypeError(f"expires {value!r} is not a time")
+    return float(value)
 
 
 def save_caps(directory: Path, caps: list[Cap]) -> None:

@@ -37,13 +37,15 @@ class RuleRow:
     bytes: int
 
 
-def class_names(device: Device, caps: list[PlacedCap]) -> dict[str, str]:
+def class_names(device: Device, caps: list[PlacedCap], lapsed: list[PlacedCap] = ()) -> dict[str, str]:  # type: ignore[assignment]
     """Class id → what it is in the config and saved state."""
     names = {classid(TOP_MINOR): "(line)", classid(BYPASS_MINOR): "bypass"}
     for cls in device.classes:
         names[classid(cls.minor)] = cls.name + (" (default)" if cls.name == device.default else "")
     for placed in caps:
         names[classid(placed.minor)] = f"cap {_host(placed)}"
+    for placed in lapsed:  # its class stays until the next full install
+        names.setdefault(classid(placed.minor), f"cap {_host(placed)} (lapsed)")
     return names
 
 

@@ -149,6 +149,33 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
     ]
 
 
+def test_a_run_time_cap_given_a_new_rate_keeps_its_class(booted, cli, tmp_path):
+    config = str(INCIDENT_CONFIG)
+    cli(limit_ip_app, "add", "198.51.100.1", "1mbit", "--config", config)  # 5c:8003
+    cli(limit_ip_app, "add", "198.51.100.2", "2mbit", "--config", config)  # 5c:8004
+    cli(limit_ip_app, "remove", "198.51.100.1", "--config", config)  # 5c:8003 is free again
+    booted.run.reset_mock()
+
+    cli(limit_ip_app, "add", "198.51.100.2", "3mbit", "--config", config)
+
+    assert booted.batches()[0].startswith("class replace dev eth0 parent 5c:1 classid 5c:8004 htb rate 3mbit")
+
+
+def test_a_lapsed_caps_class_keeps_its_minor_until_a_full_install(booted, cli, mocker, tmp_path):
+    config = str(INCIDENT_CONFIG)
+    cli(limit_ip_app, "add", "198.51.100.8", "1mbit", "--for", "10s", "--config", config)  # 5c:8003
+    mocker.patch("time.time", return_value=NOW + 60)
+    booted.run.reset_mock()
+
+    cli(limit_ip_app, "add", "198.51.100.9", "1mbit", "--config", config)
+
+    assert "classid 5c:8004 " in booted.batches()[0]  # not 5c:8003: its class is still there
+    assert [(c["host"], c["minor"]) for c in state(tmp_path)] == [
+        ("198.51.100.8/32", 0x8003),
+        ("198.51.100.9/32", 0x8004),
+    ]
+
+
 def test_add_again_changes_the_rate_in_place(booted, cli, tmp_path):
     cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
     cli(limit_ip_app, "add", "198.51.100.9", "1mbit", "--config", str(INCIDENT_CONFIG))
@@ -184,14 +211,30 @@ def test_remove_lifts_the_cap(booted, cli, tmp_path):
     cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
     booted.run.reset_mock()
 
+    booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit burst 1600b\n"
+
     result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 0, result.stderr
     assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
-        (IPSET, "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n"),  # traffic first, then the class
+        (  # traffic first (the set made if a flush took it), then the class
+            IPSET,
+            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
+            "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n",
+        ),
         (BATCH, "class del dev eth0 classid 5c:8003\n"),
     ]
     assert state(tmp_path) == []
+
+
+def test_remove_after_a_flush_touches_no_class(booted, cli):
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    booted.run.reset_mock()  # the tree was rebuilt since: no class 5c:8003
+
+    result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches() == []
 
 
 def test_remove_of_an_override_goes_back_to_the_config_cap(booted, cli):
@@ -283,6 +326,7 @@ def test_add_before_any_install_installs_everything(booted, cli, tmp_path):
     [
         (["add", "0.0.0.0/0", "1mbit"], "0.0.0.0/0 would cap every host"),
         (["add", "::/0", "1mbit"], "::/0 would cap every host"),
+        (["add", "198.51.100.7", "1mbit", "--dev", "eth9"], "--dev eth9: not a device in"),
         (["add", "203.0.113.1", "1mbit"], "holds this machine's own address 203.0.113.1"),
         (["add", "203.0.113.0/24", "1mbit"], "holds this machine's own address"),
         (["add", "::1", "1mbit"], "own address ::1"),
@@ -309,9 +353,37 @@ def test_bad_input_changes_nothing(booted, cli, tmp_path, args, message):
     assert not (tmp_path / "state" / "limits.json").exists()
 
 
-def test_force_allows_every_host_and_own_addresses(booted, cli):
-    assert cli(limit_ip_app, "add", "0.0.0.0/0", "1mbit", "--force", "--config", str(INCIDENT_CONFIG)).exit_code == 0
+def test_force_allows_own_addresses_but_never_every_host(booted, cli):
     assert cli(limit_ip_app, "add", "203.0.113.1", "1mbit", "--force", "--config", str(INCIDENT_CONFIG)).exit_code == 0
+    every = cli(limit_ip_app, "add", "0.0.0.0/0", "1mbit", "--force", "--config", str(INCIDENT_CONFIG))
+    assert every.exit_code == 2 and "lower the device's rate instead" in every.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [("fe80::1%eth0", "has a scope"), ("::ffff:198.18.3.3", "IPv4 address written as IPv6: write 198.18.3.3")],
+)
+def test_ipv6_forms_that_cannot_be_capped(booted, cli, host, message):
+    result = cli(limit_ip_app, "add", host, "1mbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2 and message in result.stderr
+    assert booted.batches() == []
+
+
+def test_a_comment_is_one_line(booted, cli):
+    result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--comment", "a\nb", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2 and "--comment must be one line" in result.stderr
+
+
+@pytest.mark.parametrize("expires", ['"soon"', "1e400", "true"])
+def test_a_broken_expiry_in_the_state_file_is_one_line(booted, cli, tmp_path, expires):
+    (tmp_path / "state").mkdir()
+    cap = '{"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "expires": ' + expires + ', "minor": 32771}'
+    (tmp_path / "state" / "limits.json").write_text('{"caps": [' + cap + "]}")
+    result = cli(limit_ip_app, "list", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2 and "remove it to start afresh" in result.stderr, result.stderr
 
 
 def test_several_devices_need_dev(booted, cli, write_config):
