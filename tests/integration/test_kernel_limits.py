@@ -79,6 +79,11 @@ def test_a_cap_for_3s_lapses_by_itself(hosts):
     assert lapsed >= 10 * 2_000_000
     listed = json.loads(hosts.shapekit("shape-limit-ip", "list", "--json", "--config", config).stdout)
     assert [row["host"] for row in listed] == [CAPPED_IN_CONFIG]
+    # Its class stays until the next full install, and is no drift meanwhile.
+    assert hosts.shapekit("shape-init", "--check", "--config", config, check=False).returncode == 0
+    hosts.shapekit("shape-limit-ip", "--config", config)
+    assert "5c:8001" not in hosts.classes()
+    assert hosts.shapekit("shape-init", "--check", "--config", config, check=False).returncode == 0
 
 
 def test_flush_then_the_boot_sequence_restores_run_time_caps(hosts):
