@@ -92,6 +92,13 @@ def shape_init(
             "--skip-unknown", help="With --dev: skip devices the config does not shape, silently (for hotplug hooks)."
         ),
     ] = False,
+    skip_absent: Annotated[
+        bool,
+        typer.Option(
+            "--skip-absent",
+            help="Skip configured devices that do not exist now (for boot: hotplug devices come later).",
+        ),
+    ] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,
     verbose: VerboseOption = False,
@@ -127,7 +134,7 @@ def shape_init(
 
         _run("shape-init", report)
         return
-    _run("shape-init", lambda: commands.init(options, dev or [], skip_unknown))
+    _run("shape-init", lambda: commands.init(options, dev or [], skip_unknown, skip_absent))
 
 
 flush_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)

@@ -50,7 +50,7 @@ def select_devices(config: Config, names: list[str]) -> list[Device]:
     return [config.devices[n] for n in dict.fromkeys(names)] if names else list(config.devices.values())
 
 
-def init(options: Options, devs: list[str], skip_unknown: bool = False) -> None:
+def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
     """shape-init: replace shapekit's tree on each selected device."""
     config = options.load()
     if skip_unknown and devs:
@@ -58,6 +58,8 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False) -> None:
         if not devs:
             return
     devices = select_devices(config, devs)
+    if skip_absent:  # at boot: a USB, PPP or VPN device that is not there yet gets its tree when it comes
+        devices = [d for d in devices if apply.device_exists(d.name)]
     apply.require_root(options.dry_run, "shape-init")
     apply.require_binaries(["tc"])
     apply.require_devices([d.name for d in devices])

@@ -127,3 +127,14 @@ def test_python_m_shapekit_runs_a_command_by_name(mocker):
 
     init_main.assert_called_once_with()
     assert sys.argv == ["shapekit", "--dry-run"]
+
+
+def test_skip_absent_builds_the_devices_that_are_there(system, cli, write_config):
+    config = write_config('[device.eth0]\nrate = "10mbit"\n[device.ppp0]\nrate = "1mbit"\n')
+
+    skipped = cli(init_app, "--skip-absent", "--config", str(config))
+    refused = cli(init_app, "--config", str(config))
+
+    assert skipped.exit_code == 0, skipped.stderr
+    assert [b.splitlines()[0] for b in system.batches()] == ["qdisc add dev eth0 root handle 5c: htb default 10"]
+    assert refused.exit_code == 2 and "device 'ppp0' does not exist" in refused.stderr
