@@ -27,17 +27,6 @@ def script(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-_RATE = re.compile(r"^([0-9.]+)([KMGT]?)bit$")
-_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def tc_rate(text: str) -> int:
-    """A rate as `tc class show` prints it ('2Mbit') in bits/s."""
-    match = _RATE.match(text)
-    assert match, f"not a tc rate: {text!r}"
-    return round(float(match.group(1)) * _SCALE[match.group(2)])
-
-
 def parse_classes(text: str) -> dict[str, dict[str, str]]:
     """`tc class show` text by class id. (iproute2 6.1 prints no JSON for HTB classes.)"""
     classes = {}
