@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from shapekit import drift, plan_limits, plan_mangle, tc_netlink
+from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
+from shapekit.config import IFB_ALIAS, Device
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.plan import Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
+from shapekit.plan import KERNEL_DEFAULT, Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
 from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
 
 # The Debian package that ships each binary shapekit runs.
@@ -93,6 +94,18 @@ class Runner:
         if self.verbose:
             self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
         run_command(("tc", "-batch", "-"), batch_text(cmds))
+
+    def run_each(self, header: str, cmds: list[Argv]) -> None:
+        """Commands that have no batch mode (`ip link`), one process each."""
+        if not cmds:
+            return
+        if self.dry_run:
+            self.out.write(shell_script(header, cmds))
+            return
+        for cmd in cmds:
+            if self.verbose:
+                self.err.write(f"+ {shlex.join(cmd)}\n")
+            run_command(cmd)
 
     def restore(self, family: int, header: str, text: str) -> None:
         """One `iptables-restore --noflush` (or ip6tables-): one transaction."""
@@ -167,6 +180,26 @@ def _try_in_scratch_namespace(argv: Argv, text: str) -> CommandFailed | None:
     except CommandFailed as exc:
         return exc
     return None
+
+
+# What ingress shaping needs: an IFB device, an ingress qdisc, u32, and mirred's redirect to the IFB.
+_INGRESS_PROBE = (
+    "ip link add sk-probe type ifb && ip link set sk-probe up && tc qdisc add dev lo handle ffff: ingress && "
+    "tc filter add dev lo ingress protocol all pref 1 u32 match u32 0 0 action mirred egress redirect dev sk-probe"
+)
+
+
+def probe_ingress(keys: Sequence[str]) -> None:
+    """Refuse, before anything changes, a kernel that cannot shape what arrives."""
+    if not keys:
+        return
+    failed = _try_in_scratch_namespace(("sh", "-c", _INGRESS_PROBE), "")
+    if failed is None or failed.stderr.startswith("unshare:"):
+        return
+    raise UsageError(
+        f"the kernel cannot redirect arriving traffic to an IFB device (needs ifb, sch_ingress, cls_u32 and act_mirred): "
+        f"{_first_error(failed.stderr)}; remove {', '.join(f'[{k}]' for k in keys)} or load those modules"
+    )
 
 
 _RESTORE_FAILED_LINE = re.compile(r"Error occurred at line: (\d+)")
@@ -327,12 +360,98 @@ def read_rule_counters(runner: Runner) -> dict[int, str] | None:
     return {family: runner.query((TOOLS[family][0], "-c", "-t", "mangle")) for family in FAMILIES}
 
 
+def shapekit_ifbs(runner: Runner) -> dict[str, str]:
+    """shapekit's IFB devices here (IFB name → the device whose ingress it shapes), known by their alias."""
+    links = json.loads(runner.query(("ip", "-j", "link", "show", "type", "ifb")) or "[]")
+    return {
+        link["ifname"]: link["ifalias"][len(IFB_ALIAS) :]
+        for link in links
+        if plan_ingress.is_shapekit_ifb(link.get("ifalias"))
+    }
+
+
+def ifb_alias(runner: Runner, name: str) -> str | None:
+    """The alias of link `name`; "" when it has none; None when there is no such link."""
+    if not device_exists(name):
+        return None
+    links = json.loads(runner.query(("ip", "-j", "link", "show", "dev", name)) or "[]")
+    return links[0].get("ifalias", "") if links else None
+
+
+def require_own_ifbs(runner: Runner, trees: Sequence[Device]) -> None:
+    """An IFB name shapekit would use must be free or shapekit's own: never take over someone's device."""
+    for tree in trees:
+        alias = ifb_alias(runner, tree.name)
+        if alias is not None and not plan_ingress.is_shapekit_ifb(alias, tree.configured):
+            raise UsageError(
+                f"device {tree.name!r} exists and is not shapekit's IFB for {tree.configured} "
+                f"(its alias is {alias!r}): delete or rename it to shape [{tree.key}]"
+            )
+
+
+def read_ingress_hook(runner: Runner, dev: str) -> plan_ingress.IngressHook:
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev)) or "[]")
+    qdisc = next((q["kind"] for q in qdiscs if q.get("kind") in ("ingress", "clsact")), None)
+    if qdisc is None:
+        return plan_ingress.IngressHook(qdisc=None, redirect_to=None)
+    filters = json.loads(runner.query(("tc", "-j", "filter", "show", "dev", dev, "ingress")) or "[]")
+    ours = [f for f in filters if f.get("pref") == plan_ingress.REDIRECT_PREF]
+    targets = [a.get("to_dev") for f in ours for a in f.get("options", {}).get("actions", [])]
+    return plan_ingress.IngressHook(
+        qdisc=qdisc,
+        redirect_to=next((t for t in targets if t), "") if ours else None,
+        other_filters=any(f.get("pref") != plan_ingress.REDIRECT_PREF for f in filters),
+    )
+
+
+def filter_prefs(runner: Runner, dev: str) -> set[int]:
+    """The prefs of the filters on shapekit's root qdisc of `dev`."""
+    filters = json.loads(runner.query(("tc", "-j", "filter", "show", "dev", dev, "parent", "5c:")) or "[]")
+    return {f["pref"] for f in filters if "pref" in f}
+
+
+def read_u32_filters(runner: Runner, dev: str) -> list[drift.U32Entry]:
+    return drift.parse_u32_filters(runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:")))
+
+
+def apply_ingress(runner: Runner, tree: Device, cmds: list[Argv]) -> None:
+    """Build an ingress tree: its IFB, the tree with its filters, then the redirect; undo it all on failure."""
+    dev, ifb = tree.configured, tree.name
+    created = ifb_alias(runner, ifb) is None
+    try:
+        runner.run_each(f"{dev}: its IFB device for arriving traffic", plan_ingress.plan_ifb(tree, not created))
+        apply_tree(runner, ifb, cmds)
+        hook = read_ingress_hook(runner, dev)
+        runner.tc_batch(f"{dev}: arriving traffic to {ifb}", plan_ingress.plan_redirect(dev, ifb, hook))
+    except CommandFailed as exc:
+        raise CommandFailed(exc.command, exc.stderr, _undo_ingress(runner, dev, ifb)) from None
+
+
+def _undo_ingress(runner: Runner, dev: str, ifb: str) -> str:
+    try:
+        remove_ingress(runner, dev, ifb)
+    except CommandFailed as undo:
+        return f"removing {dev}'s ingress shaping failed too: {undo}"
+    return f"{dev}'s arriving traffic was left unshaped ({ifb} removed)"
+
+
+def remove_ingress(runner: Runner, dev: str, ifb: str) -> None:
+    """Take shapekit's redirect off `dev` and delete its IFB (with its tree)."""
+    if device_exists(dev):
+        runner.tc_batch(
+            f"{dev}: stop redirecting arriving traffic",
+            plan_ingress.plan_unredirect(dev, read_ingress_hook(runner, dev)),
+        )
+    if device_exists(ifb):
+        runner.run_each(f"{dev}: remove its IFB device", [("ip", "link", "del", "dev", ifb)])
+
+
 def read_root(runner: Runner, dev: str) -> RootQdisc:
     """The root qdisc of `dev` now."""
     qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev, "root")) or "[]")
     root = next((q for q in qdiscs if q.get("root")), None)
     if root is None:
-        return RootQdisc(kind="noqueue", handle="0:")
+        return KERNEL_DEFAULT
     return RootQdisc(kind=root["kind"], handle=root["handle"])
 
 

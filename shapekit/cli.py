@@ -321,15 +321,23 @@ def limit_add(
     force: Annotated[
         bool, typer.Option("--force", help="Allow a block that holds this machine's own addresses.")
     ] = False,
+    inbound: Annotated[
+        bool,
+        typer.Option(
+            "--in",
+            help="Cap traffic arriving from HOST (downloads), on the device's [device.X.ingress] tree. No --for.",
+        ),
+    ] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Cap traffic to HOST at RATE now, touching only that host's class and set entry.
-    A host capped already gets the new rate in place."""
+    """Cap traffic to HOST (with --in: from HOST) at RATE now, touching only that
+    host's class and its set entry (or, --in, its u32 filter). A host capped
+    already gets the new rate in place."""
     from shapekit import commands
 
-    request = commands.CapRequest(host, rate, dev, duration, comment, force)
+    request = commands.CapRequest(host, rate, dev, duration, comment, force, inbound)
     _run("shape-limit-ip", lambda: commands.limit_add(_inherit(ctx, config, dry_run, verbose), request))
 
 
@@ -340,19 +348,27 @@ def limit_remove(
     dev: Annotated[
         Optional[str], typer.Option("--dev", "-d", metavar="DEV", help="Device, when the host is capped on several.")
     ] = None,
+    inbound: Annotated[bool, typer.Option("--in", help="Only the cap on traffic arriving from HOST.")] = False,
+    outbound: Annotated[bool, typer.Option("--out", help="Only the cap on traffic sent to HOST.")] = False,
     config: ConfigOption = None,
     dry_run: DryRunOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Lift a run-time cap (a cap from the config takes over again; config caps are removed there)."""
+    """Lift a host's run-time caps, both ways unless --in or --out (a cap from the
+    config takes over again; config caps are removed there)."""
     from shapekit import commands
 
-    _run("shape-limit-ip", lambda: commands.limit_remove(_inherit(ctx, config, dry_run, verbose), host, dev))
+    direction = None if inbound == outbound else ("in" if inbound else "out")
+    _run(
+        "shape-limit-ip",
+        lambda: commands.limit_remove(_inherit(ctx, config, dry_run, verbose), host, dev, direction),
+    )
 
 
 @limit_ip_app.command("list")
 def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """List the caps in force: host, rate, device, source (config or run-time), expiry, comment, class."""
+    """List the caps in force: host, rate, device, direction (out: to the host, in: from it),
+    source (config or run-time), expiry, comment, class."""
     from shapekit import commands
 
     def show() -> None:
@@ -360,8 +376,8 @@ def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOpt
         if as_json:
             typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
             return
-        header = ["HOST", "RATE", "DEV", "SOURCE", "EXPIRES", "CLASS", "COMMENT"]
-        cells = [[r.host, r.rate, r.dev, r.source, r.expires or "-", r.classid, r.comment] for r in rows]
+        header = ["HOST", "RATE", "DEV", "DIR", "SOURCE", "EXPIRES", "CLASS", "COMMENT"]
+        cells = [[r.host, r.rate, r.dev, r.direction, r.source, r.expires or "-", r.classid, r.comment] for r in rows]
         typer.echo(table(header, cells))
 
     _run("shape-limit-ip", show)

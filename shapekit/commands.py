@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shapekit import apply, drift, plan, plan_limits, plan_mangle, status
+from shapekit import apply, drift, plan, plan_ingress, plan_limits, plan_mangle, status
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import Config, Device, config_path, load_config
 from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
@@ -51,7 +51,7 @@ def select_devices(config: Config, names: list[str]) -> list[Device]:
 
 
 def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
-    """shape-init: replace shapekit's tree on each selected device."""
+    """shape-init: replace shapekit's trees (egress, and ingress on an IFB) on each selected device."""
     config = options.load()
     if skip_unknown and devs:
         devs = [d for d in devs if d in config.devices]
@@ -60,17 +60,38 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
     devices = select_devices(config, devs)
     if skip_absent:  # at boot: a USB, PPP or VPN device that is not there yet gets its tree when it comes
         devices = [d for d in devices if apply.device_exists(d.name)]
+    ingress = [d.ingress for d in devices if d.ingress is not None]
     apply.require_root(options.dry_run, "shape-init")
-    apply.require_binaries(["tc"])
+    apply.require_binaries(["tc", "ip"] if ingress else ["tc"])
     apply.require_devices([d.name for d in devices])
     runner = options.runner()
-    apply.probe_kernel(plan.kernel_features(devices))
+    apply.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
+    apply.probe_ingress([tree.key for tree in ingress])
+    apply.require_own_ifbs(runner, ingress)
     with options.lock():
         runtime, now = load_caps(state_dir()), time.time()
+        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
         for device in devices:
             current = apply.read_root(runner, device.name)
             caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
             apply.apply_tree(runner, device.name, plan.plan_init(device, config.bypass, current) + caps)
+            if device.ingress is not None:
+                apply.apply_ingress(
+                    runner, device.ingress, _ingress_tree(runner, config, device.ingress, bypass, runtime, now)
+                )
+
+
+def _ingress_tree(
+    runner: apply.Runner, config: Config, tree: Device, bypass: Bypass, runtime: list[Cap], now: float
+) -> list[plan.Argv]:
+    """An ingress tree's whole build on its IFB: the HTB tree, the caps' classes, the u32 filters."""
+    current = apply.read_root(runner, tree.name) if apply.device_exists(tree.name) else plan.KERNEL_DEFAULT
+    placed = place_caps(tree, runtime, now)
+    return (
+        plan.plan_init(tree, config.bypass, current)
+        + plan_limits.cap_tree(tree, placed)
+        + plan_ingress.plan_filters(tree, config, bypass, placed)
+    )
 
 
 def check(options: Options, devs: list[str]) -> list[str]:
@@ -79,46 +100,70 @@ def check(options: Options, devs: list[str]) -> list[str]:
     devices = select_devices(config, devs)
     if os.geteuid() != 0:
         raise UsageError("--check reads the kernel's netfilter and ipset state: run it as root")
-    apply.require_binaries(["tc", "ipset", "unshare", *apply.MANGLE_TOOLS])
+    apply.require_binaries(["tc", "ip", "ipset", "unshare", *apply.MANGLE_TOOLS])
     apply.require_devices([d.name for d in devices])
     runner = options.runner()
     now = time.time()
     saved = load_caps(state_dir())
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-    placed = {d.name: place_caps(d, saved, now) for d in config.devices.values()}
+    placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
     differences = []
     for device in devices:
-        cmds = plan.plan_tree(device, config.bypass) + plan_limits.cap_tree(device, placed[device.name])
-        have = apply.read_tree(runner, device.name, plan.root_handle())
-        # A lapsed cap's class stays until the next full install: neither wanted nor drift.
-        have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(device, saved, now)})
-        differences += drift.diff_tree(device.name, drift.planned_tree(cmds), have)
+        differences += _tree_drift(runner, device, placed[device.name], saved, now)
+        if device.ingress is not None:
+            differences += _ingress_drift(runner, config, device.ingress, bypass, placed[device.ingress.name])
     if devs:
-        return differences  # a device's own check: its tree
-    sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in placed.items())
+        return differences  # a device's own check: its trees
+    egress = {d.name: placed[d.name] for d in config.devices.values()}
+    sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in egress.items())
     for family in FAMILIES:
         chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
         want = apply.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
         differences += drift.diff_chains(family, want, apply.read_mangle(runner, family))
     want_entries = {
         (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
-        for name, caps in placed.items()
+        for name, caps in egress.items()
         for p in caps
     }
     return differences + drift.diff_sets(want_entries, apply.read_set_entries(runner))
 
 
+def _tree_drift(runner: apply.Runner, tree: Device, placed: list[PlacedCap], saved: list[Cap], now: float) -> list[str]:
+    cmds = plan.plan_tree(tree, Bypass()) + plan_limits.cap_tree(tree, placed)
+    have = apply.read_tree(runner, tree.name, plan.root_handle())
+    # A lapsed cap's class stays until the next full install: neither wanted nor drift.
+    have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(tree, saved, now)})
+    return drift.diff_tree(tree.name, drift.planned_tree(cmds), have)
+
+
+def _ingress_drift(
+    runner: apply.Runner, config: Config, tree: Device, bypass: Bypass, placed: list[PlacedCap]
+) -> list[str]:
+    dev, ifb = tree.configured, tree.name
+    if not plan_ingress.is_shapekit_ifb(apply.ifb_alias(runner, ifb), dev):
+        return [f"{dev}: its IFB device {ifb} for arriving traffic is missing (run shape-init)"]
+    out = _tree_drift(runner, tree, placed, [], 0)
+    if apply.read_ingress_hook(runner, dev).redirect_to != ifb:
+        out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
+    want = drift.planned_filters(plan_ingress.ingress_filters(tree, config, bypass, placed))
+    return out + drift.diff_filters(ifb, want, apply.read_u32_filters(runner, ifb))
+
+
 def flush(options: Options, devs: list[str], forget: bool) -> None:
-    """shape-flush: remove shapekit's trees, chains and jumps (only the named devices' trees with --dev)."""
+    """shape-flush: remove shapekit's trees, IFBs, chains and jumps (only the named devices' trees with --dev)."""
     apply.require_root(options.dry_run, "shape-flush")
-    apply.require_binaries(["tc"] if devs else ["tc", *apply.MANGLE_TOOLS])
+    apply.require_binaries(["tc", "ip"] if devs else ["tc", "ip", *apply.MANGLE_TOOLS])
     apply.require_devices(devs)
     runner = options.runner()
     with options.lock():
+        ifbs = apply.shapekit_ifbs(runner)
         names = devs or apply.devices_with_root(runner, plan.root_handle(), "htb")
         for dev in names:
-            cmds = plan.plan_flush(dev, apply.read_root(runner, dev))
-            runner.tc_batch(f"{dev}: remove shapekit's tree", cmds)
+            if dev not in ifbs:  # an IFB goes whole, below
+                runner.tc_batch(f"{dev}: remove shapekit's tree", plan.plan_flush(dev, apply.read_root(runner, dev)))
+        for ifb, owner in ifbs.items():
+            if not devs or owner in devs:
+                apply.remove_ingress(runner, owner, ifb)
         if not devs:
             apply.flush_mangle(runner)
             if shutil.which("ipset"):  # sets go after the rules that use them
@@ -247,7 +292,7 @@ def _live(caps: list[Cap], now: float) -> list[Cap]:
 
 
 def _lapsed(device: Device, caps: list[Cap], now: float) -> list[PlacedCap]:
-    return [PlacedCap(c, c.minor) for c in caps if c.dev == device.name and lapsed(c, now) and c.minor is not None]
+    return [PlacedCap(c, c.minor) for c in caps if device.holds(c) and lapsed(c, now) and c.minor is not None]
 
 
 def limit_ip(options: Options) -> None:
@@ -264,14 +309,23 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     apply.probe_caps()
     runner = options.runner()
     present = [d for d in config.devices.values() if apply.device_exists(d.name)]  # a hotplug device may be away
-    for device in present:
-        apply.require_shapekit_tree(runner, device.name)
+    for tree in (t for d in present for t in d.trees):
+        apply.require_shapekit_tree(runner, tree.name)
     saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
     for device in present:
         placed = place_caps(device, runtime, now)
         sync = plan_limits.sync_cap_classes(device, placed, apply.read_cap_classes(runner, device.name))
         runner.tc_batch(f"{device.name}: per-IP cap classes", sync)
         apply.ipset_restore(runner, f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now))
+        if device.ingress is not None:
+            tree = device.ingress
+            inbound = place_caps(tree, runtime, now)
+            present_prefs, classes = apply.filter_prefs(runner, tree.name), apply.read_cap_classes(runner, tree.name)
+            runner.tc_batch(
+                f"{device.name}: per-IP caps on arriving traffic ({tree.name})",
+                plan_ingress.sync_caps(tree, inbound, present_prefs, classes),
+            )
+            placed += inbound
         saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
     apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}, LIMIT)
@@ -306,66 +360,102 @@ class CapRequest:
     duration: str | None = None
     comment: str = ""
     force: bool = False
+    inbound: bool = False  # --in: traffic from the host, on the device's ingress tree
+
+
+def cap_tree(device: Device, inbound: bool) -> Device:
+    """The tree a cap of this direction lives in: the device's own, or its ingress tree."""
+    if not inbound:
+        return device
+    if device.ingress is None:
+        raise UsageError(
+            f"{device.name} shapes no arriving traffic: add a [device.{device.name}.ingress] table, run shape-init, then cap with --in"
+        )
+    return device.ingress
 
 
 def limit_add(options: Options, request: CapRequest) -> None:
-    """shape-limit-ip add: cap one host now, touching only its own class and set entry."""
+    """shape-limit-ip add: cap one host now, touching only its own class and set entry (or filter)."""
     config = options.load()
     device = pick_device(config, request.dev)
+    tree = cap_tree(device, request.inbound)
     host = _host(request.host)
     try:
         rate = parse_rate(request.rate)
         seconds = parse_duration(request.duration) if request.duration else None
     except UnitError as exc:
         raise UsageError(str(exc)) from None
-    if not request.comment.isprintable():
-        raise UsageError("--comment must be one line of printable text")
-    if seconds is not None and seconds > IPSET_MAX_TIMEOUT:
-        raise UsageError(
-            f"--for {request.duration} is longer than ipset's longest timeout ({IPSET_MAX_TIMEOUT}s, about 24 days)"
-        )
-    problem = check_cap(host, rate, device.rate)
-    if problem:
-        raise UsageError(problem)
-    if seconds is not None and any(c.host == host for c in device.limits):
-        raise UsageError(
-            f"{host} is capped by {config.path}: a cap --for a while would drop that cap when it lapses; "
-            "add it without --for, or change the config"
-        )
+    _check_request(config, tree, request, host, rate, seconds)
     _check_limits(options)
     apply.require_devices([device.name])
     runner = options.runner()
     if not request.force:
         _refuse_own_addresses(runner, host)
     with options.lock():
-        if options.dry_run:
-            apply.require_shapekit_tree(runner, device.name)
+        if options.dry_run or tree.direction == "in":
+            apply.require_shapekit_tree(runner, tree.name)
         now = time.time()
         saved = load_caps(state_dir())  # lapsed ones too: their classes still hold their minors
-        mine = next((c for c in saved if c.key == (device.name, host)), None)
+        mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
         others = [c for c in saved if c is not mine]
         expires = now + seconds if seconds else None
         # Capped already: the new rate goes into the same class.
-        cap = Cap(host, rate, device.name, "run-time", expires, request.comment, mine.minor if mine else None)
-        if not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(apply.list_sets(runner)):
+        cap = Cap(
+            host, rate, device.name, "run-time", expires, request.comment, mine.minor if mine else None, tree.direction
+        )
+        if tree.direction == "out" and not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(
+            apply.list_sets(runner)
+        ):
             # Never installed since boot: install everything, this cap included.
             _install_limits(options, config, _live([*others, cap], now), now)
             return
-        placed = next(p for p in place_caps(device, [*others, cap], now) if p.cap.host == host)
-        try:
-            runner.tc_batch(
-                f"{device.name}: the class of {host}",
-                plan_limits.cap_class(device.name, device.leaf, placed, "replace"),
-            )
-        except CommandFailed:
-            # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
-            apply.require_shapekit_tree(runner, device.name)
-            raise
-        apply.ipset_restore(
-            runner, f"{device.name}: {host} to its class", plan_limits.plan_set_entry(device.name, placed, now)
-        )
+        every = place_caps(tree, [*others, cap], now)
+        placed = next(p for p in every if p.cap.host == host)
+        _put_cap(runner, tree, placed, every, now)
         if not options.dry_run:
             save_caps(state_dir(), [*others, with_minor(placed)])
+
+
+def _check_request(
+    config: Config, tree: Device, request: CapRequest, host: Network, rate: int, seconds: int | None
+) -> None:
+    if not request.comment.isprintable():
+        raise UsageError("--comment must be one line of printable text")
+    if seconds is not None and tree.direction == "in":
+        raise UsageError(
+            f"--for cannot time a cap on arriving traffic: its u32 filter has no timeout, unlike the ipset entry of a cap "
+            f"on sent traffic; add it without --for and lift it with `shape-limit-ip remove {host} --in` "
+            f"(e.g. from systemd-run --on-active={request.duration})"
+        )
+    if seconds is not None and seconds > IPSET_MAX_TIMEOUT:
+        raise UsageError(
+            f"--for {request.duration} is longer than ipset's longest timeout ({IPSET_MAX_TIMEOUT}s, about 24 days)"
+        )
+    problem = check_cap(host, rate, tree.rate)
+    if problem:
+        raise UsageError(problem)
+    if seconds is not None and any(c.host == host for c in tree.limits):
+        raise UsageError(
+            f"{host} is capped by {config.path}: a cap --for a while would drop that cap when it lapses; "
+            "add it without --for, or change the config"
+        )
+
+
+def _put_cap(runner: apply.Runner, tree: Device, placed: PlacedCap, every: list[PlacedCap], now: float) -> None:
+    """One cap's class (new, or its rate changed in place) and its set entry or u32 filter."""
+    header = f"{tree.name}: the class of {placed.cap.host}"
+    cmds = plan_limits.cap_class(tree.name, tree.leaf, placed, "replace")
+    if tree.direction == "in":
+        cmds += plan_ingress.cap_entry(tree, placed, every, apply.filter_prefs(runner, tree.name))
+    try:
+        runner.tc_batch(header, cmds)
+    except CommandFailed:
+        # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
+        apply.require_shapekit_tree(runner, tree.name)
+        raise
+    if tree.direction == "out":
+        text = plan_limits.plan_set_entry(tree.name, placed, now)
+        apply.ipset_restore(runner, f"{tree.name}: {placed.cap.host} to its class", text)
 
 
 def _refuse_own_addresses(runner: apply.Runner, host: Network) -> None:
@@ -376,8 +466,8 @@ def _refuse_own_addresses(runner: apply.Runner, host: Network) -> None:
         )
 
 
-def limit_remove(options: Options, host_text: str, dev: str | None) -> None:
-    """shape-limit-ip remove: lift a run-time cap (a config cap takes over again if there is one)."""
+def limit_remove(options: Options, host_text: str, dev: str | None, direction: str | None = None) -> None:
+    """shape-limit-ip remove: lift a host's run-time caps (a config cap takes over again if there is one)."""
     config = options.load()
     host = _host(host_text)
     _check_limits(options)
@@ -385,47 +475,56 @@ def limit_remove(options: Options, host_text: str, dev: str | None) -> None:
     with options.lock():
         now = time.time()
         saved = load_caps(state_dir())
-        runtime = _live(saved, now)
-        matches = [c for c in runtime if c.host == host and (dev is None or c.dev == dev)]
+        matches = [
+            c
+            for c in _live(saved, now)
+            if c.host == host and (dev is None or c.dev == dev) and direction in (None, c.direction)
+        ]
         if not matches:
-            in_config = [d.name for d in config.devices.values() if any(c.host == host for c in d.limits)]
-            where = (
-                f"capped by {config.path} on {in_config[0]}: remove it there"
-                if in_config
-                else "not capped (see shape-limit-ip list)"
-            )
-            raise UsageError(f"{host} is {where}")
-        if len(matches) > 1:
-            raise UsageError(f"{host} is capped on {', '.join(c.dev for c in matches)}: pass --dev")
-        removed = matches[0]
-        device = config.devices.get(removed.dev)
-        kept = [c for c in saved if c is not removed]
+            raise UsageError(f"{host} is {_not_capped(config, host, direction)}")
+        if len({c.dev for c in matches}) > 1:
+            raise UsageError(f"{host} is capped on {', '.join(sorted({c.dev for c in matches}))}: pass --dev")
+        kept = [c for c in saved if c not in matches]
+        device = config.devices.get(matches[0].dev)
         if device is not None:
             apply.require_devices([device.name])
-            _lift(runner, device, removed, kept, now)
+            for removed in matches:
+                tree = device if removed.direction == "out" else device.ingress
+                if tree is not None:
+                    _lift(runner, tree, removed, kept, now)
         if not options.dry_run:
             save_caps(state_dir(), kept)
 
 
-def _lift(runner: apply.Runner, device: Device, removed: Cap, kept: list[Cap], now: float) -> None:
-    before = next(p for p in place_caps(device, [*kept, removed], now) if p.cap.host == removed.host)
-    after = next((p for p in place_caps(device, kept, now) if p.cap.host == removed.host), None)
-    if after is None:
+def _not_capped(config: Config, host: Network, direction: str | None) -> str:
+    trees = [t for d in config.devices.values() for t in d.trees if direction in (None, t.direction)]
+    in_config = [t for t in trees if any(c.host == host for c in t.limits)]
+    if in_config:
+        return f"capped by {config.path} on {in_config[0].configured}: remove it there"
+    return "not capped" + (f" on {direction}-bound traffic" if direction else "") + " (see shape-limit-ip list)"
+
+
+def _lift(runner: apply.Runner, tree: Device, removed: Cap, kept: list[Cap], now: float) -> None:
+    before = next(p for p in place_caps(tree, [*kept, removed], now) if p.cap.host == removed.host)
+    rest = place_caps(tree, kept, now)
+    after = next((p for p in rest if p.cap.host == removed.host), None)
+    if after is not None:  # back to the config's cap, in the same class
+        _put_cap(runner, tree, after, rest, now)
+    elif tree.direction == "out":
         apply.ipset_restore(
-            runner, f"{device.name}: {removed.host} uncapped", plan_limits.plan_set_removal(device.name, removed.host)
+            runner, f"{tree.name}: {removed.host} uncapped", plan_limits.plan_set_removal(tree.name, removed.host)
         )
-        if before.minor in apply.read_cap_classes(runner, device.name):  # gone already after a flush or re-init
-            runner.tc_batch(
-                f"{device.name}: the class of {removed.host}", plan_limits.remove_cap_class(device.name, before.minor)
-            )
-    else:  # back to the config's cap, in the same class
-        runner.tc_batch(
-            f"{device.name}: {removed.host} back to its config cap",
-            plan_limits.cap_class(device.name, device.leaf, after, "replace"),
-        )
-        apply.ipset_restore(
-            runner, f"{device.name}: {removed.host}", plan_limits.plan_set_entry(device.name, after, now)
-        )
+        _remove_cap_class(runner, tree, before, [])
+    elif apply.device_exists(tree.name):  # an ingress tree: gone with its IFB after a flush
+        present = apply.filter_prefs(runner, tree.name)
+        _remove_cap_class(runner, tree, before, plan_ingress.cap_removal(tree, before, rest, present))
+
+
+def _remove_cap_class(runner: apply.Runner, tree: Device, placed: PlacedCap, first: list[plan.Argv]) -> None:
+    cmds = list(first)
+    if placed.minor in apply.read_cap_classes(runner, tree.name):  # gone already after a flush or re-init
+        cmds += plan_limits.remove_cap_class(tree.name, placed.minor)
+    runner.tc_batch(f"{tree.name}: {placed.cap.host} uncapped", cmds)
 
 
 @dataclass(frozen=True)
@@ -433,6 +532,7 @@ class CapRow:
     host: str
     rate: str
     dev: str
+    direction: str  # "out": traffic to the host; "in": arriving from it
     source: str
     expires: str | None  # ISO 8601, UTC
     comment: str
@@ -444,9 +544,8 @@ def limit_list(options: Options) -> list[CapRow]:
     now = time.time()
     runtime = _live(load_caps(state_dir()), now)
     rows = []
-    for device in config.devices.values():
-        for p in place_caps(device, runtime, now):
-            rows.append(_row(p))
+    for tree in (t for d in config.devices.values() for t in d.trees):
+        rows += [_row(p) for p in place_caps(tree, runtime, now)]
     return rows
 
 
@@ -456,7 +555,8 @@ def _row(placed: PlacedCap) -> CapRow:
     expires = None
     if cap.expires is not None:
         expires = datetime.datetime.fromtimestamp(cap.expires, datetime.timezone.utc).isoformat(timespec="seconds")
-    return CapRow(host, format_rate(cap.rate), cap.dev, cap.source, expires, cap.comment, plan.classid(placed.minor))
+    rate, cid = format_rate(cap.rate), plan.classid(placed.minor)
+    return CapRow(host, rate, cap.dev, cap.direction, cap.source, expires, cap.comment, cid)
 
 
 # --- shape-status ---------------------------------------------------------------
@@ -467,15 +567,17 @@ def status_sample(options: Options, devs: list[str], interval: float) -> dict:
     config = options.load()
     devices = select_devices(config, devs)
     apply.require_devices([d.name for d in devices])
+    # Ingress trees are listed under their IFB device, when it is there.
+    trees = [t for d in devices for t in d.trees if t.direction == "out" or apply.device_exists(t.name)]
     now = time.time()
     saved = load_caps(state_dir())
-    names = {d.name: status.class_names(d, place_caps(d, saved, now), _lapsed(d, saved, now)) for d in devices}
+    names = {t.name: status.class_names(t, place_caps(t, saved, now), _lapsed(t, saved, now)) for t in trees}
     start = time.monotonic()
-    before = {d.name: apply.read_classes(d.name) for d in devices}
+    before = {t.name: apply.read_classes(t.name) for t in trees}
     time.sleep(interval)
-    after = {d.name: apply.read_classes(d.name) for d in devices}
+    after = {t.name: apply.read_classes(t.name) for t in trees}
     seconds = time.monotonic() - start
-    rows = {d.name: status.class_rows(names[d.name], before[d.name], after[d.name], seconds) for d in devices}
+    rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds) for t in trees}
     counters = apply.read_rule_counters(options.runner())
     rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

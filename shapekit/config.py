@@ -11,7 +11,8 @@ import os
 import re
 import stat
 import sys
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,9 @@ MAX_QUANTUM = 2**24
 MAX_DEPTH = 7  # HTB allows 8 levels; the top class takes one
 
 Leaf = Literal["sfq", "fq_codel", "pfifo", "none"]
-Classifier = Literal["fw", "classify"]
+# "u32" is the ingress trees' own: packets arriving have no netfilter mark yet.
+Classifier = Literal["fw", "classify", "u32"]
+Direction = Literal["out", "in"]
 LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "pfifo", "none")
 CLASSIFIERS: tuple[Classifier, ...] = ("fw", "classify")
 IMPLICIT_DEFAULT = "default"
@@ -49,7 +52,11 @@ IMPLICIT_DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
-_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits"}
+_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits", "ingress"}
+_INGRESS_KEYS = {"rate", "default", "leaf", "classes"}
+# The IFB device that carries a device's ingress tree: "ifb-" and the name, or a digest of a long one.
+IFB_PREFIX = "ifb-"
+IFB_ALIAS = "shapekit ingress of "  # the IFB's ifalias: how shapekit knows its own
 _CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid"}
 _TOP_KEYS = {"device", "bypass", "mark"}
 
@@ -73,13 +80,37 @@ class HtbClass:
 
 @dataclass(frozen=True)
 class Device:
-    name: str
+    """One HTB tree: a device's egress, or (direction "in") its ingress on its IFB device."""
+
+    name: str  # the link the tree is on: the device, or its IFB
     rate: int  # the line rate, bits/s
     default: str  # name of the leaf class unclassified traffic goes to
     leaf: Leaf
     classifier: Classifier
     classes: tuple[HtbClass, ...]  # parents before children, siblings in file order
-    limits: tuple[Cap, ...] = ()  # [device.X.limits]: per-IP caps from the config
+    limits: tuple[Cap, ...] = ()  # [device.X.limits]: the per-IP caps of this direction
+    direction: Direction = "out"
+    owner: str = ""  # the configured device an ingress tree belongs to
+    ingress: Device | None = None  # [device.X.ingress]
+
+    @property
+    def configured(self) -> str:
+        """The device's name in the config ("eth0" for its ingress tree too)."""
+        return self.owner or self.name
+
+    @property
+    def key(self) -> str:
+        """Where the tree is in the config, for messages."""
+        return f"device.{self.configured}" + (".ingress" if self.direction == "in" else "")
+
+    def holds(self, cap: Cap) -> bool:
+        """Whether `cap` is one of this tree's."""
+        return cap.dev == self.configured and cap.direction == self.direction
+
+    @property
+    def trees(self) -> tuple[Device, ...]:
+        """The device's trees: egress, then ingress when configured."""
+        return (self,) if self.ingress is None else (self, self.ingress)
 
     def by_name(self, name: str) -> HtbClass:
         return next(c for c in self.classes if c.name == name)
@@ -95,6 +126,15 @@ class Config:
     devices: dict[str, Device]
     bypass: Bypass = Bypass()
     marks: tuple[MarkRule, ...] = ()
+
+
+def ifb_name(dev: str) -> str:
+    """The IFB device for `dev`'s ingress: within the kernel's 15 characters, distinct per device."""
+    name = IFB_PREFIX + dev
+    if len(name) <= 15:
+        return name
+    digest = f"{zlib.crc32(dev.encode()) & 0xFFFF:04x}"
+    return f"{IFB_PREFIX}{dev[:6]}-{digest}"
 
 
 def config_path(option: Path | None) -> Path:
@@ -207,11 +247,56 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
     if not _IFNAME.match(name):
         raise ConfigError(path, key, "not a network interface name (1-15 characters, no spaces, '/' or ':')")
     _unknown_keys(path, key, table, _DEVICE_KEYS)
+    rate, default, leaf, classes = _parse_tree(path, key, table, marks=True)
+    classifier = _choice(path, f"{key}.classifier", table.get("classifier", "fw"), CLASSIFIERS)
+    ingress = None
+    if "ingress" in table:
+        ingress = _parse_ingress(path, name, _table(path, f"{key}.ingress", table["ingress"]))
+    limits = parse_limits(path, f"{key}.limits", table.get("limits", {}), name, rate, ingress.rate if ingress else None)
+    if ingress is not None:
+        ingress = replace(ingress, limits=tuple(c for c in limits if c.direction == "in"))
+    return Device(
+        name=name,
+        rate=rate,
+        default=default,
+        leaf=leaf,
+        classifier=classifier,
+        classes=classes,
+        limits=tuple(c for c in limits if c.direction == "out"),
+        ingress=ingress,
+    )
+
+
+def _parse_ingress(path: Path, dev: str, table: dict[str, Any]) -> Device:
+    key = f"device.{dev}.ingress"
+    if "classifier" in table:
+        raise ConfigError(
+            path,
+            f"{key}.classifier",
+            'arriving packets have no netfilter mark yet, so ingress classes are picked by tc u32 filters from [[mark]] rules with direction = "in": remove it',
+        )
+    _unknown_keys(path, key, table, _INGRESS_KEYS)
+    rate, default, leaf, classes = _parse_tree(path, key, table, marks=False)
+    return Device(
+        name=ifb_name(dev),
+        rate=rate,
+        default=default,
+        leaf=leaf,
+        classifier="u32",
+        classes=classes,
+        direction="in",
+        owner=dev,
+    )
+
+
+def _parse_tree(
+    path: Path, key: str, table: dict[str, Any], *, marks: bool
+) -> tuple[int, str, Leaf, tuple[HtbClass, ...]]:
+    """A tree's line rate, default class, leaf qdisc and classes."""
     if "rate" not in table:
         raise ConfigError(path, f"{key}.rate", 'missing: the line rate, e.g. rate = "100mbit"')
     rate = _rate(path, f"{key}.rate", table["rate"])
     leaf = _choice(path, f"{key}.leaf", table.get("leaf", "sfq"), LEAVES)
-    classifier = _choice(path, f"{key}.classifier", table.get("classifier", "fw"), CLASSIFIERS)
     classes_raw = _table(path, f"{key}.classes", table.get("classes", {}))
     default = table.get("default")
     if default is None:
@@ -222,23 +307,28 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
         classes_raw = {IMPLICIT_DEFAULT: {"rate": format_rate(rate)}}
     if not isinstance(default, str) or default not in classes_raw:
         raise ConfigError(path, f"{key}.default", f"{default!r} is not a class of {key}")
-    classes = _parse_classes(path, key, rate, classes_raw)
+    classes = _parse_classes(path, key, rate, classes_raw, marks)
     default_class = next(c for c in classes if c.name == default)
     if not default_class.is_leaf:
         raise ConfigError(path, f"{key}.default", f"{default!r} has child classes; name a leaf class")
-    limits = parse_limits(path, f"{key}.limits", table.get("limits", {}), name, rate)
-    return Device(
-        name=name, rate=rate, default=default, leaf=leaf, classifier=classifier, classes=classes, limits=limits
-    )
+    return rate, default, leaf, classes
 
 
-def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]) -> tuple[HtbClass, ...]:
+def _parse_classes(
+    path: Path, dev_key: str, line_rate: int, raw: dict[str, Any], with_marks: bool
+) -> tuple[HtbClass, ...]:
     tables = {}
     for name, value in raw.items():
         key = f"{dev_key}.classes.{name}"
         tables[name] = _table(path, key, value)
         if not _NAME.match(name):
             raise ConfigError(path, key, "a class name uses letters, digits, '_', '-' and '.'")
+        if not with_marks and "mark" in tables[name]:
+            raise ConfigError(
+                path,
+                f"{key}.mark",
+                'arriving packets have no netfilter mark yet: pick this class with a [[mark]] rule with direction = "in"',
+            )
         _unknown_keys(path, key, tables[name], _CLASS_KEYS)
         parent = tables[name].get("parent")
         if parent is not None and not isinstance(parent, str):
@@ -250,7 +340,7 @@ def _parse_classes(path: Path, dev_key: str, line_rate: int, raw: dict[str, Any]
     order = _tree_order(path, dev_key, tables)
     parents = {tables[n].get("parent") for n in tables}
     minors = _allocate_minors(path, dev_key, tables, order)
-    marks = _allocate_marks(path, dev_key, tables, order, parents, minors)
+    marks = _allocate_marks(path, dev_key, tables, order, parents, minors) if with_marks else {}
     ceils: dict[str | None, int] = {None: line_rate}
     classes = []
     for name in order:

@@ -19,7 +19,9 @@ BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
 CAP_MINORS = range(0x8000, 0xFFFF)  # one class per capped host (leaf handle ffff: is ingress's)
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
-_MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device"}
+_MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device", "direction"}
+_CAP_KEYS = {"rate", "direction"}
+DIRECTIONS = ("out", "in")
 # proto key → (iptables -p value, the only family it exists in)
 _PROTOS: dict[str, tuple[str | None, int | None]] = {
     "tcp": ("tcp", None),
@@ -64,6 +66,7 @@ class MarkRule:
     l7proto: str | None = None
     device: str | None = None
     families: tuple[int, ...] = (4, 6)
+    direction: str = "out"  # "in": a tc u32 filter on the device's ingress tree (mark unused)
 
 
 def parse_bypass(path: Path, raw: Any) -> Bypass:
@@ -124,7 +127,17 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
         raise ConfigError(path, f"{key}.device", f"{device!r} is not a configured device ({', '.join(devices)})")
     if "class" not in table:
         raise ConfigError(path, f"{key}.class", "missing: the class this rule's traffic goes to")
-    mark = _class_mark(path, key, table["class"], [devices[device]] if device else list(devices.values()))
+    direction = table.get("direction", "out")
+    if direction not in DIRECTIONS:
+        raise ConfigError(
+            path, f"{key}.direction", f'{direction!r} is not "out" (sent, the default) or "in" (arriving)'
+        )
+    targets = [devices[device]] if device else list(devices.values())
+    if direction == "in":
+        _check_ingress_rule(path, key, table, targets)
+        mark = 0
+    else:
+        mark = _class_mark(path, key, table["class"], targets)
 
     proto_key = table.get("proto", "all")
     if proto_key not in _PROTOS:
@@ -175,7 +188,28 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
         l7proto=l7proto,
         device=device,
         families=tuple(sorted(families)) or (4, 6),
+        direction=direction,
     )
+
+
+def _check_ingress_rule(path: Path, key: str, table: dict[str, Any], devices: list[Device]) -> None:
+    """A direction = "in" rule names a leaf class of an ingress tree and only what tc u32 can match."""
+    if "l7proto" in table:
+        raise ConfigError(
+            path,
+            f"{key}.l7proto",
+            'the layer7 match is netfilter\'s, which arriving packets meet only after shaping: use ports and hosts, or direction = "out"',
+        )
+    trees = [d.ingress for d in devices if d.ingress is not None]
+    if not trees:
+        where = " or ".join(f"[device.{d.name}]" for d in devices)
+        raise ConfigError(path, f"{key}.direction", f"no ingress to shape: add a [device.X.ingress] table to {where}")
+    having = [c for tree in trees for c in tree.classes if c.name == table["class"]]
+    if not having:
+        where = " or ".join(f"[{t.key}]" for t in trees)
+        raise ConfigError(path, f"{key}.class", f"{table['class']!r} is not a class of {where}")
+    if not all(c.is_leaf for c in having):
+        raise ConfigError(path, f"{key}.class", f"{table['class']!r} has child classes: name a leaf class")
 
 
 def _host(path: Path, key: str, value: Any) -> Network | None:
@@ -222,7 +256,7 @@ def check_bypass_mark(path: Path, bypass: Bypass, devices: dict[str, Device]) ->
 
 @dataclass(frozen=True)
 class Cap:
-    """A per-IP cap: traffic sent to `host` through `dev` at most `rate` (rate = ceil)."""
+    """A per-IP cap: traffic sent to `host` through `dev` (or, "in", arriving from it) at most `rate`."""
 
     host: Network
     rate: int  # bits/s
@@ -231,10 +265,11 @@ class Cap:
     expires: float | None = None  # epoch seconds; run-time caps added with --for
     comment: str = ""
     minor: int | None = None  # run-time caps keep the class minor they were given
+    direction: str = "out"  # "in": traffic from `host`, shaped on the device's ingress tree
 
     @property
-    def key(self) -> tuple[str, Network]:
-        return (self.dev, self.host)
+    def key(self) -> tuple[str, str, Network]:
+        return (self.dev, self.direction, self.host)
 
 
 def check_cap(host: Network, rate: int, line_rate: int) -> str | None:
@@ -246,23 +281,45 @@ def check_cap(host: Network, rate: int, line_rate: int) -> str | None:
     return None
 
 
-def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int) -> tuple[Cap, ...]:
+def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int, ingress_rate: int | None) -> tuple[Cap, ...]:
+    """`"HOST" = "RATE"` (traffic to HOST), or `"HOST" = { rate = "RATE", direction = "in" | "out" | "both" }`."""
     if not isinstance(raw, dict):
         raise ConfigError(path, key, 'must be a table of "HOST" = "RATE"')
-    caps: dict[Network, Cap] = {}
-    for text, rate_text in raw.items():
+    caps: dict[tuple[str, Network], Cap] = {}
+    for text, value in raw.items():
         where = f'{key}."{text}"'
+        rate_text, directions = _cap_value(path, where, value)
         try:
             host = parse_host(text)
             rate = parse_rate(rate_text)
         except (ValueProblem, UnitError) as exc:
             raise ConfigError(path, where, str(exc)) from None
-        problem = check_cap(host, rate, line_rate)
-        if problem:
-            raise ConfigError(path, where, problem)
-        cap = Cap(host=host, rate=rate, dev=dev)
-        if caps.setdefault(host, cap) is not cap:  # one hash of the host, not two: 10,000 caps are common
-            raise ConfigError(path, where, f"{host} is capped twice on {dev}")
-    if len(caps) > len(CAP_MINORS):
-        raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {len(CAP_MINORS)}")
+        for direction in directions:
+            if direction == "in" and ingress_rate is None:
+                raise ConfigError(path, where, f"direction {direction!r} needs a [device.{dev}.ingress] table")
+            problem = check_cap(host, rate, line_rate if direction == "out" else ingress_rate or 0)
+            if problem:
+                raise ConfigError(path, where, problem)
+            cap = Cap(host=host, rate=rate, dev=dev, direction=direction)
+            if caps.setdefault((direction, host), cap) is not cap:  # one hash of the host, not two
+                raise ConfigError(path, where, f"{host} is capped twice on {dev}")
+    for direction in DIRECTIONS:
+        if sum(d == direction for d, _ in caps) > len(CAP_MINORS):
+            raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {len(CAP_MINORS)} each way")
     return tuple(caps.values())
+
+
+def _cap_value(path: Path, where: str, value: Any) -> tuple[Any, tuple[str, ...]]:
+    if not isinstance(value, dict):
+        return value, ("out",)
+    for name in value:
+        if name not in _CAP_KEYS:
+            raise ConfigError(path, f"{where}.{name}", f"unknown key (known: {', '.join(sorted(_CAP_KEYS))})")
+    if "rate" not in value:
+        raise ConfigError(path, f"{where}.rate", 'missing: the cap, e.g. rate = "1mbit"')
+    direction = value.get("direction", "out")
+    if direction not in (*DIRECTIONS, "both"):
+        raise ConfigError(
+            path, f"{where}.direction", f'{direction!r} is not "out" (to the host), "in" (from it) or "both"'
+        )
+    return value["rate"], DIRECTIONS if direction == "both" else (direction,)

@@ -51,6 +51,9 @@ class RootQdisc:
         return self.handle == "0:"
 
 
+KERNEL_DEFAULT = RootQdisc(kind="noqueue", handle="0:")  # a device with no root qdisc of its own
+
+
 def root_handle() -> str:
     return f"{ROOT_MAJOR:x}:"
 
@@ -145,7 +148,7 @@ def kernel_features(devices: list[Device]) -> list[KernelFeature]:
     base = ("qdisc add dev lo root handle 1: htb", "class add dev lo parent 1: classid 1:1 htb rate 1mbit")
     features = [KernelFeature("HTB (sch_htb)", base, "shapekit needs HTB; no config change avoids it")]
     for leaf in sorted({d.leaf for d in devices} - {"none"}):
-        keys = ", ".join(f"[device.{d.name}]" for d in devices if d.leaf == leaf)
+        keys = ", ".join(f"[{d.key}]" for d in devices if d.leaf == leaf)
         line = f"qdisc add dev lo parent 1:1 handle 2: {' '.join(LEAF_QDISC[leaf])}"
         module = f"sch_{leaf}"
         features.append(
@@ -153,7 +156,7 @@ def kernel_features(devices: list[Device]) -> list[KernelFeature]:
         )
     fw_devices = [d for d in devices if d.classifier == "fw"]
     if fw_devices:
-        keys = ", ".join(f"[device.{d.name}]" for d in fw_devices)
+        keys = ", ".join(f"[{d.key}]" for d in fw_devices)
         line = "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1"
         features.append(
             KernelFeature("the fw classifier (cls_fw)", (*base, line), f'set classifier = "classify" in {keys}')

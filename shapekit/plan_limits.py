@@ -34,6 +34,7 @@ from shapekit.units import format_rate
 
 LIMIT = "SHAPEKIT-LIMIT"
 SET_PREFIX = "SHAPEKIT-"
+U32_NODES = 0xFFF  # node ids in one u32 hash bucket
 IPSET_MAX_TIMEOUT = 2147483  # seconds: the most an ipset entry's timeout takes (about 24.8 days)
 
 
@@ -50,35 +51,61 @@ def set_name(dev: str, family: int) -> str:
 
 
 def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[PlacedCap]:
-    """The caps in force on a device: the config's, with run-time caps added or overriding.
+    """The caps in force on one tree: the config's, with run-time caps added or overriding.
 
     Config caps take minors from 0x8000 in file order; a run-time cap keeps
     the minor saved with it, or takes the config cap's it overrides, or the
     lowest free one. Lapsed run-time caps are gone, but the minors of their
-    classes (which stay until the next full install) are not given out.
+    classes (which stay until the next full install) are not given out. On
+    an ingress tree a host's minor also names its u32 filter's slot, which
+    must be free in its hash bucket.
     """
-    placed = {cap.host: PlacedCap(cap, minor) for cap, minor in zip(device.limits, CAP_MINORS, strict=False)}
-    live = [c for c in runtime if c.dev == device.name and not lapsed(c, now)]
-    for cap in live:
-        if cap.host in placed:
-            placed[cap.host] = PlacedCap(cap, placed[cap.host].minor)
-    taken = {p.minor for p in placed.values()} | lapsed_minors(device, runtime, now)
-    for cap in live:
-        if cap.host in placed:
-            continue
-        minor = cap.minor if cap.minor in CAP_MINORS and cap.minor not in taken else free_minor(taken)
-        taken.add(minor)
+    taken = lapsed_minors(device, runtime, now)
+    slots: set[tuple[int, int, int]] = set()
+    placed: dict[Network, PlacedCap] = {}
+
+    def put(cap: Cap, minor: int) -> None:
         placed[cap.host] = PlacedCap(cap, minor)
+        taken.add(minor)
+        slot = u32_slot(cap, minor)
+        if slot is not None:
+            slots.add(slot)
+
+    def fits(cap: Cap, minor: int) -> bool:
+        return minor in CAP_MINORS and minor not in taken and u32_slot(cap, minor) not in slots
+
+    for cap in device.limits:
+        put(cap, next(m for m in CAP_MINORS if fits(cap, m)))
+    live = [c for c in runtime if device.holds(c) and not lapsed(c, now)]
+    for cap in live:
+        if cap.host in placed:  # overrides the config's cap, in its class
+            placed[cap.host] = PlacedCap(cap, placed[cap.host].minor)
+    for cap in live:
+        if cap.host not in placed:
+            put(
+                cap,
+                cap.minor
+                if cap.minor is not None and fits(cap, cap.minor)
+                else next(m for m in CAP_MINORS if fits(cap, m)),
+            )
     return list(placed.values())
+
+
+def u32_slot(cap: Cap, minor: int) -> tuple[int, int, int] | None:
+    """(IP version, hash bucket, node) of an ingress cap's u32 filter on one host; None for others.
+
+    The bucket is the address's last byte, as the hash table's key; the node
+    comes from the class minor, so the filter's handle needs no state of its own.
+    """
+    host = cap.host
+    if cap.direction != "in" or host.prefixlen != host.max_prefixlen:
+        return None
+    return host.version, int(host.network_address) & 0xFF, (minor - CAP_MINORS.start) % U32_NODES + 1
 
 
 def lapsed_minors(device: Device, runtime: Sequence[Cap], now: float) -> set[int]:
     """Class minors of lapsed run-time caps: their classes stay until `shape-limit-ip` or `shape-init`."""
-    return {c.minor for c in runtime if c.dev == device.name and lapsed(c, now) and c.minor is not None}
-
-
-def free_minor(taken: set[int]) -> int:
-    return next(m for m in CAP_MINORS if m not in taken)
+    return {c.minor for c in runtime if device.holds(c) and lapsed(c, now) and c.minor is not None}
 
 
 def lapsed(cap: Cap, now: float) -> bool:

@@ -129,7 +129,7 @@ def _classify_rules(config: Config) -> list[str]:
 
 def mark_chains(config: Config, family: int) -> Chains:
     """shape-mark's chains: the [[mark]] rules of this IP family and their setters."""
-    rules = [r for r in config.marks if family in r.families]
+    rules = [r for r in config.marks if family in r.families and r.direction == "out"]
     chains: Chains = {MARK: [_mark_rule(r) for r in rules]}
     for rule in rules:
         name = _setter(rule)

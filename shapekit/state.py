@@ -118,11 +118,18 @@ def load_caps(directory: Path) -> list[Cap]:
                 expires=_expires(item.get("expires")),
                 comment=str(item.get("comment", "")),
                 minor=item.get("minor"),
+                direction=_direction(item.get("direction", "out")),
             )
             for item in _list(read_state(path), "caps")
         ]
     except (KeyError, TypeError, ValueProblem, UnitError) as exc:
         raise UsageError(f"state file {path}: bad entry ({exc}): fix it or remove it to start afresh") from None
+
+
+def _direction(value: Any) -> str:
+    if value not in ("out", "in"):
+        raise TypeError(f"direction {value!r} is not 'out' or 'in'")
+    return str(value)
 
 
 def _expires(value: Any) -> float | None:
@@ -142,6 +149,7 @@ def save_caps(directory: Path, caps: list[Cap]) -> None:
             "expires": c.expires,
             "comment": c.comment,
             "minor": c.minor,
+            "direction": c.direction,
         }
         for c in caps
     ]

@@ -187,6 +187,7 @@ def test_flush_removes_only_shapekits_root(system, cli):
 
     assert result.exit_code == 0, result.stderr
     assert system.calls == [
+        (("ip", "-j", "link", "show", "type", "ifb"), None),  # no IFB devices of shapekit's
         (("tc", "-j", "qdisc", "show"), None),
         (READ_ROOT, None),
         (BATCH, "qdisc del dev eth0 root\n"),

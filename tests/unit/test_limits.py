@@ -145,6 +145,7 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
             "expires": None,
             "comment": "imap",
             "minor": 0x8003,
+            "direction": "out",
         }
     ]
 
@@ -269,16 +270,17 @@ def test_list(booted, cli, mocker):
     rows = json.loads(cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "list", "--json").stdout)
 
     assert table.splitlines() == [
-        "HOST           RATE     DEV   SOURCE    EXPIRES                    CLASS    COMMENT",
-        "192.168.1.101  128kbit  eth0  config    -                          5c:8000",
-        "192.168.1.102  512kbit  eth0  config    -                          5c:8001",
-        "192.168.1.103  32kbit   eth0  config    -                          5c:8002",
-        "198.51.100.7   128kbit  eth0  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
+        "HOST           RATE     DEV   DIR  SOURCE    EXPIRES                    CLASS    COMMENT",
+        "192.168.1.101  128kbit  eth0  out  config    -                          5c:8000",
+        "192.168.1.102  512kbit  eth0  out  config    -                          5c:8001",
+        "192.168.1.103  32kbit   eth0  out  config    -                          5c:8002",
+        "198.51.100.7   128kbit  eth0  out  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
     ]
     assert rows[3] == {
         "host": "198.51.100.7",
         "rate": "128kbit",
         "dev": "eth0",
+        "direction": "out",
         "source": "run-time",
         "expires": "2027-01-15T10:00:00+00:00",
         "comment": "outlook loop",

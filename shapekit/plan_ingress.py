@@ -1,0 +1,316 @@
+"""Pure functions for download shaping: a device's ingress tree on an IFB device, and its u32 filters.
+
+Packets arriving on a device meet tc's ingress hook before netfilter, so
+there are no marks to classify by. shapekit redirects everything arriving
+on the device to its own IFB device, where an HTB tree built exactly like
+the egress one (`plan.plan_tree`) shapes it on the way in:
+
+    ip link add ifb-eth0 type ifb; ip link set dev ifb-eth0 alias "shapekit ingress of eth0" ... up
+    tc qdisc add dev eth0 handle ffff: ingress
+    tc filter add dev eth0 ingress protocol all pref 92 u32 match u32 0 0 action mirred egress redirect dev ifb-eth0
+
+Classes on the IFB are picked by u32 filters, which see only the packet's
+bytes: addresses, protocol, ports, TCP flags. Each filter compares 32-bit
+words at fixed offsets from the network header, so port matches need an
+IPv4 header without options (IHL 5) and not a later fragment, and an IPv6
+header followed directly by TCP or UDP; other packets go to the default
+class. Filters run in this order (prefs), the first match wins:
+
+    1000, 2000     per-IP caps on one host (IPv4, IPv6): a hash table on the address's
+                   last byte, so thousands of caps cost a packet a few comparisons
+    1001.., 2001.. per-IP caps on a network, longest prefix first (one pref per length)
+    3000, 3001     [bypass] ports and hosts → the unshaped class
+    4000, 4001     [[mark]] rules with direction = "in", in file order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from shapekit.addresses import Network
+from shapekit.config import IFB_ALIAS, Config, Device
+from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.plan import Argv, classid, root_handle
+from shapekit.plan_limits import PlacedCap, sync_cap_classes, u32_slot
+
+REDIRECT_PREF = 92  # shapekit's one filter on the device's own ingress hook
+IFB_TXQUEUELEN = "1000"  # an IFB starts at 32 packets: too short a default queue for a line
+CAP_PREF = {4: 1000, 6: 2000}  # + (address bits - prefix length)
+BYPASS_PREF = {4: 3000, 6: 3001}
+RULE_PREF = {4: 4000, 6: 4001}
+HASH_TABLE = {4: "100:", 6: "101:"}  # the caps' hash tables, one per family
+HASH_DIVISOR = 256
+PROTOCOL = {4: "ip", 6: "ipv6"}
+IP_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
+
+# Where things are, as (offset of the 32-bit word, shift within it), from the network header.
+_SRC = {4: 12, 6: 8}
+_DST = {4: 16, 6: 24}
+_PORTS = {4: 20, 6: 40}  # source port in the high half, destination port in the low half
+_TCP_FLAGS = {4: 32, 6: 52}  # the word holding the TCP flags byte (its second byte)
+SYN_RST_ACK = 0x16
+SYN = 0x02
+
+
+@dataclass(frozen=True)
+class U32Key:
+    """One `match u32 VALUE MASK at OFFSET`: the word at OFFSET, masked, equals VALUE."""
+
+    value: int
+    mask: int
+    offset: int
+
+    def words(self) -> tuple[str, ...]:
+        return ("match", "u32", f"0x{self.value:08x}", f"0x{self.mask:08x}", "at", str(self.offset))
+
+
+@dataclass(frozen=True)
+class U32Filter:
+    """One u32 filter on an ingress tree: all its keys match → its class."""
+
+    family: int
+    pref: int
+    keys: tuple[U32Key, ...]
+    flowid: str
+    handle: str | None = None  # "100:2a:1": a node in a hash bucket, for filters changed one by one
+
+    def argv(self, dev: str, verb: str = "add") -> Argv:
+        where = ("handle", self.handle, "u32", "ht", self.handle.rsplit(":", 1)[0] + ":") if self.handle else ("u32",)
+        keys = [word for key in self.keys for word in key.words()] or ["match", "u32", "0", "0"]
+        return _filter(dev, verb, self.family, self.pref, *where, *keys, "flowid", self.flowid)
+
+
+def _filter(dev: str, verb: str, family: int, pref: int, *args: str) -> Argv:
+    return ("tc", "filter", verb, "dev", dev, "parent", root_handle(), "protocol", PROTOCOL[family],
+            "pref", str(pref), *args)  # fmt: skip
+
+
+# --- keys -----------------------------------------------------------------------
+
+
+def host_keys(host: Network, offset: int) -> list[U32Key]:
+    """The address words of `host` (a network) at `offset`: one key per word its prefix covers."""
+    keys = []
+    address, netmask = int(host.network_address), int(host.netmask)
+    words = host.max_prefixlen // 32
+    for n in range(words):
+        shift = 32 * (words - 1 - n)
+        mask = (netmask >> shift) & 0xFFFFFFFF
+        if mask:
+            keys.append(U32Key((address >> shift) & mask, mask, offset + 4 * n))
+    return keys
+
+
+def proto_key(family: int, number: int) -> list[U32Key]:
+    if family == 4:  # and a whole header: IHL 5 and the first fragment, so layer 4 sits at byte 20
+        return [U32Key(number << 16, 0x00FF0000, 8), U32Key(0x05000000, 0x0F000000, 0), U32Key(0, 0x1FFF, 4)]
+    return [U32Key(number << 8, 0x0000FF00, 4)]  # next header: an extension header moves layer 4
+
+
+def port_blocks(ports: str) -> list[tuple[int, int]]:
+    """`"61000:63000"` or `"22"` as (value, mask) blocks that together cover exactly the range."""
+    low, _, high = ports.partition(":")
+    first, last = int(low), int(high or low)
+    blocks = []
+    while first <= last:
+        size = first & -first if first else 1 << 16
+        while size > last - first + 1:
+            size //= 2
+        blocks.append((first, 0xFFFF & ~(size - 1)))
+        first += size
+    return blocks
+
+
+def port_key(family: int, side: str, block: tuple[int, int]) -> U32Key:
+    value, mask = block
+    shift = 16 if side == "sport" else 0
+    return U32Key(value << shift, mask << shift, _PORTS[family])
+
+
+def syn_key(family: int) -> U32Key:
+    return U32Key(SYN << 16, SYN_RST_ACK << 16, _TCP_FLAGS[family])
+
+
+# --- what goes where ---------------------------------------------------------------
+
+
+def cap_pref(host: Network) -> int:
+    return CAP_PREF[host.version] + host.max_prefixlen - host.prefixlen
+
+
+def cap_filter(placed: PlacedCap) -> U32Filter:
+    """A cap's filter: in its hash bucket (one host), else at the pref of its prefix length."""
+    host = placed.cap.host
+    keys = tuple(host_keys(host, _SRC[host.version]))
+    slot = u32_slot(placed.cap, placed.minor)
+    handle = None
+    if slot is not None:
+        _, bucket, node = slot
+        handle = f"{HASH_TABLE[host.version]}{bucket:x}:{node:x}"
+    return U32Filter(host.version, cap_pref(host), keys, classid(placed.minor), handle)
+
+
+def hash_tables(dev: str) -> list[Argv]:
+    """The caps' hash tables: 256 buckets on the source address's last byte, one table per family."""
+    cmds = []
+    for family, table in HASH_TABLE.items():
+        last_word = _SRC[family] + (4 if family == 4 else 16) - 4
+        pref = CAP_PREF[family]
+        cmds.append(_filter(dev, "add", family, pref, "handle", table, "u32", "divisor", str(HASH_DIVISOR)))
+        cmds.append(_filter(dev, "add", family, pref, "u32", "match", "u32", "0", "0",
+                            "hashkey", "mask", "0x000000ff", "at", str(last_word), "link", table))  # fmt: skip
+    return cmds
+
+
+def bypass_filters(bypass: Bypass) -> list[U32Filter]:
+    """Bypassed ports (source or destination) and hosts (from or to) → the unshaped class."""
+    out = []
+    bypass_class = classid(BYPASS_MINOR)
+    for family in (4, 6):
+        pref = BYPASS_PREF[family]
+        for entry in bypass.ports:
+            proto = proto_key(family, IP_PROTO[entry.proto])
+            for block in port_blocks(entry.port):
+                for side in ("sport", "dport"):
+                    out.append(U32Filter(family, pref, (*proto, port_key(family, side, block)), bypass_class))
+        for host in bypass.hosts:
+            if host.version == family:
+                for offset in (_SRC[family], _DST[family]):
+                    out.append(U32Filter(family, pref, tuple(host_keys(host, offset)), bypass_class))
+    return out
+
+
+def rule_filters(tree: Device, rules: Sequence[MarkRule]) -> list[U32Filter]:
+    """The direction = "in" [[mark]] rules for this ingress tree, each as one filter per port block."""
+    minors = {c.name: c.minor for c in tree.classes if c.is_leaf}
+    out = []
+    for rule in rules:
+        if rule.direction != "in" or rule.class_name not in minors or rule.device not in (None, tree.configured):
+            continue
+        for family in rule.families:
+            out += [U32Filter(family, RULE_PREF[family], keys, classid(minors[rule.class_name]))
+                    for keys in _rule_keys(rule, family)]  # fmt: skip
+    return out
+
+
+def _rule_keys(rule: MarkRule, family: int) -> list[tuple[U32Key, ...]]:
+    common: list[U32Key] = []
+    for host, offset in ((rule.src, _SRC[family]), (rule.dst, _DST[family])):
+        if host is not None:
+            common += host_keys(host, offset)
+    if rule.proto is not None:
+        common += proto_key(family, IP_PROTO[rule.proto])
+    if rule.tcp_syn:
+        common.append(syn_key(family))
+    sports = [port_key(family, "sport", b) for p in rule.sport for b in port_blocks(p)] or [None]
+    dports = [port_key(family, "dport", b) for p in rule.dport for b in port_blocks(p)] or [None]
+    return [(*common, *(k for k in (s, d) if k is not None)) for s in sports for d in dports]
+
+
+def ingress_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[U32Filter]:
+    """Every classifying filter of an ingress tree, in the order a packet meets them."""
+    by_pref = sorted(caps, key=lambda p: (cap_pref(p.cap.host), p.minor))
+    return [cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks)
+
+
+def plan_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[Argv]:
+    """The caps' hash tables, then every filter of the tree."""
+    return hash_tables(tree.name) + [f.argv(tree.name) for f in ingress_filters(tree, config, bypass, caps)]
+
+
+def cap_prefs(present: set[int]) -> list[tuple[int, int]]:
+    """(family, pref) of the caps' prefs among `present`."""
+    spans = {4: range(CAP_PREF[4], CAP_PREF[4] + 33), 6: range(CAP_PREF[6], CAP_PREF[6] + 129)}
+    return [(family, pref) for pref in sorted(present) for family, span in spans.items() if pref in span]
+
+
+def sync_caps(tree: Device, placed: Sequence[PlacedCap], present: set[int], classes: dict[int, int]) -> list[Argv]:
+    """Make an ingress tree's caps `placed`: every cap filter anew, and only the classes that differ.
+
+    The filters go first: HTB refuses to delete a class a filter points to.
+    """
+    cmds = replace_prefs(tree.name, cap_prefs(present), present, [])
+    cmds += sync_cap_classes(tree, placed, classes)
+    by_pref = sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))
+    return cmds + hash_tables(tree.name) + [cap_filter(p).argv(tree.name) for p in by_pref]
+
+
+def cap_entry(tree: Device, placed: PlacedCap, every: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
+    """One cap's filter, put in (or replaced): by its handle on one host, else its prefix length's pref anew."""
+    mine = cap_filter(placed)
+    if mine.handle is not None:
+        return [mine.argv(tree.name, "replace")]
+    return _pref_anew(tree, mine, every, present)
+
+
+def cap_removal(tree: Device, placed: PlacedCap, rest: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
+    """One cap's filter out: by its handle on one host, else its prefix length's pref anew without it."""
+    mine = cap_filter(placed)
+    if mine.handle is not None:
+        return [_filter(tree.name, "del", mine.family, mine.pref, "handle", mine.handle, "u32")]
+    return _pref_anew(tree, mine, rest, present)
+
+
+def _pref_anew(tree: Device, mine: U32Filter, every: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
+    same = [cap_filter(p) for p in sorted(every, key=lambda p: p.minor) if cap_pref(p.cap.host) == mine.pref]
+    return replace_prefs(tree.name, [(mine.family, mine.pref)], present, same)
+
+
+def replace_prefs(
+    dev: str, prefs: Iterable[tuple[int, int]], present: set[int], filters: list[U32Filter]
+) -> list[Argv]:
+    """Delete whole prefs (those there now) and add `filters` back: how bypass and rule filters change."""
+    cmds = [_filter(dev, "del", family, pref, "u32") for family, pref in prefs if pref in present]
+    return cmds + [f.argv(dev) for f in filters]
+
+
+# --- the device and its IFB -----------------------------------------------------------
+
+
+def plan_ifb(tree: Device, exists: bool) -> list[Argv]:
+    """Make the IFB device (when it is not there) and bring it up, marked as shapekit's."""
+    ifb = tree.name
+    cmds: list[Argv] = [] if exists else [("ip", "link", "add", ifb, "type", "ifb")]
+    return cmds + [("ip", "link", "set", "dev", ifb, "alias", IFB_ALIAS + tree.configured,
+                    "txqueuelen", IFB_TXQUEUELEN, "up")]  # fmt: skip
+
+
+def redirect(dev: str, ifb: str) -> Argv:
+    return ("tc", "filter", "add", "dev", dev, "ingress", "protocol", "all", "pref", str(REDIRECT_PREF),
+            "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb)  # fmt: skip
+
+
+def remove_redirect(dev: str) -> Argv:
+    return ("tc", "filter", "del", "dev", dev, "ingress", "protocol", "all", "pref", str(REDIRECT_PREF), "u32")
+
+
+@dataclass(frozen=True)
+class IngressHook:
+    """What a device's ingress hook holds now."""
+
+    qdisc: str | None  # "ingress", "clsact", or None
+    redirect_to: str | None  # where shapekit's pref-92 filter sends packets; None: no such filter
+    other_filters: bool = False  # filters that are not shapekit's
+
+
+def plan_redirect(dev: str, ifb: str, hook: IngressHook) -> list[Argv]:
+    """Send everything arriving on `dev` to its IFB: an ingress qdisc if none, and shapekit's one filter."""
+    cmds: list[Argv] = [] if hook.qdisc else [("tc", "qdisc", "add", "dev", dev, "handle", "ffff:", "ingress")]
+    if hook.redirect_to is not None:
+        cmds.append(remove_redirect(dev))
+    return [*cmds, redirect(dev, ifb)]
+
+
+def plan_unredirect(dev: str, hook: IngressHook) -> list[Argv]:
+    """Take shapekit's filter off `dev`'s ingress hook; the ingress qdisc too when nothing else is on it."""
+    cmds: list[Argv] = [remove_redirect(dev)] if hook.redirect_to is not None else []
+    if hook.qdisc == "ingress" and not hook.other_filters:
+        cmds.append(("tc", "qdisc", "del", "dev", dev, "ingress"))
+    return cmds
+
+
+def is_shapekit_ifb(alias: str | None, dev: str | None = None) -> bool:
+    if not alias or not alias.startswith(IFB_ALIAS):
+        return False
+    return dev is None or alias == IFB_ALIAS + dev
