@@ -406,8 +406,19 @@ def read_ingress_hook(runner: Runner, dev: str) -> plan_ingress.IngressHook:
 
 def filter_prefs(runner: Runner, dev: str) -> set[int]:
     """The prefs of the filters on shapekit's root qdisc of `dev`."""
+    return read_ingress_filters(runner, dev)[0]
+
+
+def read_ingress_filters(runner: Runner, dev: str) -> tuple[set[int], set[str]]:
+    """The prefs of the filters on shapekit's root qdisc of `dev`, and the handles of the caps' hash nodes."""
     filters = json.loads(runner.query(("tc", "-j", "filter", "show", "dev", dev, "parent", "5c:")) or "[]")
-    return {f["pref"] for f in filters if "pref" in f}
+    tables = {table.rstrip(":") for table in plan_ingress.HASH_TABLE.values()}
+    nodes = {
+        f["options"]["fh"]
+        for f in filters
+        if f.get("options", {}).get("key_ht") in tables and "flowid" in f.get("options", {})
+    }
+    return {f["pref"] for f in filters if "pref" in f}, nodes
 
 
 def read_u32_filters(runner: Runner, dev: str) -> list[drift.U32Entry]:

@@ -6,8 +6,10 @@ import datetime
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +18,7 @@ from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, par
 from shapekit.config import Config, Device, config_path, load_config
 from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
 from shapekit.errors import CommandFailed, UsageError
+from shapekit.plan_ingress import U32Filter
 from shapekit.plan_limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
 from shapekit.plan_mangle import FAMILIES, MARK, Chains
 from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
@@ -145,7 +148,7 @@ def _ingress_drift(
     out = _tree_drift(runner, tree, placed, [], 0)
     if apply.read_ingress_hook(runner, dev).redirect_to != ifb:
         out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
-    want = drift.planned_filters(plan_ingress.ingress_filters(tree, config, bypass, placed))
+    want = drift.planned_filters(plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed))
     return out + drift.diff_filters(ifb, want, apply.read_u32_filters(runner, ifb))
 
 
@@ -175,9 +178,25 @@ def flush(options: Options, devs: list[str], forget: bool) -> None:
                 (state_dir() / name).unlink(missing_ok=True)
 
 
-def _check_mangle(options: Options, command: str) -> None:
+def _check_mangle(options: Options, command: str, config: Config) -> None:
     apply.require_root(options.dry_run, command)
-    apply.require_binaries(apply.MANGLE_TOOLS)
+    ingress = any(d.ingress for d in config.devices.values())
+    apply.require_binaries([*apply.MANGLE_TOOLS, "tc"] if ingress else apply.MANGLE_TOOLS)
+
+
+def _refresh_ingress(
+    options: Options, config: Config, what: str, prefs: dict[int, int], filters: Callable[[Device], list[U32Filter]]
+) -> None:
+    """Rewrite one kind of filter (bypass, or direction = "in" rules) on every ingress tree that is built.
+
+    A tree not built yet gets them from shape-init.
+    """
+    runner = options.runner()
+    for tree in (d.ingress for d in config.devices.values() if d.ingress is not None):
+        if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
+            present = apply.filter_prefs(runner, tree.name)
+            cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters(tree))
+            runner.tc_batch(f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds)
 
 
 def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None) -> None:
@@ -189,10 +208,12 @@ def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None)
 def mark(options: Options) -> None:
     """shape-mark: the [[mark]] rules into shapekit's mangle chains."""
     config = options.load()
-    _check_mangle(options, "shape-mark")
+    _check_mangle(options, "shape-mark", config)
     with options.lock():
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
         _install_mangle(options, {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK)
+        rules = partial(plan_ingress.rule_filters, rules=config.marks)
+        _refresh_ingress(options, config, 'direction = "in" rules', plan_ingress.RULE_PREF, rules)
 
 
 def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
@@ -203,12 +224,14 @@ def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
 def _install_bypass(options: Options, config: Config, runtime: RuntimeBypass) -> None:
     merged = _merged_bypass(config, runtime)
     _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, None)
+    bypassed = plan_ingress.bypass_filters(merged)
+    _refresh_ingress(options, config, "bypass", plan_ingress.BYPASS_PREF, lambda _: bypassed)
 
 
 def bypass(options: Options) -> None:
     """shape-bypass: the config's bypass plus the run-time entries."""
     config = options.load()
-    _check_mangle(options, "shape-bypass")
+    _check_mangle(options, "shape-bypass", config)
     with options.lock():
         _install_bypass(options, config, RuntimeBypass.load(state_dir()))
 
@@ -248,7 +271,7 @@ def bypass_edit(options: Options, entries: list[str], *, add: bool) -> None:
     parsed = list(dict.fromkeys(parse_bypass_entry(e) for e in entries))
     if not parsed:
         raise UsageError(f"name what to {'add' if add else 'remove'}: PORT/PROTO (22/tcp) or a host (198.51.100.7)")
-    _check_mangle(options, "shape-bypass")
+    _check_mangle(options, "shape-bypass", config)
     ports = [e for e in parsed if isinstance(e, PortProto)]
     hosts = [e for e in parsed if not isinstance(e, PortProto)]
     with options.lock():
@@ -320,10 +343,11 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
         if device.ingress is not None:
             tree = device.ingress
             inbound = place_caps(tree, runtime, now)
-            present_prefs, classes = apply.filter_prefs(runner, tree.name), apply.read_cap_classes(runner, tree.name)
+            present_prefs, hashed = apply.read_ingress_filters(runner, tree.name)
+            classes = apply.read_cap_classes(runner, tree.name)
             runner.tc_batch(
                 f"{device.name}: per-IP caps on arriving traffic ({tree.name})",
-                plan_ingress.sync_caps(tree, inbound, present_prefs, classes),
+                plan_ingress.sync_caps(tree, inbound, present_prefs, hashed, classes),
             )
             placed += inbound
         saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]

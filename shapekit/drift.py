@@ -144,12 +144,12 @@ class U32Entry:
         return f"the {self.protocol} u32 filter to {self.flowid} (pref {self.pref}: {keys})"
 
 
-_FILTER = re.compile(r"^filter .*?protocol (\S+) pref (\d+) .*?\bflowid (\S+)")
+_FILTER = re.compile(r"^filter .*?protocol (\S+) pref (\d+) .*?\b(flowid \S+|link \S+)")
 _MATCH = re.compile(r"^\s+match ([0-9a-f]{8})/([0-9a-f]{8}) at (-?\d+)")
 
 
 def parse_u32_filters(text: str) -> list[U32Entry]:
-    """The filters with a class (`flowid`) in `tc filter show` text; tables and links are left out."""
+    """The filters with a class (`flowid`) or a link to a hash table in `tc filter show` text."""
     entries: list[U32Entry] = []
     current: tuple[str, int, str] | None = None
     keys: list[tuple[int, int, int]] = []
@@ -158,7 +158,7 @@ def parse_u32_filters(text: str) -> list[U32Entry]:
             if current is not None:
                 entries.append(U32Entry(*current, tuple(sorted(keys))))
             found = _FILTER.match(line)
-            current = (found.group(1), int(found.group(2)), found.group(3)) if found else None
+            current = (found.group(1), int(found.group(2)), found.group(3).removeprefix("flowid ")) if found else None
             keys = []
         elif (key := _MATCH.match(line)) is not None:
             keys.append((int(key.group(1), 16), int(key.group(2), 16), int(key.group(3))))

@@ -219,21 +219,39 @@ def plan_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[Pl
     return hash_tables(tree.name) + [f.argv(tree.name) for f in ingress_filters(tree, config, bypass, caps)]
 
 
-def cap_prefs(present: set[int]) -> list[tuple[int, int]]:
-    """(family, pref) of the caps' prefs among `present`."""
-    spans = {4: range(CAP_PREF[4], CAP_PREF[4] + 33), 6: range(CAP_PREF[6], CAP_PREF[6] + 129)}
+def prefix_prefs(present: set[int]) -> list[tuple[int, int]]:
+    """(family, pref) of the prefs among `present` that hold caps on networks (linear, one per length)."""
+    spans = {4: range(CAP_PREF[4] + 1, CAP_PREF[4] + 33), 6: range(CAP_PREF[6] + 1, CAP_PREF[6] + 129)}
     return [(family, pref) for pref in sorted(present) for family, span in spans.items() if pref in span]
 
 
-def sync_caps(tree: Device, placed: Sequence[PlacedCap], present: set[int], classes: dict[int, int]) -> list[Argv]:
-    """Make an ingress tree's caps `placed`: every cap filter anew, and only the classes that differ.
+def sync_caps(
+    tree: Device, placed: Sequence[PlacedCap], present: set[int], hashed: set[str], classes: dict[int, int]
+) -> list[Argv]:
+    """Make an ingress tree's caps `placed`, given its prefs, the hash nodes (handles) and cap classes now.
 
-    The filters go first: HTB refuses to delete a class a filter points to.
+    The hash tables stay (u32 keeps a table until the qdisc's last u32 filter
+    goes, so one cannot be made again): their nodes are deleted or replaced
+    one by one. Filters go before classes: HTB refuses to delete a class a
+    filter points to.
     """
-    cmds = replace_prefs(tree.name, cap_prefs(present), present, [])
+    filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))]
+    wanted = {f.handle for f in filters if f.handle}
+    cmds = [
+        _filter(tree.name, "del", _family(h), CAP_PREF[_family(h)], "handle", h, "u32") for h in sorted(hashed - wanted)
+    ]
+    cmds += replace_prefs(tree.name, prefix_prefs(present), present, [])
     cmds += sync_cap_classes(tree, placed, classes)
-    by_pref = sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))
-    return cmds + hash_tables(tree.name) + [cap_filter(p).argv(tree.name) for p in by_pref]
+    return cmds + [f.argv(tree.name, "replace" if f.handle else "add") for f in filters]
+
+
+def _family(handle: str) -> int:
+    return next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
+
+
+def hash_links() -> list[U32Filter]:
+    """The filters that send each family into its hash table, as --check compares them."""
+    return [U32Filter(f, CAP_PREF[f], (), f"link {table}") for f, table in HASH_TABLE.items()]
 
 
 def cap_entry(tree: Device, placed: PlacedCap, every: Sequence[PlacedCap], present: set[int]) -> list[Argv]:

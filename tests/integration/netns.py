@@ -102,8 +102,8 @@ class NetPair:
         text = self.left.run(tool, "-t", table).stdout
         return "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#"))
 
-    def class_bytes(self, classid: str) -> int:
-        shown = self.left.run("tc", "-s", "class", "show", "dev", self.dev, "classid", classid).stdout
+    def class_bytes(self, classid: str, dev: str | None = None) -> int:
+        shown = self.left.run("tc", "-s", "class", "show", "dev", dev or self.dev, "classid", classid).stdout
         return int(shown.split("Sent ")[1].split()[0])
 
     def add_addresses(self, *addresses: str) -> None:
@@ -128,11 +128,15 @@ class NetPair:
         port: int | None = None,
         cport: int | None = None,
         to: str | None = None,
+        download: bool = False,
     ) -> float:
-        """TCP goodput left → right in bits/s, measured by iperf3 at the receiver.
+        """TCP goodput left → right (`download`: right → left) in bits/s, measured by iperf3 at the receiver.
 
         The receiver counts until the shaper's queue has drained, so its rate is
         exact; `-O` (omit) would skew it (iperf3 3.12 keeps the omitted seconds).
+        A download's queue is filled by a remote sender that no local socket
+        holds back, so it is long when the sender stops: its rate is read from
+        the receiver's per-second intervals after the first, not from the total.
         """
         server_addr = to or (self.right.addr6 if ipv6 else self.right.addr4)
         port = str(port or 5201 + secrets.randbelow(1000))
@@ -146,9 +150,12 @@ class NetPair:
             for _ in range(50):
                 result = self.left.run(
                     "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-J", *client_port,
+                    *(["-R"] if download else []),
                     check=False, timeout=seconds + 30,
                 )  # fmt: skip
                 report = json.loads(result.stdout or "{}")
+                if "error" not in report and download:
+                    return _steady_rate(report)
                 if "error" not in report:
                     return float(report["end"]["sum_received"]["bits_per_second"])
                 if "connect" not in report["error"]:
@@ -158,3 +165,9 @@ class NetPair:
         finally:
             server.kill()
             server.wait()
+
+
+def _steady_rate(report: dict) -> float:
+    """Bits/s the receiver (an iperf3 -R client) got over every interval but the first (slow start) and the last (cut short)."""
+    intervals = [i["sum"] for i in report["intervals"][1:-1]]
+    return sum(i["bytes"] for i in intervals) * 8 / sum(i["seconds"] for i in intervals)
