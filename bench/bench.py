@@ -6,6 +6,7 @@
     bench/bench.py add [--caps ...] [--repeat 10]   # one `shape-limit-ip add` with N caps installed
     bench/bench.py packet [--caps 10000]            # unlimited flow throughput with N caps vs none
     bench/bench.py tcconfig [--caps 100]            # tcconfig's tcset as a peer (installs it in bench/.tcconfig)
+    bench/bench.py ingress [--caps 10000]           # --in caps: build, one add, and a download's cost vs linear u32
     bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
 
 Each table is printed and written as JSON to bench/results/NAME.json. The
@@ -109,8 +110,8 @@ class Pair:
         action()
         return time.perf_counter() - start
 
-    def throughput(self, seconds: int = 4) -> float:
-        """Goodput of one unlimited TCP flow to 198.18.0.2 (not capped), bits/s."""
+    def throughput(self, seconds: int = 4, download: bool = False) -> float:
+        """Goodput of one unlimited TCP flow to 198.18.0.2 (`download`: from it), which is not capped, bits/s."""
         server = subprocess.Popen(
             ["ip", "netns", "exec", self.peer_ns, "iperf3", "-s", "-1", "-B", "198.18.0.2"],
             stdout=subprocess.DEVNULL,
@@ -119,7 +120,8 @@ class Pair:
         try:
             for _ in range(50):
                 out = subprocess.run(
-                    ["ip", "netns", "exec", self.ns, "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-J"],
+                    ["ip", "netns", "exec", self.ns, "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-J"]
+                    + (["-R"] if download else []),
                     capture_output=True,
                     text=True,
                 )
@@ -310,6 +312,67 @@ def bench_packet(caps: int, rounds: int) -> dict[str, object]:
     }
 
 
+# --- ingress caps ----------------------------------------------------------------------
+
+
+def ingress_config(dev: str, caps: int) -> str:
+    lines = [f'[device.{dev}]\nrate = "{LINE}"\nleaf = "pfifo"\nclassifier = "classify"\n']
+    lines += [f'[device.{dev}.ingress]\nrate = "{LINE}"\nleaf = "pfifo"\n', f"[device.{dev}.limits]"]
+    lines += [f'"{host(n)}" = {{ rate = "{kbit(n)}kbit", direction = "in" }}' for n in range(caps)]
+    return "\n".join(lines) + "\n"
+
+
+def linear_filters(dev: str, caps: int) -> str:
+    """The same caps as one u32 filter each in one list, as a script without hash tables writes them."""
+    return "".join(
+        f"filter add dev ifb-{dev} parent 5c: protocol ip pref 999 u32 match ip src {host(n)}/32 flowid 5c:{0x8000 + n:x}\n"
+        for n in range(caps)
+    )
+
+
+def bench_ingress(caps: int, rounds: int, repeat: int) -> dict[str, object]:
+    def boot(p: Pair, n: int) -> str:
+        path = p.tmp / "shapekit.toml"
+        path.write_text(ingress_config(p.dev, n))
+        p.shapekit("shape-init", "--config", str(path))
+        return str(path)
+
+    def linear(p: Pair) -> None:
+        boot(p, caps)
+        p.inside("tc", "-batch", "-", stdin=linear_filters(p.dev, caps))  # in front of the hash table
+
+    ways: dict[str, Callable[[Pair], object]] = {
+        "nothing": lambda p: None,
+        "shapekit_0": lambda p: boot(p, 0),
+        f"shapekit_{caps}": lambda p: boot(p, caps),
+        f"linear_{caps}": linear,
+    }
+    results: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):  # interleaved, so drift on a shared machine hits every column alike
+        for name, setup in ways.items():
+            with pair() as p:
+                setup(p)
+                results[name].append(p.throughput(download=True))
+    with pair() as p:
+        path = p.tmp / "shapekit.toml"
+        path.write_text(ingress_config(p.dev, caps))
+        build = p.timed(lambda: p.shapekit("shape-init", "--config", str(path)))
+        adds = [
+            ("shape-limit-ip", "add", host(caps + i), "1mbit", "--in", "--config", str(path)) for i in range(repeat)
+        ]
+        add_times = [p.timed(lambda argv=argv: p.shapekit(*argv)) for argv in adds]
+    gbit = {name: statistics.median(values) / 1e9 for name, values in results.items()}
+    return {
+        "caps": caps,
+        "rounds": rounds,
+        "download_gbit_s": gbit,
+        "shapekit_ratio": gbit[f"shapekit_{caps}"] / gbit["shapekit_0"],
+        "linear_ratio": gbit[f"linear_{caps}"] / gbit["shapekit_0"],
+        "shape_init_s": build,
+        "add_in_median_s": statistics.median(add_times),
+    }
+
+
 # --- tcconfig ------------------------------------------------------------------------
 
 
@@ -351,7 +414,7 @@ def save(name: str, data: object, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["all", "apply", "add", "packet", "tcconfig"])
+    parser.add_argument("what", choices=["all", "apply", "add", "packet", "tcconfig", "ingress"])
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
@@ -361,7 +424,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
     quick = args.quick
-    todo = ["apply", "add", "packet", "tcconfig"] if args.what == "all" else [args.what]
+    todo = ["apply", "add", "packet", "tcconfig", "ingress"] if args.what == "all" else [args.what]
     if "apply" in todo:
         rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
         save("apply", rows, args.out)
@@ -393,6 +456,19 @@ def main() -> None:
         for name, value in row["gbit_s"].items():
             print(f"  {name:>16}  {value:7.2f}")
         print(f"  shapekit {caps}/0: {row['shapekit_ratio']:.2f}   seed rules {caps}/0: {row['seed_ratio']:.2f}")
+    if "ingress" in todo:
+        caps = (args.caps or [10 if quick else 10000])[0]
+        row = bench_ingress(caps, 1 if quick else args.rounds, 2 if quick else args.repeat)
+        save("ingress", row, args.out)
+        print(
+            f"\nunlimited download through the IFB, Gbit/s (median of {row['rounds']}), with {caps} --in caps vs none"
+        )
+        for name, value in row["download_gbit_s"].items():
+            print(f"  {name:>16}  {value:7.2f}")
+        print(f"  shapekit {caps}/0: {row['shapekit_ratio']:.2f}   linear u32 {caps}/0: {row['linear_ratio']:.2f}")
+        print(
+            f"  shape-init with {caps} --in caps: {row['shape_init_s']:.2f} s; one add --in: {row['add_in_median_s']:.3f} s"
+        )
     if "tcconfig" in todo:
         row = bench_tcconfig((args.caps or [3 if quick else 100])[0])
         save("tcconfig", row, args.out)

@@ -86,26 +86,23 @@ class Runner:
         return run_command(argv)
 
     def tc_batch(self, header: str, cmds: list[Argv]) -> None:
-        if not cmds:
-            return
-        if self.dry_run:
-            self.out.write(shell_script(header, cmds))
-            return
-        if self.verbose:
-            self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
-        run_command(("tc", "-batch", "-"), batch_text(cmds))
+        if cmds and not self._shown(header, cmds):
+            run_command(("tc", "-batch", "-"), batch_text(cmds))
 
     def run_each(self, header: str, cmds: list[Argv]) -> None:
         """Commands that have no batch mode (`ip link`), one process each."""
-        if not cmds:
-            return
+        if cmds and not self._shown(header, cmds):
+            for cmd in cmds:
+                run_command(cmd)
+
+    def _shown(self, header: str, cmds: list[Argv]) -> bool:
+        """Print the commands under --dry-run (True: do not run them); echo them under -v."""
         if self.dry_run:
             self.out.write(shell_script(header, cmds))
-            return
-        for cmd in cmds:
-            if self.verbose:
-                self.err.write(f"+ {shlex.join(cmd)}\n")
-            run_command(cmd)
+            return True
+        if self.verbose:
+            self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
+        return False
 
     def restore(self, family: int, header: str, text: str) -> None:
         """One `iptables-restore --noflush` (or ip6tables-): one transaction."""

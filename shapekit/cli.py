@@ -112,8 +112,14 @@ def shape_init(
     included) in one `tc -batch`; running it twice gives the same kernel state.
     If a command fails, the device is left unshaped, never half-shaped.
 
-    --check compares instead: the trees, shapekit's iptables/ip6tables chains
-    and its cap sets (with --dev: only those devices' trees), for monitoring.
+    With [device.X.ingress], arriving traffic is shaped too: shapekit makes an
+    IFB device (ifb-X), builds the ingress tree there with u32 filters for the
+    caps, the bypass and the direction = "in" rules, and redirects what
+    arrives on X to it.
+
+    --check compares instead: the trees (ingress ones and their redirect and
+    filters too), shapekit's iptables/ip6tables chains and its cap sets (with
+    --dev: only those devices' trees), for monitoring.
 
     Exit status: 0 done (--check: the kernel matches); 2 bad input (config,
     options, missing device or kernel feature, not root), nothing changed; 1 a
@@ -150,11 +156,13 @@ def shape_flush(
     version: VersionOption = False,
 ) -> None:
     """Remove everything shapekit installed, and nothing else: its root qdisc (handle 5c:)
-    on every device that has one, its mangle chains (SHAPEKIT*) and the jump to them,
-    in iptables and ip6tables.
+    on every device that has one, its IFB devices (alias "shapekit ingress of X")
+    with their redirect from X (and X's ingress qdisc when no other filter is on
+    it), its mangle chains (SHAPEKIT*) and the jump to them, in iptables and
+    ip6tables, and its ipsets.
 
-    With --dev, only those devices' trees go; the chains stay for the other
-    devices. Run-time entries stay saved (the boot sequence re-applies them)
+    With --dev, only those devices' trees (and IFBs) go; the chains stay for the
+    other devices. Run-time entries stay saved (the boot sequence re-applies them)
     unless --forget. Needs no config.
 
     Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.

@@ -247,24 +247,17 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
     if not _IFNAME.match(name):
         raise ConfigError(path, key, "not a network interface name (1-15 characters, no spaces, '/' or ':')")
     _unknown_keys(path, key, table, _DEVICE_KEYS)
-    rate, default, leaf, classes = _parse_tree(path, key, table, marks=True)
     classifier = _choice(path, f"{key}.classifier", table.get("classifier", "fw"), CLASSIFIERS)
+    device = _parse_tree(path, key, table, Device(name, 0, "", "sfq", classifier, ()))
     ingress = None
     if "ingress" in table:
         ingress = _parse_ingress(path, name, _table(path, f"{key}.ingress", table["ingress"]))
-    limits = parse_limits(path, f"{key}.limits", table.get("limits", {}), name, rate, ingress.rate if ingress else None)
+    limits = parse_limits(
+        path, f"{key}.limits", table.get("limits", {}), name, device.rate, ingress.rate if ingress else None
+    )
     if ingress is not None:
         ingress = replace(ingress, limits=tuple(c for c in limits if c.direction == "in"))
-    return Device(
-        name=name,
-        rate=rate,
-        default=default,
-        leaf=leaf,
-        classifier=classifier,
-        classes=classes,
-        limits=tuple(c for c in limits if c.direction == "out"),
-        ingress=ingress,
-    )
+    return replace(device, limits=tuple(c for c in limits if c.direction == "out"), ingress=ingress)
 
 
 def _parse_ingress(path: Path, dev: str, table: dict[str, Any]) -> Device:
@@ -276,23 +269,11 @@ def _parse_ingress(path: Path, dev: str, table: dict[str, Any]) -> Device:
             'arriving packets have no netfilter mark yet, so ingress classes are picked by tc u32 filters from [[mark]] rules with direction = "in": remove it',
         )
     _unknown_keys(path, key, table, _INGRESS_KEYS)
-    rate, default, leaf, classes = _parse_tree(path, key, table, marks=False)
-    return Device(
-        name=ifb_name(dev),
-        rate=rate,
-        default=default,
-        leaf=leaf,
-        classifier="u32",
-        classes=classes,
-        direction="in",
-        owner=dev,
-    )
+    return _parse_tree(path, key, table, Device(ifb_name(dev), 0, "", "sfq", "u32", (), direction="in", owner=dev))
 
 
-def _parse_tree(
-    path: Path, key: str, table: dict[str, Any], *, marks: bool
-) -> tuple[int, str, Leaf, tuple[HtbClass, ...]]:
-    """A tree's line rate, default class, leaf qdisc and classes."""
+def _parse_tree(path: Path, key: str, table: dict[str, Any], shell: Device) -> Device:
+    """`shell` (name, classifier, direction) with the tree's line rate, default class, leaf qdisc and classes."""
     if "rate" not in table:
         raise ConfigError(path, f"{key}.rate", 'missing: the line rate, e.g. rate = "100mbit"')
     rate = _rate(path, f"{key}.rate", table["rate"])
@@ -307,11 +288,11 @@ def _parse_tree(
         classes_raw = {IMPLICIT_DEFAULT: {"rate": format_rate(rate)}}
     if not isinstance(default, str) or default not in classes_raw:
         raise ConfigError(path, f"{key}.default", f"{default!r} is not a class of {key}")
-    classes = _parse_classes(path, key, rate, classes_raw, marks)
+    classes = _parse_classes(path, key, rate, classes_raw, with_marks=shell.direction == "out")
     default_class = next(c for c in classes if c.name == default)
     if not default_class.is_leaf:
         raise ConfigError(path, f"{key}.default", f"{default!r} has child classes; name a leaf class")
-    return rate, default, leaf, classes
+    return replace(shell, rate=rate, default=default, leaf=leaf, classes=classes)
 
 
 def _parse_classes(

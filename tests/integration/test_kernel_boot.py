@@ -244,6 +244,6 @@ def test_the_benchmark_script_runs(tmp_path):
     )
 
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("apply", "add", "packet", "tcconfig"):
+    for name in ("apply", "add", "packet", "tcconfig", "ingress"):
         assert json.loads((tmp_path / f"{name}.json").read_text())
     assert "seed/shapekit" in result.stdout
