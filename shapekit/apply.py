@@ -309,7 +309,7 @@ def read_cap_classes(runner: Runner, dev: str) -> dict[int, int]:
 
 
 def require_shapekit_tree(runner: Runner, dev: str) -> None:
-    if not read_root(runner, dev).is_shapekit:
+    if not device_exists(dev) or not read_root(runner, dev).is_shapekit:
         raise UsageError(f"{dev} has no shapekit tree to cap hosts in: run shape-init first")
 
 
@@ -376,8 +376,14 @@ def ifb_alias(runner: Runner, name: str) -> str | None:
 
 
 def require_own_ifbs(runner: Runner, trees: Sequence[Device]) -> None:
-    """An IFB name shapekit would use must be free or shapekit's own: never take over someone's device."""
+    """The IFB name and the ingress filter pref shapekit would use must be free or its own: never take over."""
     for tree in trees:
+        hook = read_ingress_hook(runner, tree.configured)
+        if hook.redirect_to not in (None, tree.name):
+            raise UsageError(
+                f"{tree.configured}'s ingress filter at pref {plan_ingress.REDIRECT_PREF} is not shapekit's "
+                f"(it does not redirect to {tree.name}): move it to another pref to shape [{tree.key}]"
+            )
         alias = ifb_alias(runner, tree.name)
         if alias is not None and not plan_ingress.is_shapekit_ifb(alias, tree.configured):
             raise UsageError(
@@ -401,21 +407,15 @@ def read_ingress_hook(runner: Runner, dev: str) -> plan_ingress.IngressHook:
     )
 
 
-def filter_prefs(runner: Runner, dev: str) -> set[int]:
-    """The prefs of the filters on shapekit's root qdisc of `dev`."""
-    return read_ingress_filters(runner, dev)[0]
-
-
-def read_ingress_filters(runner: Runner, dev: str) -> tuple[set[int], set[str]]:
-    """The prefs of the filters on shapekit's root qdisc of `dev`, and the handles of the caps' hash nodes."""
-    filters = json.loads(runner.query(("tc", "-j", "filter", "show", "dev", dev, "parent", "5c:")) or "[]")
-    tables = {table.rstrip(":") for table in plan_ingress.HASH_TABLE.values()}
+def read_ingress_filters(runner: Runner, dev: str) -> tuple[set[int], dict[str, plan_ingress.U32Entry]]:
+    """The prefs of the filters on shapekit's root qdisc of `dev`, and the caps' hash nodes by handle."""
+    text = runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:"))
+    prefs = {int(pref) for pref in re.findall(r" pref (\d+) ", text)}
+    tables = tuple(plan_ingress.HASH_TABLE.values())
     nodes = {
-        f["options"]["fh"]
-        for f in filters
-        if f.get("options", {}).get("key_ht") in tables and "flowid" in f.get("options", {})
+        e.handle: e for e in drift.parse_u32_filters(text) if e.handle.startswith(tables) and e.handle.count(":") == 2
     }
-    return {f["pref"] for f in filters if "pref" in f}, nodes
+    return prefs, nodes
 
 
 def read_u32_filters(runner: Runner, dev: str) -> list[drift.U32Entry]:
@@ -448,7 +448,7 @@ def remove_ingress(runner: Runner, dev: str, ifb: str) -> None:
     if device_exists(dev):
         runner.tc_batch(
             f"{dev}: stop redirecting arriving traffic",
-            plan_ingress.plan_unredirect(dev, read_ingress_hook(runner, dev)),
+            plan_ingress.plan_unredirect(dev, ifb, read_ingress_hook(runner, dev)),
         )
     if device_exists(ifb):
         runner.run_each(f"{dev}: remove its IFB device", [("ip", "link", "del", "dev", ifb)])

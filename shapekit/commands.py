@@ -65,7 +65,7 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
         devices = [d for d in devices if apply.device_exists(d.name)]
     ingress = [d.ingress for d in devices if d.ingress is not None]
     apply.require_root(options.dry_run, "shape-init")
-    apply.require_binaries(["tc", "ip"] if ingress else ["tc"])
+    apply.require_binaries(["tc", "ip"])
     apply.require_devices([d.name for d in devices])
     runner = options.runner()
     apply.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
@@ -74,14 +74,20 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
     with options.lock():
         runtime, now = load_caps(state_dir()), time.time()
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+        ifbs = {owner: ifb for ifb, owner in apply.shapekit_ifbs(runner).items()}
+        # Every plan first: a cap that cannot be placed is refused before anything changes.
+        plans = []
         for device in devices:
             current = apply.read_root(runner, device.name)
             caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
-            apply.apply_tree(runner, device.name, plan.plan_init(device, config.bypass, current) + caps)
-            if device.ingress is not None:
-                apply.apply_ingress(
-                    runner, device.ingress, _ingress_tree(runner, config, device.ingress, bypass, runtime, now)
-                )
+            inbound = device.ingress and _ingress_tree(runner, config, device.ingress, bypass, runtime, now)
+            plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
+        for device, egress, inbound in plans:
+            apply.apply_tree(runner, device.name, egress)
+            if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
+                apply.remove_ingress(runner, device.name, ifbs[device.name])
+            if device.ingress is not None and inbound:
+                apply.apply_ingress(runner, device.ingress, inbound)
 
 
 def _ingress_tree(
@@ -111,8 +117,13 @@ def check(options: Options, devs: list[str]) -> list[str]:
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
     placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
     differences = []
+    ifbs = {owner: ifb for ifb, owner in apply.shapekit_ifbs(runner).items()}
     for device in devices:
         differences += _tree_drift(runner, device, placed[device.name], saved, now)
+        if device.ingress is None and device.name in ifbs:
+            differences.append(
+                f"{device.name}: arriving traffic is shaped through {ifbs[device.name]}, which the config does not ask for"
+            )
         if device.ingress is not None:
             differences += _ingress_drift(runner, config, device.ingress, bypass, placed[device.ingress.name])
     if devs:
@@ -194,7 +205,7 @@ def _refresh_ingress(
     runner = options.runner()
     for tree in (d.ingress for d in config.devices.values() if d.ingress is not None):
         if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
-            present = apply.filter_prefs(runner, tree.name)
+            present, _ = apply.read_ingress_filters(runner, tree.name)
             cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters(tree))
             runner.tc_batch(f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds)
 
@@ -470,7 +481,7 @@ def _put_cap(runner: apply.Runner, tree: Device, placed: PlacedCap, every: list[
     header = f"{tree.name}: the class of {placed.cap.host}"
     cmds = plan_limits.cap_class(tree.name, tree.leaf, placed, "replace")
     if tree.direction == "in":
-        cmds += plan_ingress.cap_entry(tree, placed, every, apply.filter_prefs(runner, tree.name))
+        cmds += plan_ingress.cap_entry(tree, placed, every, *apply.read_ingress_filters(runner, tree.name))
     try:
         runner.tc_batch(header, cmds)
     except CommandFailed:
@@ -529,6 +540,8 @@ def _not_capped(config: Config, host: Network, direction: str | None) -> str:
 
 
 def _lift(runner: apply.Runner, tree: Device, removed: Cap, kept: list[Cap], now: float) -> None:
+    if tree.direction == "in" and not apply.device_exists(tree.name):
+        return  # its IFB is gone (a flush): so is the cap; shape-init builds the tree from the state
     before = next(p for p in place_caps(tree, [*kept, removed], now) if p.cap.host == removed.host)
     rest = place_caps(tree, kept, now)
     after = next((p for p in rest if p.cap.host == removed.host), None)
@@ -539,9 +552,9 @@ def _lift(runner: apply.Runner, tree: Device, removed: Cap, kept: list[Cap], now
             runner, f"{tree.name}: {removed.host} uncapped", plan_limits.plan_set_removal(tree.name, removed.host)
         )
         _remove_cap_class(runner, tree, before, [])
-    elif apply.device_exists(tree.name):  # an ingress tree: gone with its IFB after a flush
-        present = apply.filter_prefs(runner, tree.name)
-        _remove_cap_class(runner, tree, before, plan_ingress.cap_removal(tree, before, rest, present))
+    else:
+        filters = apply.read_ingress_filters(runner, tree.name)
+        _remove_cap_class(runner, tree, before, plan_ingress.cap_removal(tree, before, rest, *filters))
 
 
 def _remove_cap_class(runner: apply.Runner, tree: Device, placed: PlacedCap, first: list[plan.Argv]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shapekit.plan import Argv
-from shapekit.plan_ingress import PROTOCOL, U32Filter
+from shapekit.plan_ingress import U32Entry, U32Filter
 from shapekit.plan_mangle import MangleState
 from shapekit.tc_text import TcClass, parse_tc_classes
 from shapekit.units import format_rate, parse_rate
@@ -130,35 +130,26 @@ def diff_sets(want: set[tuple[str, str, str]], have: set[tuple[str, str, str]]) 
     return out
 
 
-@dataclass(frozen=True, order=True)
-class U32Entry:
-    """A classifying u32 filter as the kernel shows it: what it matches and where it sends."""
-
-    protocol: str  # "ip", "ipv6"
-    pref: int
-    flowid: str
-    keys: tuple[tuple[int, int, int], ...]  # (value, mask, offset), sorted
-
-    def describe(self) -> str:
-        keys = " ".join(f"{v:08x}/{m:08x}@{o}" for v, m, o in self.keys)
-        return f"the {self.protocol} u32 filter to {self.flowid} (pref {self.pref}: {keys})"
-
-
 _FILTER = re.compile(r"^filter .*?protocol (\S+) pref (\d+) .*?\b(flowid \S+|link \S+)")
+_HANDLE = re.compile(r"\bfh (\S+)")
 _MATCH = re.compile(r"^\s+match ([0-9a-f]{8})/([0-9a-f]{8}) at (-?\d+)")
 
 
 def parse_u32_filters(text: str) -> list[U32Entry]:
     """The filters with a class (`flowid`) or a link to a hash table in `tc filter show` text."""
     entries: list[U32Entry] = []
-    current: tuple[str, int, str] | None = None
+    current: tuple[str, int, str, str] | None = None
     keys: list[tuple[int, int, int]] = []
     for line in [*text.splitlines(), "filter"]:
         if line.startswith("filter"):
             if current is not None:
-                entries.append(U32Entry(*current, tuple(sorted(keys))))
+                entries.append(U32Entry(*current[:3], tuple(sorted(keys)), current[3]))
             found = _FILTER.match(line)
-            current = (found.group(1), int(found.group(2)), found.group(3).removeprefix("flowid ")) if found else None
+            handle = _HANDLE.search(line)
+            current = None
+            if found:
+                target = found.group(3).removeprefix("flowid ")
+                current = (found.group(1), int(found.group(2)), target, handle.group(1) if handle else "")
             keys = []
         elif (key := _MATCH.match(line)) is not None:
             keys.append((int(key.group(1), 16), int(key.group(2), 16), int(key.group(3))))
@@ -166,11 +157,7 @@ def parse_u32_filters(text: str) -> list[U32Entry]:
 
 
 def planned_filters(filters: Sequence[U32Filter]) -> list[U32Entry]:
-    out = []
-    for f in filters:
-        keys = tuple(sorted((k.value & k.mask, k.mask, k.offset) for k in f.keys)) or ((0, 0, 0),)
-        out.append(U32Entry(PROTOCOL[f.family], f.pref, f.flowid, keys))
-    return out
+    return [f.entry() for f in filters]
 
 
 def diff_filters(dev: str, want: Sequence[U32Entry], have: Sequence[U32Entry]) -> list[str]:

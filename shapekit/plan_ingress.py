@@ -25,12 +25,14 @@ class. Filters run in this order (prefs), the first match wins:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shapekit.addresses import Network
 from shapekit.config import IFB_ALIAS, Config, Device
 from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.errors import UsageError
 from shapekit.plan import Argv, classid, root_handle
 from shapekit.plan_limits import PlacedCap, sync_cap_classes, u32_slot
 
@@ -41,6 +43,7 @@ BYPASS_PREF = {4: 3000, 6: 3001}
 RULE_PREF = {4: 4000, 6: 4001}
 HASH_TABLE = {4: "100:", 6: "101:"}  # the caps' hash tables, one per family
 HASH_DIVISOR = 256
+U32_LIST_MAX = 2047  # filters u32 numbers in order in one pref (node ids 0x800..0xffe)
 PROTOCOL = {4: "ip", 6: "ipv6"}
 IP_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
 
@@ -65,6 +68,21 @@ class U32Key:
         return ("match", "u32", f"0x{self.value:08x}", f"0x{self.mask:08x}", "at", str(self.offset))
 
 
+@dataclass(frozen=True, order=True)
+class U32Entry:
+    """A classifying u32 filter as the kernel shows it: what it matches and where it sends."""
+
+    protocol: str  # "ip", "ipv6"
+    pref: int
+    flowid: str  # a class, or "link 100:" for a hash table's link
+    keys: tuple[tuple[int, int, int], ...]  # (value, mask, offset), sorted
+    handle: str = field(default="", compare=False)  # "100:7:1"; not what the filter does
+
+    def describe(self) -> str:
+        keys = " ".join(f"{v:08x}/{m:08x}@{o}" for v, m, o in self.keys)
+        return f"the {self.protocol} u32 filter to {self.flowid} (pref {self.pref}: {keys})"
+
+
 @dataclass(frozen=True)
 class U32Filter:
     """One u32 filter on an ingress tree: all its keys match → its class."""
@@ -74,6 +92,11 @@ class U32Filter:
     keys: tuple[U32Key, ...]
     flowid: str
     handle: str | None = None  # "100:2a:1": a node in a hash bucket, for filters changed one by one
+
+    def entry(self) -> U32Entry:
+        """What the kernel will show of this filter (values masked, a filter without keys matching all)."""
+        keys = tuple(sorted((k.value & k.mask, k.mask, k.offset) for k in self.keys)) or ((0, 0, 0),)
+        return U32Entry(PROTOCOL[self.family], self.pref, self.flowid, keys, self.handle or "")
 
     def argv(self, dev: str, verb: str = "add") -> Argv:
         where = ("handle", self.handle, "u32", "ht", self.handle.rsplit(":", 1)[0] + ":") if self.handle else ("u32",)
@@ -211,7 +234,19 @@ def _rule_keys(rule: MarkRule, family: int) -> list[tuple[U32Key, ...]]:
 def ingress_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[U32Filter]:
     """Every classifying filter of an ingress tree, in the order a packet meets them."""
     by_pref = sorted(caps, key=lambda p: (cap_pref(p.cap.host), p.minor))
-    return [cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks)
+    return _listable([cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks))
+
+
+def _listable(filters: list[U32Filter]) -> list[U32Filter]:
+    """Refuse a list u32 cannot keep in order: past 2047 filters in one pref its node ids wrap around."""
+    counts = Counter(f.pref for f in filters if f.handle is None)
+    crowded = [pref for pref, n in counts.items() if n > U32_LIST_MAX]
+    if crowded:
+        raise UsageError(
+            f"{counts[crowded[0]]} u32 filters at pref {crowded[0]}, more than the {U32_LIST_MAX} u32 keeps in order: "
+            "use fewer or wider port ranges, hosts or networks there (see README, Download shaping)"
+        )
+    return filters
 
 
 def plan_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[Argv]:
@@ -226,27 +261,36 @@ def prefix_prefs(present: set[int]) -> list[tuple[int, int]]:
 
 
 def sync_caps(
-    tree: Device, placed: Sequence[PlacedCap], present: set[int], hashed: set[str], classes: dict[int, int]
+    tree: Device, placed: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry], classes: dict[int, int]
 ) -> list[Argv]:
-    """Make an ingress tree's caps `placed`, given its prefs, the hash nodes (handles) and cap classes now.
+    """Make an ingress tree's caps `placed`, given its prefs, its hash nodes (by handle) and cap classes now.
 
     The hash tables stay (u32 keeps a table until the qdisc's last u32 filter
-    goes, so one cannot be made again): their nodes are deleted or replaced
-    one by one. Filters go before classes: HTB refuses to delete a class a
+    goes, so one cannot be made again): their nodes are deleted or added one
+    by one. Filters go before classes: HTB refuses to delete a class a
     filter points to.
     """
     filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))]
-    wanted = {f.handle for f in filters if f.handle}
-    cmds = [
-        _filter(tree.name, "del", _family(h), CAP_PREF[_family(h)], "handle", h, "u32") for h in sorted(hashed - wanted)
-    ]
+    hashed = [f for f in filters if f.handle]
+    cmds = [_node_del(tree.name, h) for h in sorted(set(nodes) - {f.handle for f in hashed})]
     cmds += replace_prefs(tree.name, prefix_prefs(present), present, [])
     cmds += sync_cap_classes(tree, placed, classes)
-    return cmds + [f.argv(tree.name, "replace" if f.handle else "add") for f in filters]
+    cmds += [cmd for f in hashed for cmd in _node_put(tree.name, f, nodes)]
+    return cmds + [f.argv(tree.name) for f in filters if not f.handle]
 
 
-def _family(handle: str) -> int:
-    return next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
+def _node_put(dev: str, mine: U32Filter, nodes: dict[str, U32Entry]) -> list[Argv]:
+    """A hash node made to be `mine`: `replace` would keep the old node's keys, so a changed one goes first."""
+    assert mine.handle is not None
+    there = nodes.get(mine.handle)
+    if there == mine.entry():
+        return []
+    return ([_node_del(dev, mine.handle)] if there is not None else []) + [mine.argv(dev)]
+
+
+def _node_del(dev: str, handle: str) -> Argv:
+    family = next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
+    return _filter(dev, "del", family, CAP_PREF[family], "handle", handle, "u32")
 
 
 def hash_links() -> list[U32Filter]:
@@ -254,19 +298,23 @@ def hash_links() -> list[U32Filter]:
     return [U32Filter(f, CAP_PREF[f], (), f"link {table}") for f, table in HASH_TABLE.items()]
 
 
-def cap_entry(tree: Device, placed: PlacedCap, every: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
-    """One cap's filter, put in (or replaced): by its handle on one host, else its prefix length's pref anew."""
+def cap_entry(
+    tree: Device, placed: PlacedCap, every: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry]
+) -> list[Argv]:
+    """One cap's filter, put in: its hash node on one host, else its prefix length's pref anew."""
     mine = cap_filter(placed)
     if mine.handle is not None:
-        return [mine.argv(tree.name, "replace")]
+        return _node_put(tree.name, mine, nodes)
     return _pref_anew(tree, mine, every, present)
 
 
-def cap_removal(tree: Device, placed: PlacedCap, rest: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
-    """One cap's filter out: by its handle on one host, else its prefix length's pref anew without it."""
+def cap_removal(
+    tree: Device, placed: PlacedCap, rest: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry]
+) -> list[Argv]:
+    """One cap's filter out: its hash node (if there), else its prefix length's pref anew without it."""
     mine = cap_filter(placed)
     if mine.handle is not None:
-        return [_filter(tree.name, "del", mine.family, mine.pref, "handle", mine.handle, "u32")]
+        return [_node_del(tree.name, mine.handle)] if mine.handle in nodes else []
     return _pref_anew(tree, mine, rest, present)
 
 
@@ -280,7 +328,7 @@ def replace_prefs(
 ) -> list[Argv]:
     """Delete whole prefs (those there now) and add `filters` back: how bypass and rule filters change."""
     cmds = [_filter(dev, "del", family, pref, "u32") for family, pref in prefs if pref in present]
-    return cmds + [f.argv(dev) for f in filters]
+    return cmds + [f.argv(dev) for f in _listable(filters)]
 
 
 # --- the device and its IFB -----------------------------------------------------------
@@ -320,9 +368,11 @@ def plan_redirect(dev: str, ifb: str, hook: IngressHook) -> list[Argv]:
     return [*cmds, redirect(dev, ifb)]
 
 
-def plan_unredirect(dev: str, hook: IngressHook) -> list[Argv]:
-    """Take shapekit's filter off `dev`'s ingress hook; the ingress qdisc too when nothing else is on it."""
-    cmds: list[Argv] = [remove_redirect(dev)] if hook.redirect_to is not None else []
+def plan_unredirect(dev: str, ifb: str, hook: IngressHook) -> list[Argv]:
+    """Take shapekit's filter (the one to `ifb`) off `dev`'s ingress hook; the ingress qdisc too, if left empty."""
+    if hook.redirect_to != ifb:
+        return []
+    cmds = [remove_redirect(dev)]
     if hook.qdisc == "ingress" and not hook.other_filters:
         cmds.append(("tc", "qdisc", "del", "dev", dev, "ingress"))
     return cmds

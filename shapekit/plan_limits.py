@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from shapekit.addresses import Network
 from shapekit.config import TOP_MINOR, Device
 from shapekit.config_rules import CAP_MINORS, Cap
+from shapekit.errors import UsageError
 from shapekit.plan import LEAF_QDISC, Argv, classid
 from shapekit.tc_text import parse_tc_classes
 from shapekit.units import format_rate
@@ -57,38 +58,60 @@ def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[Place
     the minor saved with it, or takes the config cap's it overrides, or the
     lowest free one. Lapsed run-time caps are gone, but the minors of their
     classes (which stay until the next full install) are not given out. On
-    an ingress tree a host's minor also names its u32 filter's slot, which
+    an ingress tree a host's minor also names its u32 filter's node, which
     must be free in its hash bucket.
     """
-    taken = lapsed_minors(device, runtime, now)
-    slots: set[tuple[int, int, int]] = set()
+    pool = _MinorPool(device, lapsed_minors(device, runtime, now))
     placed: dict[Network, PlacedCap] = {}
-
-    def put(cap: Cap, minor: int) -> None:
-        placed[cap.host] = PlacedCap(cap, minor)
-        taken.add(minor)
-        slot = u32_slot(cap, minor)
-        if slot is not None:
-            slots.add(slot)
-
-    def fits(cap: Cap, minor: int) -> bool:
-        return minor in CAP_MINORS and minor not in taken and u32_slot(cap, minor) not in slots
-
     for cap in device.limits:
-        put(cap, next(m for m in CAP_MINORS if fits(cap, m)))
+        placed[cap.host] = PlacedCap(cap, pool.take(cap))
     live = [c for c in runtime if device.holds(c) and not lapsed(c, now)]
     for cap in live:
         if cap.host in placed:  # overrides the config's cap, in its class
             placed[cap.host] = PlacedCap(cap, placed[cap.host].minor)
     for cap in live:
         if cap.host not in placed:
-            put(
-                cap,
-                cap.minor
-                if cap.minor is not None and fits(cap, cap.minor)
-                else next(m for m in CAP_MINORS if fits(cap, m)),
-            )
+            placed[cap.host] = PlacedCap(cap, pool.take(cap, cap.minor))
     return list(placed.values())
+
+
+class _MinorPool:
+    """Hands out cap minors in order, each once, and (ingress) each host's hash node once per bucket."""
+
+    def __init__(self, device: Device, taken: set[int]) -> None:
+        self.device = device
+        self.taken = taken
+        self.slots: set[tuple[int, int, int]] = set()
+        self.unused = iter(CAP_MINORS)
+        self.passed: list[int] = []  # free minors whose node was taken in some bucket: for other hosts
+
+    def take(self, cap: Cap, wish: int | None = None) -> int:
+        if wish is not None and self._fits(cap, wish):
+            return self._give(cap, wish)
+        for n, minor in enumerate(self.passed):
+            if self._fits(cap, minor):
+                del self.passed[n]
+                return self._give(cap, minor)
+        for minor in self.unused:
+            if minor in self.taken:
+                continue
+            if self._fits(cap, minor):
+                return self._give(cap, minor)
+            self.passed.append(minor)
+        raise UsageError(
+            f"{cap.host}: no class left for another cap on [{self.device.key}]: {len(CAP_MINORS)} caps in all, "
+            f"and on arriving traffic {U32_NODES} hosts whose address ends in the same byte"
+        )
+
+    def _fits(self, cap: Cap, minor: int) -> bool:
+        return minor in CAP_MINORS and minor not in self.taken and u32_slot(cap, minor) not in self.slots
+
+    def _give(self, cap: Cap, minor: int) -> int:
+        self.taken.add(minor)
+        slot = u32_slot(cap, minor)
+        if slot is not None:
+            self.slots.add(slot)
+        return minor
 
 
 def u32_slot(cap: Cap, minor: int) -> tuple[int, int, int] | None:

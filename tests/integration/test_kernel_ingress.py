@@ -87,6 +87,9 @@ def test_in_caps_hold_downloads_from_their_hosts_and_remove_lifts_them(booted):
     assert 0.90 <= in_config <= 1.0
     assert 0.90 <= at_run_time <= 1.0
     assert lifted >= 3 * 3_000_000  # back in the default class, ceil 16mbit
+    status = json.loads(netpair.shapekit("shape-status", "--json", "-i", "0.2", "--config", config).stdout)
+    caps = {r["name"]: r["bytes"] for r in status["devices"][ifb(netpair)] if r["name"].startswith("cap ")}
+    assert caps[f"cap {CAPPED_IN_CONFIG}"] > 1_000_000  # the 8 s download went through its class
     assert netpair.shapekit("shape-init", "--check", "--config", config, check=False).returncode == 0
 
 
@@ -113,6 +116,14 @@ def test_check_sees_a_class_deleted_by_hand_and_a_lost_redirect(booted):
 
     netpair.shapekit("shape-init", "--config", config)
     assert netpair.shapekit(*check, check=False).returncode == 0
+
+    # Ingress taken out of the config: drift until shape-init takes it away.
+    egress_only = str(netpair.write_config(CONFIG.split("[device.DEV.ingress]")[0], "egress.toml"))
+    stale = netpair.shapekit("shape-init", "--check", "--dev", netpair.dev, "--config", egress_only, check=False)
+    assert stale.returncode == 1
+    assert f"arriving traffic is shaped through {ifb(netpair)}, which the config does not ask for" in stale.stdout
+    netpair.shapekit("shape-init", "--config", egress_only)
+    assert netpair.left.run("ip", "link", "show", ifb(netpair), check=False).returncode != 0
 
 
 def test_flush_removes_the_ifb_and_redirect_and_keeps_others_ingress_filters(netpair):

@@ -16,7 +16,17 @@ BATCH = ("tc", "-batch", "-")
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
 IFB_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._INGRESS_PROBE)
 CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._CAP_PROBE)
-IFB_FILTERS = ("tc", "-j", "filter", "show", "dev", "ifb-eth0", "parent", "5c:")
+IFB_FILTERS = ("tc", "filter", "show", "dev", "ifb-eth0", "parent", "5c:")
+
+
+def filter_lines(*nodes: tuple[str, int, str, str, str]) -> str:
+    """`tc filter show` text: (protocol, pref, handle, flowid, "value/mask at offset") each."""
+    return "".join(
+        f"filter parent 5c: protocol {proto} pref {pref} u32 chain 0 fh {fh} order 1 key ht 100 bkt 7 *flowid {flowid} not_in_hw\n"
+        f"  match {match}\n"
+        for proto, pref, fh, flowid, match in nodes
+    )
+
 
 CONFIG = """
 [device.eth0]
@@ -121,6 +131,8 @@ def test_init_makes_the_ifb_its_tree_and_filters_then_the_redirect(system, cli, 
     calls = [c for c in system.calls if c[0][:3] != ("unshare", "--net", "--") or c[0] == IFB_PROBE]
     assert calls == [
         (IFB_PROBE, ""),  # ifb, ingress, u32 and mirred, tried in a throwaway namespace
+        (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),  # no ingress filter at pref 92 that is not ours
+        (("ip", "-j", "link", "show", "type", "ifb"), None),
         (("tc", "-j", "qdisc", "show", "dev", "eth0", "root"), None),
         (BATCH, system.batches()[0]),  # eth0's egress tree, as without ingress
         (("ip", "link", "add", "ifb-eth0", "type", "ifb"), None),
@@ -191,7 +203,7 @@ def test_add_in_touches_only_that_hosts_class_and_hash_node(booted, cli, config,
     assert booted.batches() == [
         "class replace dev ifb-eth0 parent 5c:1 classid 5c:8002 htb rate 1mbit ceil 1mbit\n"
         "qdisc replace dev ifb-eth0 parent 5c:8002 handle 8002: pfifo\n"
-        "filter replace dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:9:3 u32 ht 100:9: "
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:9:3 u32 ht 100:9: "
         "match u32 0xc6336409 0xffffffff at 12 flowid 5c:8002\n"
     ]
     assert not [argv for argv, _ in booted.calls if argv[0] in ("ipset", "iptables-restore", "ip6tables-restore")]
@@ -204,6 +216,7 @@ def test_remove_in_deletes_the_node_before_its_class(booted, cli, config):
     booted.answers[("tc", "class", "show", "dev", "ifb-eth0")] = (
         "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b\n"
     )
+    booted.answers[IFB_FILTERS] = filter_lines(("ip", 1000, "100:9:3", "5c:8002", "c6336409/ffffffff at 12"))
     booted.run.reset_mock()
 
     result = cli(limit_ip_app, "remove", "198.51.100.9", "--config", config)
@@ -216,7 +229,7 @@ def test_remove_in_deletes_the_node_before_its_class(booted, cli, config):
 
 
 def test_a_network_cap_rewrites_its_prefix_lengths_pref(booted, cli, config):
-    booted.answers[IFB_FILTERS] = json.dumps([{"protocol": "ipv6", "pref": 2064}])
+    booted.answers[IFB_FILTERS] = filter_lines(("ipv6", 2064, "800::800", "5c:8001", "20010db8/ffffffff at 8"))
 
     result = cli(limit_ip_app, "add", "2001:db8:1::/64", "1mbit", "--in", "--config", config)
 
@@ -231,13 +244,11 @@ def test_a_network_cap_rewrites_its_prefix_lengths_pref(booted, cli, config):
 
 
 def test_install_keeps_the_hash_tables_and_changes_nodes_one_by_one(booted, cli, config):
-    booted.answers[IFB_FILTERS] = json.dumps(
-        [
-            {"pref": 1000, "options": {"fh": "100:"}},
-            {"pref": 1000, "options": {"fh": "100:7:1", "key_ht": "100", "flowid": "5c:8000"}},
-            {"pref": 1000, "options": {"fh": "100:8:2", "key_ht": "100", "flowid": "5c:8002"}},  # lifted since
-            {"pref": 2064, "options": {"fh": "800::800", "key_ht": "800", "flowid": "5c:8001"}},
-        ]
+    booted.answers[IFB_FILTERS] = filter_lines(
+        ("ip", 1000, "100:7:1", "5c:8000", "c6336407/ffffffff at 12"),  # as planned: left alone
+        ("ip", 1000, "100:8:2", "5c:8002", "c6336408/ffffffff at 12"),  # lifted since
+        ("ip", 1000, "100:9:1", "5c:8003", "c6336409/ffffffff at 12"),  # node of another host than planned
+        ("ipv6", 2064, "800::800", "5c:8001", "20010db8/ffffffff at 8"),
     )
     booted.answers[("tc", "class", "show", "dev", "ifb-eth0")] = "".join(
         f"class htb 5c:{m} parent 5c:1 leaf {m}: prio 0 rate {r} ceil {r} burst 1600b cburst 1600b\n"
@@ -249,17 +260,56 @@ def test_install_keeps_the_hash_tables_and_changes_nodes_one_by_one(booted, cli,
     assert result.exit_code == 0, result.stderr
     assert booted.batches()[-1] == (
         "filter del dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:8:2 u32\n"
+        "filter del dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:9:1 u32\n"
         "filter del dev ifb-eth0 parent 5c: protocol ipv6 pref 2064 u32\n"
         "class del dev ifb-eth0 classid 5c:8002\n"
-        "filter replace dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:7:1 u32 ht 100:7: "
-        "match u32 0xc6336407 0xffffffff at 12 flowid 5c:8000\n"
         "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 2064 u32 match u32 0x20010db8 0xffffffff at 8 "
         "match u32 0x00000000 0xffffffff at 12 flowid 5c:8001\n"
     )
 
 
+def test_a_node_that_holds_another_host_is_deleted_and_added_since_replace_keeps_its_keys(booted, cli, config):
+    booted.answers[IFB_FILTERS] = filter_lines(("ip", 1000, "100:7:1", "5c:8000", "c6336507/ffffffff at 12"))
+
+    result = cli(limit_ip_app, "--config", config)
+
+    assert result.exit_code == 0, result.stderr
+    lines = booted.batches()[-1].splitlines()
+    at = lines.index("filter del dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:7:1 u32")
+    assert lines[at + 1] == (
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:7:1 u32 ht 100:7: "
+        "match u32 0xc6336407 0xffffffff at 12 flowid 5c:8000"
+    )
+
+
+def test_a_pref_92_ingress_filter_of_someone_else_is_refused_before_any_change(system, cli, config):
+    hook = {"qdiscs": OUR_HOOK["qdiscs"], "filters": [{"pref": 92, "options": {"actions": [{"to_dev": "ifb0"}]}}]}
+    system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = json.dumps(hook["qdiscs"])
+    system.answers[("tc", "-j", "filter", "show", "dev", "eth0", "ingress")] = json.dumps(hook["filters"])
+
+    result = cli(init_app, "--config", config)
+
+    assert result.exit_code == 2
+    assert "eth0's ingress filter at pref 92 is not shapekit's (it does not redirect to ifb-eth0)" in result.stderr
+    assert system.batches() == []
+
+
+def test_more_rule_filters_than_u32_keeps_in_order_are_refused(system, cli, write_config):
+    rule = '\n[[mark]]\nclass = "bulk"\ndirection = "in"\nproto = "udp"\ndport = [{}]\n'
+    odd = [", ".join(f'"{2 * (15 * r + n) + 1}"' for n in range(15)) for r in range(140)]  # a filter each
+    text = CONFIG + "".join(rule.format(ports) for ports in odd)
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 2
+    assert "u32 filters at pref 4000, more than the 2047 u32 keeps in order" in result.stderr
+    assert system.batches() == []
+
+
 def test_bypass_add_rewrites_the_ingress_bypass_filters_too(booted, cli, config):
-    booted.answers[IFB_FILTERS] = json.dumps([{"pref": 3000}, {"pref": 3001}])
+    booted.answers[IFB_FILTERS] = (
+        "filter parent 5c: protocol ip pref 3000 u32 chain 0\nfilter parent 5c: protocol ipv6 pref 3001 u32 chain 0\n"
+    )
 
     result = cli(bypass_app, "add", "443/tcp", "--config", config)
 
@@ -287,6 +337,18 @@ def test_mark_rewrites_the_direction_in_rules(booted, cli, config):
     ]
     restored = "".join(stdin for argv, stdin in booted.calls if argv[0] == "iptables-restore")
     assert "--sport 22" not in restored  # a direction = "in" rule is no netfilter rule
+
+
+def test_init_takes_away_ingress_shaping_the_config_no_longer_has(system, cli, write_config, mocker):
+    with_ifb(mocker, system, OUR_HOOK)
+
+    result = cli(init_app, "--config", str(write_config('[device.eth0]\nrate = "10mbit"\nleaf = "pfifo"\n')))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches()[1:] == [
+        "filter del dev eth0 ingress protocol all pref 92 u32\nqdisc del dev eth0 ingress\n"
+    ]
+    assert (("ip", "link", "del", "dev", "ifb-eth0"), None) in system.calls
 
 
 def test_flush_removes_the_redirect_the_empty_ingress_qdisc_and_the_ifb(system, cli, config, mocker):

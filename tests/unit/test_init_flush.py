@@ -33,6 +33,7 @@ PROBE = ("unshare", "--net", "--", "tc", "-batch", "-")
 PROBE_HTB = "qdisc add dev lo root handle 1: htb\nclass add dev lo parent 1: classid 1:1 htb rate 1mbit\n"
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
 BATCH = ("tc", "-batch", "-")
+LIST_IFBS = ("ip", "-j", "link", "show", "type", "ifb")
 
 
 def test_seed_000_tree_is_one_batch_after_the_kernel_probes(system, cli):
@@ -43,6 +44,7 @@ def test_seed_000_tree_is_one_batch_after_the_kernel_probes(system, cli):
         (PROBE, PROBE_HTB),
         (PROBE, PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: sfq perturb 10\n"),
         (PROBE, PROBE_HTB + "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1\n"),
+        (LIST_IFBS, None),  # none of shapekit's: no ingress shaping to take away
         (READ_ROOT, None),
         (BATCH, SEED_000_BATCH),
     ]
@@ -133,7 +135,7 @@ def test_dry_run_prints_a_script_and_runs_only_queries(system, cli, mocker):
     assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + "".join(
         f"tc {line}\n" for line in SEED_000_BATCH.splitlines()
     )
-    assert system.calls == [(READ_ROOT, None)]
+    assert system.calls == [(LIST_IFBS, None), (READ_ROOT, None)]
 
 
 def test_verbose_echoes_each_command(system, cli):
@@ -187,7 +189,7 @@ def test_flush_removes_only_shapekits_root(system, cli):
 
     assert result.exit_code == 0, result.stderr
     assert system.calls == [
-        (("ip", "-j", "link", "show", "type", "ifb"), None),  # no IFB devices of shapekit's
+        (LIST_IFBS, None),  # no IFB devices of shapekit's
         (("tc", "-j", "qdisc", "show"), None),
         (READ_ROOT, None),
         (BATCH, "qdisc del dev eth0 root\n"),
