@@ -418,6 +418,18 @@ def read_ingress_filters(runner: Runner, dev: str) -> tuple[set[int], dict[str, 
     return prefs, nodes
 
 
+def read_node(runner: Runner, dev: str, handle: str) -> dict[str, plan_ingress.U32Entry]:
+    """One cap's hash node, by handle ({} when it is not there): one small query however many caps there are."""
+    family = plan_ingress.node_family(handle)
+    argv = ("tc", "filter", "get", "dev", dev, "parent", "5c:", "protocol", plan_ingress.PROTOCOL[family],
+            "pref", str(plan_ingress.CAP_PREF[family]), "handle", handle, "u32")  # fmt: skip
+    try:
+        text = runner.query(argv)
+    except CommandFailed:
+        return {}
+    return {e.handle: e for e in drift.parse_u32_filters(text) if e.handle == handle}
+
+
 def read_u32_filters(runner: Runner, dev: str) -> list[drift.U32Entry]:
     return drift.parse_u32_filters(runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:")))
 

@@ -481,7 +481,7 @@ def _put_cap(runner: apply.Runner, tree: Device, placed: PlacedCap, every: list[
     header = f"{tree.name}: the class of {placed.cap.host}"
     cmds = plan_limits.cap_class(tree.name, tree.leaf, placed, "replace")
     if tree.direction == "in":
-        cmds += plan_ingress.cap_entry(tree, placed, every, *apply.read_ingress_filters(runner, tree.name))
+        cmds += plan_ingress.cap_entry(tree, placed, every, *_cap_filters_now(runner, tree, placed))
     try:
         runner.tc_batch(header, cmds)
     except CommandFailed:
@@ -553,8 +553,18 @@ def _lift(runner: apply.Runner, tree: Device, removed: Cap, kept: list[Cap], now
         )
         _remove_cap_class(runner, tree, before, [])
     else:
-        filters = apply.read_ingress_filters(runner, tree.name)
+        filters = _cap_filters_now(runner, tree, before)
         _remove_cap_class(runner, tree, before, plan_ingress.cap_removal(tree, before, rest, *filters))
+
+
+def _cap_filters_now(
+    runner: apply.Runner, tree: Device, placed: PlacedCap
+) -> tuple[set[int], dict[str, plan_ingress.U32Entry]]:
+    """What changing one cap's filter needs of the kernel: its hash node (one small query), or for a network the prefs."""
+    handle = plan_ingress.cap_filter(placed).handle
+    if handle is None:
+        return apply.read_ingress_filters(runner, tree.name)
+    return set(), apply.read_node(runner, tree.name, handle)
 
 
 def _remove_cap_class(runner: apply.Runner, tree: Device, placed: PlacedCap, first: list[plan.Argv]) -> None:

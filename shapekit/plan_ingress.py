@@ -289,8 +289,13 @@ def _node_put(dev: str, mine: U32Filter, nodes: dict[str, U32Entry]) -> list[Arg
 
 
 def _node_del(dev: str, handle: str) -> Argv:
-    family = next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
+    family = node_family(handle)
     return _filter(dev, "del", family, CAP_PREF[family], "handle", handle, "u32")
+
+
+def node_family(handle: str) -> int:
+    """The IP family of a cap's hash node, from its table."""
+    return next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
 
 
 def hash_links() -> list[U32Filter]:

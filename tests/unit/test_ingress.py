@@ -216,7 +216,10 @@ def test_remove_in_deletes_the_node_before_its_class(booted, cli, config):
     booted.answers[("tc", "class", "show", "dev", "ifb-eth0")] = (
         "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b\n"
     )
-    booted.answers[IFB_FILTERS] = filter_lines(("ip", 1000, "100:9:3", "5c:8002", "c6336409/ffffffff at 12"))
+    get = ("tc", "filter", "get", "dev", "ifb-eth0", "parent", "5c:", "protocol", "ip", "pref", "1000")
+    booted.answers[(*get, "handle", "100:9:3", "u32")] = filter_lines(
+        ("ip", 1000, "100:9:3", "5c:8002", "c6336409/ffffffff at 12")
+    )  # one node asked for, not the whole table
     booted.run.reset_mock()
 
     result = cli(limit_ip_app, "remove", "198.51.100.9", "--config", config)
