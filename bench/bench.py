@@ -276,6 +276,20 @@ def bench_add(sizes: list[int], repeat: int) -> list[dict[str, object]]:
 # --- per-packet cost -----------------------------------------------------------------
 
 
+def interleaved(ways: dict[str, Callable[[Pair], object]], rounds: int, download: bool) -> dict[str, float]:
+    """Median Gbit/s of one unlimited flow after each setup, a fresh pair each time.
+
+    Rounds are interleaved, so drift on a shared machine hits every column alike.
+    """
+    results: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, setup in ways.items():
+            with pair() as p:
+                setup(p)
+                results[name].append(p.throughput(download=download))
+    return {name: statistics.median(values) / 1e9 for name, values in results.items()}
+
+
 def seed_rules(dev: str, caps: int) -> str:
     """The iptables rules seed 002's loop leaves, loaded at once (how they got there does not matter per packet)."""
     rules = [f"-A INPUT -i {dev} -s {host(n)} -j CONNMARK --set-xmark {n + 1}/0xffffffff" for n in range(caps)]
@@ -296,13 +310,7 @@ def bench_packet(caps: int, rounds: int) -> dict[str, object]:
         "seed_0": seed_with(0),
         f"seed_{caps}": seed_with(caps),
     }
-    results: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):  # interleaved, so drift on a shared machine hits every column alike
-        for name, setup in ways.items():
-            with pair() as p:
-                setup(p)
-                results[name].append(p.throughput())
-    gbit = {name: statistics.median(values) / 1e9 for name, values in results.items()}
+    gbit = interleaved(ways, rounds, download=False)
     return {
         "caps": caps,
         "rounds": rounds,
@@ -347,12 +355,7 @@ def bench_ingress(caps: int, rounds: int, repeat: int) -> dict[str, object]:
         f"shapekit_{caps}": lambda p: boot(p, caps),
         f"linear_{caps}": linear,
     }
-    results: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):  # interleaved, so drift on a shared machine hits every column alike
-        for name, setup in ways.items():
-            with pair() as p:
-                setup(p)
-                results[name].append(p.throughput(download=True))
+    gbit = interleaved(ways, rounds, download=True)
     with pair() as p:
         path = p.tmp / "shapekit.toml"
         path.write_text(ingress_config(p.dev, caps))
@@ -361,7 +364,6 @@ def bench_ingress(caps: int, rounds: int, repeat: int) -> dict[str, object]:
             ("shape-limit-ip", "add", host(caps + i), "1mbit", "--in", "--config", str(path)) for i in range(repeat)
         ]
         add_times = [p.timed(lambda argv=argv: p.shapekit(*argv)) for argv in adds]
-    gbit = {name: statistics.median(values) / 1e9 for name, values in results.items()}
     return {
         "caps": caps,
         "rounds": rounds,

@@ -407,17 +407,6 @@ def read_ingress_hook(runner: Runner, dev: str) -> plan_ingress.IngressHook:
     )
 
 
-def read_ingress_filters(runner: Runner, dev: str) -> tuple[set[int], dict[str, plan_ingress.U32Entry]]:
-    """The prefs of the filters on shapekit's root qdisc of `dev`, and the caps' hash nodes by handle."""
-    text = runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:"))
-    prefs = {int(pref) for pref in re.findall(r" pref (\d+) ", text)}
-    tables = tuple(plan_ingress.HASH_TABLE.values())
-    nodes = {
-        e.handle: e for e in drift.parse_u32_filters(text) if e.handle.startswith(tables) and e.handle.count(":") == 2
-    }
-    return prefs, nodes
-
-
 def read_node(runner: Runner, dev: str, handle: str) -> dict[str, plan_ingress.U32Entry]:
     """One cap's hash node, by handle ({} when it is not there): one small query however many caps there are."""
     family = plan_ingress.node_family(handle)
@@ -427,11 +416,13 @@ def read_node(runner: Runner, dev: str, handle: str) -> dict[str, plan_ingress.U
         text = runner.query(argv)
     except CommandFailed:
         return {}
-    return {e.handle: e for e in drift.parse_u32_filters(text) if e.handle == handle}
+    return plan_ingress.hash_nodes(drift.parse_u32_filters(text))
 
 
-def read_u32_filters(runner: Runner, dev: str) -> list[drift.U32Entry]:
-    return drift.parse_u32_filters(runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:")))
+def read_u32_filters(runner: Runner, dev: str) -> tuple[set[int], list[plan_ingress.U32Entry]]:
+    """The prefs in use on shapekit's root qdisc of `dev`, and its classifying u32 filters."""
+    text = runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:"))
+    return drift.parse_prefs(text), drift.parse_u32_filters(text)
 
 
 def apply_ingress(runner: Runner, tree: Device, cmds: list[Argv]) -> None:

@@ -80,13 +80,13 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
         for device in devices:
             current = apply.read_root(runner, device.name)
             caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
-            inbound = device.ingress and _ingress_tree(runner, config, device.ingress, bypass, runtime, now)
+            inbound = _ingress_tree(runner, config, device.ingress, bypass, runtime, now) if device.ingress else []
             plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
         for device, egress, inbound in plans:
             apply.apply_tree(runner, device.name, egress)
             if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
                 apply.remove_ingress(runner, device.name, ifbs[device.name])
-            if device.ingress is not None and inbound:
+            if device.ingress is not None:
                 apply.apply_ingress(runner, device.ingress, inbound)
 
 
@@ -159,8 +159,8 @@ def _ingress_drift(
     out = _tree_drift(runner, tree, placed, [], 0)
     if apply.read_ingress_hook(runner, dev).redirect_to != ifb:
         out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
-    want = drift.planned_filters(plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed))
-    return out + drift.diff_filters(ifb, want, apply.read_u32_filters(runner, ifb))
+    want = [f.entry() for f in plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed)]
+    return out + drift.diff_filters(ifb, want, apply.read_u32_filters(runner, ifb)[1])
 
 
 def flush(options: Options, devs: list[str], forget: bool) -> None:
@@ -205,7 +205,7 @@ def _refresh_ingress(
     runner = options.runner()
     for tree in (d.ingress for d in config.devices.values() if d.ingress is not None):
         if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
-            present, _ = apply.read_ingress_filters(runner, tree.name)
+            present, _ = apply.read_u32_filters(runner, tree.name)
             cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters(tree))
             runner.tc_batch(f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds)
 
@@ -354,7 +354,8 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
         if device.ingress is not None:
             tree = device.ingress
             inbound = place_caps(tree, runtime, now)
-            present_prefs, hashed = apply.read_ingress_filters(runner, tree.name)
+            present_prefs, filters = apply.read_u32_filters(runner, tree.name)
+            hashed = plan_ingress.hash_nodes(filters)
             classes = apply.read_cap_classes(runner, tree.name)
             runner.tc_batch(
                 f"{device.name}: per-IP caps on arriving traffic ({tree.name})",
@@ -563,7 +564,8 @@ def _cap_filters_now(
     """What changing one cap's filter needs of the kernel: its hash node (one small query), or for a network the prefs."""
     handle = plan_ingress.cap_filter(placed).handle
     if handle is None:
-        return apply.read_ingress_filters(runner, tree.name)
+        present, filters = apply.read_u32_filters(runner, tree.name)
+        return present, plan_ingress.hash_nodes(filters)
     return set(), apply.read_node(runner, tree.name, handle)
 
 

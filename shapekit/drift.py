@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shapekit.plan import Argv
-from shapekit.plan_ingress import U32Entry, U32Filter
+from shapekit.plan_ingress import U32Entry
 from shapekit.plan_mangle import MangleState
 from shapekit.tc_text import TcClass, parse_tc_classes
 from shapekit.units import format_rate, parse_rate
@@ -156,8 +156,9 @@ def parse_u32_filters(text: str) -> list[U32Entry]:
     return entries
 
 
-def planned_filters(filters: Sequence[U32Filter]) -> list[U32Entry]:
-    return [f.entry() for f in filters]
+def parse_prefs(text: str) -> set[int]:
+    """Every filter pref in `tc filter show` text."""
+    return {int(pref) for pref in re.findall(r" pref (\d+) ", text)}
 
 
 def diff_filters(dev: str, want: Sequence[U32Entry], have: Sequence[U32Entry]) -> list[str]:

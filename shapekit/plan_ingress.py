@@ -293,6 +293,12 @@ def _node_del(dev: str, handle: str) -> Argv:
     return _filter(dev, "del", family, CAP_PREF[family], "handle", handle, "u32")
 
 
+def hash_nodes(entries: Sequence[U32Entry]) -> dict[str, U32Entry]:
+    """The caps' hash nodes among a tree's filters, by handle ("100:7:1")."""
+    tables = tuple(HASH_TABLE.values())
+    return {e.handle: e for e in entries if e.handle.startswith(tables) and e.handle.count(":") == 2}
+
+
 def node_family(handle: str) -> int:
     """The IP family of a cap's hash node, from its table."""
     return next(f for f, table in HASH_TABLE.items() if handle.startswith(table))
