@@ -480,7 +480,7 @@ def _check_request(
 def _put_cap(runner: apply.Runner, tree: Device, placed: PlacedCap, every: list[PlacedCap], now: float) -> None:
     """One cap's class (new, or its rate changed in place) and its set entry or u32 filter."""
     header = f"{tree.name}: the class of {placed.cap.host}"
-    cmds = plan_limits.cap_class(tree.name, tree.leaf, placed, "replace")
+    cmds = plan_limits.cap_class(tree, placed, "replace")
     if tree.direction == "in":
         cmds += plan_ingress.cap_entry(tree, placed, every, *_cap_filters_now(runner, tree, placed))
     try:

@@ -41,11 +41,11 @@ MAX_BURST = 2**30  # bytes; tc refuses 4g
 MAX_QUANTUM = 2**24
 MAX_DEPTH = 7  # HTB allows 8 levels; the top class takes one
 
-Leaf = Literal["sfq", "fq_codel", "pfifo", "none"]
+Leaf = Literal["sfq", "fq_codel", "cake", "pfifo", "none"]
 # "u32" is the ingress trees' own: packets arriving have no netfilter mark yet.
 Classifier = Literal["fw", "classify", "u32"]
 Direction = Literal["out", "in"]
-LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "pfifo", "none")
+LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "cake", "pfifo", "none")
 CLASSIFIERS: tuple[Classifier, ...] = ("fw", "classify")
 IMPLICIT_DEFAULT = "default"
 
@@ -57,7 +57,7 @@ _INGRESS_KEYS = {"rate", "default", "leaf", "classes"}
 # The IFB device that carries a device's ingress tree: "ifb-" and the name, or a digest of a long one.
 IFB_PREFIX = "ifb-"
 IFB_ALIAS = "shapekit ingress of "  # the IFB's ifalias: how shapekit knows its own
-_CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid"}
+_CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid", "leaf"}
 _TOP_KEYS = {"device", "bypass", "mark"}
 
 
@@ -76,6 +76,7 @@ class HtbClass:
     burst: int | None = None  # bytes
     cburst: int | None = None
     quantum: int | None = None
+    leaf: Leaf | None = None  # this class's leaf qdisc, when not the device's
 
 
 @dataclass(frozen=True)
@@ -355,9 +356,18 @@ def _parse_classes(
                 burst=_size(path, f"{key}.burst", table.get("burst"), MAX_BURST),
                 cburst=_size(path, f"{key}.cburst", table.get("cburst"), MAX_BURST),
                 quantum=_size(path, f"{key}.quantum", table.get("quantum"), MAX_QUANTUM),
+                leaf=_class_leaf(path, key, table, is_leaf=name not in parents),
             )
         )
     return tuple(classes)
+
+
+def _class_leaf(path: Path, key: str, table: dict[str, Any], is_leaf: bool) -> Leaf | None:
+    if "leaf" not in table:
+        return None
+    if not is_leaf:
+        raise ConfigError(path, f"{key}.leaf", "only a leaf class has a leaf qdisc; this class has child classes")
+    return _choice(path, f"{key}.leaf", table["leaf"], LEAVES)
 
 
 def _tree_order(path: Path, dev_key: str, tables: dict[str, dict[str, Any]]) -> list[str]:

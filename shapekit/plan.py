@@ -19,17 +19,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shapekit.config import ROOT_MAJOR, TOP_MINOR, Device, HtbClass
+from shapekit.config import ROOT_MAJOR, TOP_MINOR, Device, HtbClass, Leaf
 from shapekit.config_rules import BYPASS_MINOR, Bypass
 from shapekit.units import format_rate
 
 Argv = tuple[str, ...]
 
 FW_FILTER_PRIO = 10
+# HTB's quantum: the bytes a class may send in its turn when classes of one prio share spare
+# bandwidth, so siblings share it in proportion to their quanta. Left to itself HTB takes
+# rate / r2q (r2q 10) and, outside 1000..200,000 bytes, clamps it and logs "quantum of class
+# ... is small/big. Consider r2q change." shapekit always passes a quantum (no warning): rate / r2q
+# with one r2q per tree, 10 or more so that the line's own quantum stays within 200,000 bytes, and
+# never below a full-size frame, since HTB gives a class one packet a turn whatever its quantum.
+HTB_R2Q = 10
+MAX_QUANTUM_AUTO = 200_000
+MIN_QUANTUM = 1514
 # The leaf qdisc each `leaf` value asks for; "none" keeps HTB's own pfifo.
 LEAF_QDISC: dict[str, tuple[str, ...]] = {
     "sfq": ("sfq", "perturb", "10"),
     "fq_codel": ("fq_codel",),
+    # HTB shapes, so CAKE runs without a limit of its own; one tin, since HTB's classes already
+    # order the traffic; fairness among hosts, then flows; GSO super-packets split, so HTB is
+    # charged for (and paces) wire-size packets.
+    "cake": ("cake", "unlimited", "besteffort", "triple-isolate", "split-gso"),
     "pfifo": ("pfifo",),
     "none": (),
 }
@@ -66,21 +79,36 @@ def _tc(dev: str, *args: str) -> Argv:
     return ("tc", args[0], args[1], "dev", dev, *args[2:])
 
 
-def _class_options(cls: HtbClass) -> tuple[str, ...]:
-    options = ["rate", format_rate(cls.rate), "ceil", format_rate(cls.ceil)]
+def r2q(line_rate: int) -> int:
+    """The divisor from a class's rate (bytes/s) to its quantum, for a tree with this line rate (bits/s)."""
+    return max(HTB_R2Q, -(-line_rate // 8 // MAX_QUANTUM_AUTO))
+
+
+def quantum(rate: int, line_rate: int) -> int:
+    """The quantum (bytes) of a class of `rate` in a tree of `line_rate` (both bits/s)."""
+    return max(MIN_QUANTUM, rate // 8 // r2q(line_rate))
+
+
+def rate_options(rate: int, ceil: int, line_rate: int, explicit_quantum: int | None = None) -> list[str]:
+    quantum_bytes = quantum(rate, line_rate) if explicit_quantum is None else explicit_quantum
+    # tc reads a plain number of bytes for the quantum
+    return ["rate", format_rate(rate), "ceil", format_rate(ceil), "quantum", str(quantum_bytes)]
+
+
+def _class_options(cls: HtbClass, line_rate: int) -> tuple[str, ...]:
+    options = rate_options(cls.rate, cls.ceil, line_rate, cls.quantum)
     for name, value in (("burst", cls.burst), ("cburst", cls.cburst)):
         if value is not None:
             options += [name, f"{value}b"]
-    if cls.quantum is not None:
-        options += ["quantum", str(cls.quantum)]  # tc reads a plain number of bytes here
     if cls.prio is not None:
         options += ["prio", str(cls.prio)]
     return tuple(options)
 
 
-def _leaf(device: Device, minor: int) -> list[Argv]:
-    leaf = LEAF_QDISC[device.leaf]
-    return [_tc(device.name, "qdisc", "add", "parent", classid(minor), "handle", f"{minor:x}:", *leaf)] if leaf else []
+def leaf_qdisc(dev: str, minor: int, leaf: Leaf, verb: str = "add") -> list[Argv]:
+    """The leaf qdisc `MINOR:` under class `5c:MINOR`; none for "none" (HTB's own pfifo)."""
+    qdisc = LEAF_QDISC[leaf]
+    return [_tc(dev, "qdisc", verb, "parent", classid(minor), "handle", f"{minor:x}:", *qdisc)] if qdisc else []
 
 
 def _fw_filter(dev: str, mark: int, minor: int) -> Argv:
@@ -96,21 +124,20 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     """Build shapekit's whole HTB tree on an empty root."""
     dev = device.name
     top = classid(TOP_MINOR)
-    rate = format_rate(device.rate)
-    line = ("rate", rate, "ceil", rate)
+    line = tuple(rate_options(device.rate, device.rate, device.rate))
     cmds = [
         _tc(dev, "qdisc", "add", "root", "handle", root_handle(), "htb", "default", f"{device.default_class.minor:x}"),
         _htb_class(dev, root_handle(), TOP_MINOR, line),
         # Bypassed traffic is not shaped: a class guaranteed the whole line, under the top class so
         # that bypassed and shaped traffic together never exceed the line (the seed's 100:1).
         _htb_class(dev, top, BYPASS_MINOR, line),
-        *_leaf(device, BYPASS_MINOR),
+        *leaf_qdisc(dev, BYPASS_MINOR, device.leaf),
     ]
     for cls in device.classes:
         parent = top if cls.parent is None else classid(device.by_name(cls.parent).minor)
-        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls)))
+        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls, device.rate)))
         if cls.is_leaf:
-            cmds += _leaf(device, cls.minor)
+            cmds += leaf_qdisc(dev, cls.minor, cls.leaf or device.leaf)
     if device.classifier == "fw":
         cmds.append(_fw_filter(dev, bypass.mark, BYPASS_MINOR))
         cmds += [_fw_filter(dev, cls.mark, cls.minor) for cls in device.classes if cls.mark is not None]
@@ -144,16 +171,13 @@ class KernelFeature:
 
 
 def kernel_features(devices: list[Device]) -> list[KernelFeature]:
-    """What these devices need from the kernel, each tried on `lo` of a scratch namespace."""
+    """What these trees (egress and ingress) need from the kernel, each tried on `lo` of a scratch namespace."""
     base = ("qdisc add dev lo root handle 1: htb", "class add dev lo parent 1: classid 1:1 htb rate 1mbit")
     features = [KernelFeature("HTB (sch_htb)", base, "shapekit needs HTB; no config change avoids it")]
-    for leaf in sorted({d.leaf for d in devices} - {"none"}):
-        keys = ", ".join(f"[{d.key}]" for d in devices if d.leaf == leaf)
+    for leaf, keys in _leaf_keys(devices).items():
         line = f"qdisc add dev lo parent 1:1 handle 2: {' '.join(LEAF_QDISC[leaf])}"
-        module = f"sch_{leaf}"
-        features.append(
-            KernelFeature(f"the {leaf} qdisc ({module})", (*base, line), f'set leaf = "pfifo" (or "none") in {keys}')
-        )
+        fix = f'set leaf = "pfifo" (or "none") in {", ".join(f"[{key}]" for key in keys)}'
+        features.append(KernelFeature(f"the {leaf} qdisc (sch_{leaf})", (*base, line), fix))
     fw_devices = [d for d in devices if d.classifier == "fw"]
     if fw_devices:
         keys = ", ".join(f"[{d.key}]" for d in fw_devices)
@@ -162,6 +186,17 @@ def kernel_features(devices: list[Device]) -> list[KernelFeature]:
             KernelFeature("the fw classifier (cls_fw)", (*base, line), f'set classifier = "classify" in {keys}')
         )
     return features
+
+
+def _leaf_keys(devices: list[Device]) -> dict[Leaf, list[str]]:
+    """Each leaf qdisc the trees ask for, with the config tables that ask for it."""
+    keys: dict[Leaf, list[str]] = {}
+    for tree in devices:
+        keys.setdefault(tree.leaf, []).append(tree.key)
+        for cls in tree.classes:
+            if cls.leaf is not None:
+                keys.setdefault(cls.leaf, []).append(f"{tree.key}.classes.{cls.name}")
+    return {leaf: keys[leaf] for leaf in sorted(keys) if leaf != "none"}
 
 
 def shell_script(header: str, cmds: list[Argv]) -> str:

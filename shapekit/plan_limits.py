@@ -29,9 +29,8 @@ from shapekit.addresses import Network
 from shapekit.config import TOP_MINOR, Device
 from shapekit.config_rules import CAP_MINORS, Cap
 from shapekit.errors import UsageError
-from shapekit.plan import LEAF_QDISC, Argv, classid
+from shapekit.plan import Argv, classid, leaf_qdisc, rate_options
 from shapekit.tc_text import parse_tc_classes
-from shapekit.units import format_rate
 
 LIMIT = "SHAPEKIT-LIMIT"
 SET_PREFIX = "SHAPEKIT-"
@@ -143,36 +142,20 @@ def with_minor(placed: PlacedCap) -> Cap:
 # --- tc -------------------------------------------------------------------------
 
 
-def cap_class(dev: str, leaf: str, placed: PlacedCap, verb: str = "add") -> list[Argv]:
+def cap_class(tree: Device, placed: PlacedCap, verb: str = "add") -> list[Argv]:
     """The cap's class (rate = ceil) under the top class, and its leaf qdisc."""
-    rate = format_rate(placed.cap.rate)
+    rate = placed.cap.rate
+    options = rate_options(rate, rate, tree.rate)
     cid = classid(placed.minor)
     cmds: list[Argv] = [
-        (
-            "tc",
-            "class",
-            verb,
-            "dev",
-            dev,
-            "parent",
-            classid(TOP_MINOR),
-            "classid",
-            cid,
-            "htb",
-            "rate",
-            rate,
-            "ceil",
-            rate,
-        )
+        ("tc", "class", verb, "dev", tree.name, "parent", classid(TOP_MINOR), "classid", cid, "htb", *options)
     ]
-    if LEAF_QDISC[leaf]:
-        cmds.append(("tc", "qdisc", verb, "dev", dev, "parent", cid, "handle", f"{placed.minor:x}:", *LEAF_QDISC[leaf]))
-    return cmds
+    return cmds + leaf_qdisc(tree.name, placed.minor, tree.leaf, verb)
 
 
 def cap_tree(device: Device, placed: Sequence[PlacedCap]) -> list[Argv]:
     """Every cap's class, as part of shape-init's tree."""
-    return [cmd for p in placed for cmd in cap_class(device.name, device.leaf, p)]
+    return [cmd for p in placed for cmd in cap_class(device, p)]
 
 
 def parse_cap_classes(text: str) -> dict[int, int]:
@@ -190,9 +173,9 @@ def sync_cap_classes(device: Device, placed: Sequence[PlacedCap], current: dict[
         cmds.append(("tc", "class", "del", "dev", device.name, "classid", classid(minor)))
     for minor, p in wanted.items():
         if minor not in current:
-            cmds += cap_class(device.name, device.leaf, p)
+            cmds += cap_class(device, p)
         elif abs(current[minor] - p.cap.rate) > 8:  # HTB keeps bytes/s: allow its rounding
-            cmds += cap_class(device.name, device.leaf, p, "change")[:1]
+            cmds += cap_class(device, p, "change")[:1]
     return cmds
 
 

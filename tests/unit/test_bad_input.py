@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from paths import SEED_CONFIG
 
+from shapekit import plan
 from shapekit.cli import flush_app, init_app
 from shapekit.config import load_config
 from shapekit.errors import CommandFailed, UsageError
@@ -51,7 +52,15 @@ BAD_CONFIGS = {
     ),
     "unknown leaf": (
         GOOD.replace('default = "bulk"', 'default = "bulk"\nleaf = "red"'),
-        "'red' is not one of 'sfq', 'fq_codel', 'pfifo', 'none'",
+        "'red' is not one of 'sfq', 'fq_codel', 'cake', 'pfifo', 'none'",
+    ),
+    "leaf on a class with children": (
+        GOOD.replace('rate = "50mbit"', 'rate = "50mbit"\nleaf = "fq_codel"'),
+        "device.eth0.classes.shaped.leaf: only a leaf class has a leaf qdisc; this class has child classes",
+    ),
+    "unknown class leaf": (
+        GOOD + 'leaf = "red"\n',
+        "device.eth0.classes.bulk.leaf: 'red' is not one of 'sfq', 'fq_codel', 'cake', 'pfifo', 'none'",
     ),
     "unknown classifier": (
         GOOD.replace('default = "bulk"', 'default = "bulk"\nclassifier = "u32"'),
@@ -279,6 +288,80 @@ def test_missing_kernel_features_are_named_with_the_key_that_avoids_them(system,
     assert result.stderr == (
         'shape-init: the kernel lacks the sfq qdisc (sch_sfq): set leaf = "pfifo" (or "none") in [device.eth0]; '
         'the kernel lacks the fw classifier (cls_fw): set classifier = "classify" in [device.eth0]\n'
+    )
+    assert system.batches() == []
+
+
+CAKE_AND_CLASS_FQ_CODEL = (
+    SEED_CONFIG.read_text()
+    .replace('leaf = "sfq"', 'leaf = "cake"')
+    .replace("mark = 11010\n", 'mark = 11010\nleaf = "fq_codel"\n')
+)
+
+
+def test_kernel_features_name_each_leaf_qdisc_with_the_tables_that_ask_for_it(write_config):
+    config = load_config(write_config(CAKE_AND_CLASS_FQ_CODEL), check_owner=False)
+
+    features = plan.kernel_features([tree for d in config.devices.values() for tree in d.trees])
+
+    assert [(f.name, f.lines[2:], f.fix) for f in features] == [
+        ("HTB (sch_htb)", (), "shapekit needs HTB; no config change avoids it"),
+        (
+            "the cake qdisc (sch_cake)",
+            ("qdisc add dev lo parent 1:1 handle 2: cake unlimited besteffort triple-isolate split-gso",),
+            'set leaf = "pfifo" (or "none") in [device.eth0]',
+        ),
+        (
+            "the fq_codel qdisc (sch_fq_codel)",
+            ("qdisc add dev lo parent 1:1 handle 2: fq_codel",),
+            'set leaf = "pfifo" (or "none") in [device.eth0.classes.high]',
+        ),
+        (
+            "the fw classifier (cls_fw)",
+            ("filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1",),
+            'set classifier = "classify" in [device.eth0]',
+        ),
+    ]
+    assert {f.lines[:2] for f in features} == {
+        ("qdisc add dev lo root handle 1: htb", "class add dev lo parent 1: classid 1:1 htb rate 1mbit")
+    }
+
+
+def test_kernel_features_name_ingress_tables_and_their_classes(write_config):
+    text = (
+        '[device.eth0]\nrate = "100mbit"\nleaf = "fq_codel"\nclassifier = "classify"\n'
+        '[device.eth0.ingress]\nrate = "50mbit"\ndefault = "bulk"\nleaf = "cake"\n'
+        '[device.eth0.ingress.classes.bulk]\nrate = "40mbit"\n'
+        '[device.eth0.ingress.classes.ssh]\nrate = "10mbit"\nleaf = "fq_codel"\n'
+    )
+    config = load_config(write_config(text), check_owner=False)
+
+    features = plan.kernel_features([tree for d in config.devices.values() for tree in d.trees])
+
+    assert [(f.name, f.fix) for f in features] == [
+        ("HTB (sch_htb)", "shapekit needs HTB; no config change avoids it"),
+        ("the cake qdisc (sch_cake)", 'set leaf = "pfifo" (or "none") in [device.eth0.ingress]'),
+        (
+            "the fq_codel qdisc (sch_fq_codel)",
+            'set leaf = "pfifo" (or "none") in [device.eth0], [device.eth0.ingress.classes.ssh]',
+        ),
+    ]
+
+
+def test_a_kernel_without_cake_or_fq_codel_is_refused_naming_the_tables(system, cli, write_config):
+    def kernel_without_cake_and_fq_codel(argv, stdin):
+        if argv[0] == "unshare" and (" cake " in stdin or "fq_codel" in stdin):
+            raise CommandFailed("unshare", "Error: Specified qdisc kind is unknown.\nCommand failed -:3\n")
+
+    system.hooks.append(kernel_without_cake_and_fq_codel)
+
+    result = cli(init_app, "--config", str(write_config(CAKE_AND_CLASS_FQ_CODEL)))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        'shape-init: the kernel lacks the cake qdisc (sch_cake): set leaf = "pfifo" (or "none") in [device.eth0]; '
+        'the kernel lacks the fq_codel qdisc (sch_fq_codel): set leaf = "pfifo" (or "none") in '
+        "[device.eth0.classes.high]\n"
     )
     assert system.batches() == []
 

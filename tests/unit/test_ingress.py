@@ -65,16 +65,16 @@ TCP4 = "match u32 0x00060000 0x00ff0000 at 8 match u32 0x05000000 0x0f000000 at 
 TCP6 = "match u32 0x00000600 0x0000ff00 at 4"
 IFB_BATCH = f"""\
 qdisc add dev ifb-eth0 root handle 5c: htb default 11
-class add dev ifb-eth0 parent 5c: classid 5c:1 htb rate 50mbit ceil 50mbit
-class add dev ifb-eth0 parent 5c:1 classid 5c:2 htb rate 50mbit ceil 50mbit
+class add dev ifb-eth0 parent 5c: classid 5c:1 htb rate 50mbit ceil 50mbit quantum 195312
+class add dev ifb-eth0 parent 5c:1 classid 5c:2 htb rate 50mbit ceil 50mbit quantum 195312
 qdisc add dev ifb-eth0 parent 5c:2 handle 2: pfifo
-class add dev ifb-eth0 parent 5c:1 classid 5c:10 htb rate 10mbit ceil 50mbit prio 0
+class add dev ifb-eth0 parent 5c:1 classid 5c:10 htb rate 10mbit ceil 50mbit quantum 39062 prio 0
 qdisc add dev ifb-eth0 parent 5c:10 handle 10: pfifo
-class add dev ifb-eth0 parent 5c:1 classid 5c:11 htb rate 40mbit ceil 50mbit
+class add dev ifb-eth0 parent 5c:1 classid 5c:11 htb rate 40mbit ceil 50mbit quantum 156250
 qdisc add dev ifb-eth0 parent 5c:11 handle 11: pfifo
-class add dev ifb-eth0 parent 5c:1 classid 5c:8000 htb rate 2mbit ceil 2mbit
+class add dev ifb-eth0 parent 5c:1 classid 5c:8000 htb rate 2mbit ceil 2mbit quantum 7812
 qdisc add dev ifb-eth0 parent 5c:8000 handle 8000: pfifo
-class add dev ifb-eth0 parent 5c:1 classid 5c:8001 htb rate 4mbit ceil 4mbit
+class add dev ifb-eth0 parent 5c:1 classid 5c:8001 htb rate 4mbit ceil 4mbit quantum 15625
 qdisc add dev ifb-eth0 parent 5c:8001 handle 8001: pfifo
 filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100: u32 divisor 256
 filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 u32 match u32 0 0 hashkey mask 0x000000ff at 12 link 100:
@@ -157,6 +157,38 @@ def test_init_again_reuses_the_ifb_and_replaces_only_its_own_redirect(system, cl
     assert system.batches()[2] == "filter del dev eth0 ingress protocol all pref 92 u32\n" + REDIRECT
 
 
+def test_a_class_leaf_in_the_ingress_table_overrides_its_leaf_for_that_class(system, cli, write_config):
+    text = CONFIG.replace('rate = "10mbit"\nprio = 0', 'rate = "10mbit"\nprio = 0\nleaf = "fq_codel"')
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches()[1] == IFB_BATCH.replace(
+        "qdisc add dev ifb-eth0 parent 5c:10 handle 10: pfifo\n",
+        "qdisc add dev ifb-eth0 parent 5c:10 handle 10: fq_codel\n",
+    )
+    assert "fq_codel" not in system.batches()[0]  # eth0's egress tree keeps its pfifo leaves
+    probe = ("unshare", "--net", "--", "tc", "-batch", "-")
+    assert [stdin.splitlines()[-1] for argv, stdin in system.calls if argv == probe] == [
+        "class add dev lo parent 1: classid 1:1 htb rate 1mbit",
+        "qdisc add dev lo parent 1:1 handle 2: fq_codel",
+        "qdisc add dev lo parent 1:1 handle 2: pfifo",
+    ]
+
+
+def test_an_ingress_class_leaf_that_is_no_leaf_qdisc_is_refused(system, cli, write_config):
+    text = CONFIG.replace('rate = "10mbit"\nprio = 0', 'rate = "10mbit"\nprio = 0\nleaf = "red"')
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        "device.eth0.ingress.classes.ssh.leaf: 'red' is not one of 'sfq', 'fq_codel', 'cake', 'pfifo', 'none'\n"
+    )
+    assert result.stderr.count("\n") == 1
+    assert system.calls == []
+
+
 def test_seed_000_both_ways_classes_its_torrent_ports_in_aligned_blocks(system, cli):
     result = cli(init_app, "--config", str(DOWNLOAD_CONFIG))
 
@@ -201,7 +233,7 @@ def test_add_in_touches_only_that_hosts_class_and_hash_node(booted, cli, config,
 
     assert result.exit_code == 0, result.stderr
     assert booted.batches() == [
-        "class replace dev ifb-eth0 parent 5c:1 classid 5c:8002 htb rate 1mbit ceil 1mbit\n"
+        "class replace dev ifb-eth0 parent 5c:1 classid 5c:8002 htb rate 1mbit ceil 1mbit quantum 3906\n"
         "qdisc replace dev ifb-eth0 parent 5c:8002 handle 8002: pfifo\n"
         "filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:9:3 u32 ht 100:9: "
         "match u32 0xc6336409 0xffffffff at 12 flowid 5c:8002\n"

@@ -13,15 +13,15 @@ from shapekit.errors import CommandFailed
 # both under the top class at the line rate.
 SEED_000_BATCH = """\
 qdisc add dev eth0 root handle 5c: htb default 1030
-class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit
-class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit
+class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412
+class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412
 qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10
-class add dev eth0 parent 5c:1 classid 5c:10 htb rate 50mbit ceil 50mbit prio 5
-class add dev eth0 parent 5c:10 classid 5c:1010 htb rate 10mbit ceil 50mbit prio 0
+class add dev eth0 parent 5c:1 classid 5c:10 htb rate 50mbit ceil 50mbit quantum 99206 prio 5
+class add dev eth0 parent 5c:10 classid 5c:1010 htb rate 10mbit ceil 50mbit quantum 19841 prio 0
 qdisc add dev eth0 parent 5c:1010 handle 1010: sfq perturb 10
-class add dev eth0 parent 5c:10 classid 5c:1030 htb rate 512kbit ceil 50mbit prio 5
+class add dev eth0 parent 5c:10 classid 5c:1030 htb rate 512kbit ceil 50mbit quantum 1514 prio 5
 qdisc add dev eth0 parent 5c:1030 handle 1030: sfq perturb 10
-class add dev eth0 parent 5c:10 classid 5c:1090 htb rate 512kbit ceil 2048kbit prio 7
+class add dev eth0 parent 5c:10 classid 5c:1090 htb rate 512kbit ceil 2048kbit quantum 1514 prio 7
 qdisc add dev eth0 parent 5c:1090 handle 1090: sfq perturb 10
 filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11010 fw flowid 5c:1010
@@ -77,24 +77,79 @@ def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_c
     assert "qdisc add dev eth0 parent 5c:1010 handle 1010: fq_codel\n" in fq_codel
 
 
+CAKE = "cake unlimited besteffort triple-isolate split-gso"
+
+
+def test_leaf_cake_puts_an_unlimited_one_tin_cake_under_the_bypass_and_every_leaf_class(system, cli, write_config):
+    text = SEED_CONFIG.read_text().replace('leaf = "sfq"', 'leaf = "cake"')
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in system.batches()[0].splitlines() if line.startswith("qdisc add dev eth0 parent")] == [
+        f"qdisc add dev eth0 parent 5c:2 handle 2: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:1010 handle 1010: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:1030 handle 1030: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:1090 handle 1090: {CAKE}",
+    ]
+    assert system.batches() == [SEED_000_BATCH.replace("sfq perturb 10", CAKE)]
+    assert (PROBE, PROBE_HTB + f"qdisc add dev lo parent 1:1 handle 2: {CAKE}\n") in system.calls
+
+
+def test_leaf_cake_goes_under_each_caps_class_too(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace("[device.eth0.limits]", 'leaf = "cake"\n[device.eth0.limits]')
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in system.batches()[0].splitlines() if line.startswith("qdisc add dev eth0 parent")] == [
+        f"qdisc add dev eth0 parent 5c:2 handle 2: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:10 handle 10: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:8000 handle 8000: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:8001 handle 8001: {CAKE}",
+        f"qdisc add dev eth0 parent 5c:8002 handle 8002: {CAKE}",
+    ]
+
+
+def test_a_class_leaf_overrides_the_devices_for_that_class_only(system, cli, write_config):
+    text = SEED_CONFIG.read_text().replace("mark = 11010\n", 'mark = 11010\nleaf = "fq_codel"\n')
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches() == [
+        SEED_000_BATCH.replace(
+            "qdisc add dev eth0 parent 5c:1010 handle 1010: sfq perturb 10\n",
+            "qdisc add dev eth0 parent 5c:1010 handle 1010: fq_codel\n",
+        )
+    ]
+    assert "qdisc add dev eth0 parent 5c:1030 handle 1030: sfq perturb 10\n" in system.batches()[0]
+    assert [stdin for argv, stdin in system.calls if argv == PROBE] == [
+        PROBE_HTB,
+        PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: fq_codel\n",  # for [device.eth0.classes.high]
+        PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: sfq perturb 10\n",  # for [device.eth0]
+        PROBE_HTB + "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1\n",
+    ]
+
+
 def test_seed_002_tree_is_a_default_class_at_the_line_rate_and_a_class_per_cap(system, cli):
     result = cli(init_app, "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 0, result.stderr
     assert system.batches() == [
         "qdisc add dev eth0 root handle 5c: htb default 10\n"
-        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit\n"
-        "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
+        "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412\n"
         "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit quantum 198412\n"
         "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514\n"
         "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"
         "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514\n"
         "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
     ]
 
@@ -119,10 +174,10 @@ def test_sizes_are_bytes_and_allocated_ids_follow_file_order(system, cli, write_
     assert result.exit_code == 0, result.stderr
     assert system.batches() == [
         "qdisc add dev eth1 root handle 5c: htb default 11\n"
-        "class add dev eth1 parent 5c: classid 5c:1 htb rate 2gbit ceil 2gbit\n"
-        "class add dev eth1 parent 5c:1 classid 5c:2 htb rate 2gbit ceil 2gbit\n"
-        "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit burst 5120b cburst 3000b quantum 1514\n"
-        "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit\n"
+        "class add dev eth1 parent 5c: classid 5c:1 htb rate 2gbit ceil 2gbit quantum 200000\n"
+        "class add dev eth1 parent 5c:1 classid 5c:2 htb rate 2gbit ceil 2gbit quantum 200000\n"
+        "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit quantum 1514 burst 5120b cburst 3000b\n"
+        "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit quantum 1514\n"
     ]
 
 
@@ -150,7 +205,7 @@ def test_dev_selects_devices(system, cli, write_config):
     cli(init_app, "--config", str(config), "--dev", "eth1")
 
     assert [b.splitlines()[1] for b in system.batches()] == [
-        "class add dev eth1 parent 5c: classid 5c:1 htb rate 20mbit ceil 20mbit"
+        "class add dev eth1 parent 5c: classid 5c:1 htb rate 20mbit ceil 20mbit quantum 192307"
     ]
 
 

@@ -26,11 +26,11 @@ ADDRESSES = [
 
 # Seed 002's three hosts: a class each (seed: 1:1, 1:2, 1:3 with fw marks 1-3), now under the top class.
 SEED_002_CLASSES = """\
-class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit
+class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514
 qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10
-class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit
+class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514
 qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10
-class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit
+class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514
 qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10
 """
 # ...and instead of one CONNMARK rule per host, an ipset entry each, swapped in at once.
@@ -38,9 +38,9 @@ SEED_002_SETS = """\
 create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist
 create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist
 flush SHAPEKIT-eth0-4~
-add SHAPEKIT-eth0-4~ 192.168.1.101/32 skbprio 5c:8000
-add SHAPEKIT-eth0-4~ 192.168.1.102/32 skbprio 5c:8001
-add SHAPEKIT-eth0-4~ 192.168.1.103/32 skbprio 5c:8002
+add SHAPEKIT-eth0-4~ 198.18.0.101/32 skbprio 5c:8000
+add SHAPEKIT-eth0-4~ 198.18.0.102/32 skbprio 5c:8001
+add SHAPEKIT-eth0-4~ 198.18.0.103/32 skbprio 5c:8002
 swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
 destroy SHAPEKIT-eth0-4~
 create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist
@@ -112,10 +112,13 @@ def test_installing_again_touches_only_classes_that_differ(booted, cli):
 
     cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
 
-    assert booted.batches() == [
-        "class del dev eth0 classid 5c:8007\n"  # a cap that is gone
-        "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"  # 1mbit → 512kbit
-    ]
+    assert (
+        booted.batches()
+        == [
+            "class del dev eth0 classid 5c:8007\n"  # a cap that is gone
+            "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"  # 1mbit → 512kbit
+        ]
+    )
 
 
 def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
@@ -127,7 +130,7 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
         (("ipset", "list", "-n"), None),
         (
             BATCH,
-            "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit\n"
+            "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514\n"
             "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n",
         ),
         (
@@ -185,7 +188,7 @@ def test_add_again_changes_the_rate_in_place(booted, cli, tmp_path):
     cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "add", "198.51.100.7", "64kbit")
 
     assert booted.batches()[0].startswith(
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 64kbit ceil 64kbit\n"
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 64kbit ceil 64kbit quantum 1514\n"
     )
     assert [(c["host"], c["rate"], c["minor"]) for c in state(tmp_path)] == [
         ("198.51.100.9/32", "1mbit", 0x8004),
@@ -203,7 +206,7 @@ def test_add_for_a_while_is_an_ipset_timeout(booted, cli, tmp_path):
 
 
 def test_a_run_time_cap_on_a_config_host_takes_its_class(booted, cli):
-    cli(limit_ip_app, "add", "192.168.1.102", "64kbit", "--config", str(INCIDENT_CONFIG))
+    cli(limit_ip_app, "add", "198.18.0.102", "64kbit", "--config", str(INCIDENT_CONFIG))
 
     assert booted.batches()[0].startswith("class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 64kbit")
 
@@ -239,13 +242,13 @@ def test_remove_after_a_flush_touches_no_class(booted, cli):
 
 
 def test_remove_of_an_override_goes_back_to_the_config_cap(booted, cli):
-    cli(limit_ip_app, "add", "192.168.1.102", "64kbit", "--config", str(INCIDENT_CONFIG))
+    cli(limit_ip_app, "add", "198.18.0.102", "64kbit", "--config", str(INCIDENT_CONFIG))
     booted.run.reset_mock()
 
-    cli(limit_ip_app, "remove", "192.168.1.102", "--config", str(INCIDENT_CONFIG))
+    cli(limit_ip_app, "remove", "198.18.0.102", "--config", str(INCIDENT_CONFIG))
 
     assert booted.batches() == [
-        "class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit\n"
+        "class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"
         "qdisc replace dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
     ]
 
@@ -270,11 +273,11 @@ def test_list(booted, cli, mocker):
     rows = json.loads(cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "list", "--json").stdout)
 
     assert table.splitlines() == [
-        "HOST           RATE     DEV   DIR  SOURCE    EXPIRES                    CLASS    COMMENT",
-        "192.168.1.101  128kbit  eth0  out  config    -                          5c:8000",
-        "192.168.1.102  512kbit  eth0  out  config    -                          5c:8001",
-        "192.168.1.103  32kbit   eth0  out  config    -                          5c:8002",
-        "198.51.100.7   128kbit  eth0  out  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
+        "HOST          RATE     DEV   DIR  SOURCE    EXPIRES                    CLASS    COMMENT",
+        "198.18.0.101  128kbit  eth0  out  config    -                          5c:8000",
+        "198.18.0.102  512kbit  eth0  out  config    -                          5c:8001",
+        "198.18.0.103  32kbit   eth0  out  config    -                          5c:8002",
+        "198.51.100.7  128kbit  eth0  out  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
     ]
     assert rows[3] == {
         "host": "198.51.100.7",
@@ -306,7 +309,7 @@ def test_init_builds_run_time_caps_into_the_tree(booted, cli):
 
     assert booted.batches()[0].endswith(
         SEED_002_CLASSES
-        + "class add dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit\n"
+        + "class add dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514\n"
         + "qdisc add dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
     )
 
@@ -340,9 +343,9 @@ def test_add_before_any_install_installs_everything(booted, cli, tmp_path):
         (["add", "198.51.100.7", "1mbit", "--for", "soon"], "'soon' is not a duration"),
         (["add", "198.51.100.7", "1mbit", "--for", "0s"], "a duration must be above 0"),
         (["add", "198.51.100.7", "1mbit", "--for", "30d"], "longer than ipset's longest timeout"),
-        (["add", "192.168.1.101", "1mbit", "--for", "1h"], "is capped by"),
+        (["add", "198.18.0.101", "1mbit", "--for", "1h"], "is capped by"),
         (["add", "198.51.100.7", "1mbit", "--dev", "eth1"], "--dev eth1: not a device in"),
-        (["remove", "192.168.1.101"], "is capped by"),
+        (["remove", "198.18.0.101"], "is capped by"),
         (["remove", "198.51.100.99"], "198.51.100.99/32 is not capped"),
     ],
 )
