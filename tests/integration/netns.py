@@ -86,8 +86,8 @@ class NetPair:
             raise AssertionError(f"{command} {' '.join(args)} exited {result.returncode}: {result.stderr}")
         return result
 
-    def qdiscs(self) -> list[dict]:
-        return json.loads(self.left.run("tc", "-j", "qdisc", "show", "dev", self.dev).stdout)
+    def qdiscs(self, dev: str | None = None) -> list[dict]:
+        return json.loads(self.left.run("tc", "-j", "qdisc", "show", "dev", dev or self.dev).stdout)
 
     def classes(self) -> dict[str, dict[str, str]]:
         return parse_classes(self.left.run("tc", "class", "show", "dev", self.dev).stdout)
