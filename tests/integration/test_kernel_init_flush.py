@@ -192,7 +192,9 @@ def test_a_failing_tc_command_leaves_the_device_unshaped(netpair):
     result = netpair.shapekit("shape-init", "--config", str(netpair.write_config(TREE)), check=False)
 
     assert result.returncode == 1
-    fifth = f"`tc class add dev {netpair.dev} parent 5c:1 classid 5c:10 htb rate 20mbit ceil 20mbit quantum 39682` failed"
+    fifth = (
+        f"`tc class add dev {netpair.dev} parent 5c:1 classid 5c:10 htb rate 20mbit ceil 20mbit quantum 39682` failed"
+    )
     assert fifth in result.stderr and "injected failure" in result.stderr, result.stderr
     assert "left unshaped" in result.stderr
     assert not [q for q in netpair.qdiscs() if q["kind"] == "htb"]
