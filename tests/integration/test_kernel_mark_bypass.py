@@ -68,7 +68,9 @@ def boot(netpair, text: str = CONFIG) -> str:
 def test_a_flow_from_the_torrent_port_range_is_capped_at_the_torrent_ceil(netpair, ipv6):
     boot(netpair)
 
-    ratio = netpair.goodput(ipv6=ipv6, cport=61001 + ipv6) / 2_000_000
+    # 10 s: iperf3's total counts what was still queued when the sender stopped (TSQ lets a
+    # socket keep a GSO packet or two there), a few percent of 5 s at 2mbit.
+    ratio = netpair.goodput(ipv6=ipv6, cport=61001 + ipv6, seconds=10) / 2_000_000
 
     print(f"torrent goodput/ceil {'ipv6' if ipv6 else 'ipv4'}: {ratio:.3f}")
     assert 0.90 <= ratio <= 1.0, f"goodput/ceil = {ratio:.3f}"
