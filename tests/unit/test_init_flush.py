@@ -80,13 +80,18 @@ def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_c
 CAKE = "cake unlimited besteffort triple-isolate split-gso"
 
 
+def leaf_lines(system) -> list[str]:
+    """The leaf qdisc lines of the first batch."""
+    return [line for line in system.batches()[0].splitlines() if line.startswith("qdisc add dev eth0 parent")]
+
+
 def test_leaf_cake_puts_an_unlimited_one_tin_cake_under_the_bypass_and_every_leaf_class(system, cli, write_config):
     text = SEED_CONFIG.read_text().replace('leaf = "sfq"', 'leaf = "cake"')
 
     result = cli(init_app, "--config", str(write_config(text)))
 
     assert result.exit_code == 0, result.stderr
-    assert [line for line in system.batches()[0].splitlines() if line.startswith("qdisc add dev eth0 parent")] == [
+    assert leaf_lines(system) == [
         f"qdisc add dev eth0 parent 5c:2 handle 2: {CAKE}",
         f"qdisc add dev eth0 parent 5c:1010 handle 1010: {CAKE}",
         f"qdisc add dev eth0 parent 5c:1030 handle 1030: {CAKE}",
@@ -102,7 +107,7 @@ def test_leaf_cake_goes_under_each_caps_class_too(system, cli, write_config):
     result = cli(init_app, "--config", str(write_config(text)))
 
     assert result.exit_code == 0, result.stderr
-    assert [line for line in system.batches()[0].splitlines() if line.startswith("qdisc add dev eth0 parent")] == [
+    assert leaf_lines(system) == [
         f"qdisc add dev eth0 parent 5c:2 handle 2: {CAKE}",
         f"qdisc add dev eth0 parent 5c:10 handle 10: {CAKE}",
         f"qdisc add dev eth0 parent 5c:8000 handle 8000: {CAKE}",
