@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -391,6 +393,13 @@ def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOpt
     _run("shape-limit-ip", show)
 
 
+def _interval(value: float) -> float:
+    # click's float takes "nan" and "inf", which no sleep can use.
+    if not math.isfinite(value) or value < 0.1:
+        raise typer.BadParameter(f"{value} is not a number of seconds from 0.1 up")
+    return value
+
+
 status_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_markup_mode=None)
 
 
@@ -398,7 +407,14 @@ status_app = typer.Typer(context_settings=CONTEXT, add_completion=False, rich_ma
 def shape_status(
     dev: DevOption = None,
     interval: Annotated[
-        float, typer.Option("--interval", "-i", metavar="S", min=0.1, help="Seconds the current rate is measured over.")
+        float,
+        typer.Option(
+            "--interval",
+            "-i",
+            metavar="S",
+            callback=_interval,
+            help="Seconds the current rate is measured over (0.1 or more).",
+        ),
     ] = 1.0,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Sample again and again, in place, until Ctrl-C.")
@@ -434,25 +450,51 @@ def shape_status(
     _run("shape-status", show)
 
 
+# click's usage errors (unknown option, missing argument, bad value): BadParameter is one of them.
+_ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _main(app: typer.Typer, prog: str) -> None:
+    """Run a console script: a usage error is one line and exit 2, like every other bad input."""
+    try:
+        code = app(prog_name=prog, standalone_mode=False)
+    except _ClickUsageError as exc:
+        sys.stderr.write(f"{prog}: {_usage_line(exc)}\n")
+        sys.exit(2)
+    except typer.Abort:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(exc: Exception) -> str:
+    """click's "Error: No such option: --bogus." as "no such option: --bogus (see shape-init --help)"."""
+    message = " ".join(exc.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    context = getattr(exc, "ctx", None)
+    where = context.command_path if context is not None else ""
+    hint = f" (see {where} --help)" if where else ""
+    return message[:1].lower() + message[1:] + hint
+
+
 def init_main() -> None:
-    init_app(prog_name="shape-init")
+    _main(init_app, "shape-init")
 
 
 def flush_main() -> None:
-    flush_app(prog_name="shape-flush")
+    _main(flush_app, "shape-flush")
 
 
 def mark_main() -> None:
-    mark_app(prog_name="shape-mark")
+    _main(mark_app, "shape-mark")
 
 
 def bypass_main() -> None:
-    bypass_app(prog_name="shape-bypass")
+    _main(bypass_app, "shape-bypass")
 
 
 def limit_ip_main() -> None:
-    limit_ip_app(prog_name="shape-limit-ip")
+    _main(limit_ip_app, "shape-limit-ip")
 
 
 def status_main() -> None:
-    status_app(prog_name="shape-status")
+    _main(status_app, "shape-status")
