@@ -7,8 +7,10 @@ the same file always gives the same ids.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shlex
 import stat
 import sys
 import zlib
@@ -40,6 +42,8 @@ MAX_PRIO = 7
 MAX_BURST = 2**30  # bytes; tc refuses 4g
 MAX_QUANTUM = 2**24
 MAX_DEPTH = 7  # HTB allows 8 levels; the top class takes one
+MAX_CONFIG_BYTES = 16 << 20  # a config is a few KiB: more is a wrong path, not a config
+TOO_BIG = "larger than the {} MiB shapekit reads"
 
 Leaf = Literal["sfq", "fq_codel", "cake", "pfifo", "none"]
 # "u32" is the ingress trees' own: packets arriving have no netfilter mark yet.
@@ -138,6 +142,38 @@ def ifb_name(dev: str) -> str:
     return f"{IFB_PREFIX}{dev[:6]}-{digest}"
 
 
+def device_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a device shapekit shapes, or None."""
+    if not _IFNAME.match(name):
+        return f"{name!r} is not a network interface name (1-15 characters, no spaces, '/' or ':')"
+    return batch_safe_name_problem(name)
+
+
+# What iproute2's `tc -batch` reader (lib/utils.c getcmdline, makeargs) does with
+# these characters, which Linux allows in a device name.
+_BATCH_SPECIAL = {
+    "#": "the start of a comment",
+    "\\": "a line continuation",
+    "'": "a quote",
+    '"': "a quote",
+}
+
+
+def batch_safe_name_problem(name: str) -> str | None:
+    """Why `name` cannot be written into a `tc -batch` line, or None.
+
+    The reader cuts a line at '#', joins a line ending in a backslash to the
+    next, and takes a word starting with a quote up to the next quote.
+    """
+    char = next((c for c in name if c in _BATCH_SPECIAL), None)
+    if char is None:
+        return None
+    return (
+        f"device name {name!r} has {char!r}, which tc -batch reads as {_BATCH_SPECIAL[char]}:"
+        f" rename the device (ip link set {shlex.quote(name)} name NEWNAME)"
+    )
+
+
 def config_path(option: Path | None) -> Path:
     """--config, else $SHAPEKIT_CONFIG, else /etc/shapekit/shapekit.toml."""
     if option is not None:
@@ -148,37 +184,169 @@ def config_path(option: Path | None) -> Path:
 
 def load_config(path: Path, *, check_owner: bool) -> Config:
     """Read, parse and validate `path`; `check_owner` refuses files others can write."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(path, "", "no such file (pass --config PATH or set SHAPEKIT_CONFIG)") from None
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
-    if check_owner:
-        _check_not_writable_by_others(path)
+    raw = _read_config(path, check_owner)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ConfigError(path, "", "TOML nested too deep: a config nests a few levels") from None
     return parse_config(data, path)
 
 
-def _check_not_writable_by_others(path: Path) -> None:
-    # The file drives root commands: whoever can write it (or swap it) is root.
-    for target in (path, path.resolve().parent):
-        info = target.stat()
-        sticky_dir = target.is_dir() and info.st_mode & stat.S_ISVTX
-        if info.st_uid != 0:
-            reason = f"{target} is owned by uid {info.st_uid}, not root; it drives root commands: chown root {target}"
-        elif info.st_mode & stat.S_IWOTH and not sticky_dir:
-            reason = f"{target} is writable by any user; it drives root commands: chmod o-w {target}"
-        elif info.st_mode & stat.S_IWGRP and info.st_gid != 0 and not sticky_dir:
-            reason = f"{target} is writable by group {info.st_gid}; it drives root commands: chmod g-w {target}"
+def _read_config(path: Path, check_owner: bool) -> bytes:
+    """The file's bytes, read only once it is known to be a sane file (and, as root, one only root can change)."""
+    try:
+        fd = open_input(path)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file (pass --config PATH or set SHAPEKIT_CONFIG)") from None
+    except InputProblem as exc:
+        raise ConfigError(path, "", f"{exc}: point --config at the TOML file") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
+    try:
+        opened = os.fstat(fd)
+        problem = input_problem(opened, MAX_CONFIG_BYTES)
+        if problem:
+            raise ConfigError(path, "", f"{problem}: point --config at the TOML file")
+        if check_owner:
+            _check_not_writable_by_others(path, opened)
+        raw = read_at_most(fd, MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:  # /proc and the like report size 0
+        raise ConfigError(path, "", f"{TOO_BIG.format(MAX_CONFIG_BYTES >> 20)}: point --config at the TOML file")
+    return raw
+
+
+class InputProblem(OSError):
+    """A path that is no file shapekit reads (a FIFO, a device...): the message says what it is."""
+
+
+def open_input(path: Path) -> int:
+    """A read-only fd on `path`, refused before opening when it is no regular file.
+
+    Opening a device can do things (a tape rewinds, a watchdog starts), and a
+    FIFO blocks: so stat first, and open non-blocking in case it changed since.
+    """
+    kind = _kind(os.stat(path).st_mode)
+    if kind:
+        raise InputProblem(f"not a regular file ({kind})")
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+def input_problem(opened: os.stat_result, most: int) -> str | None:
+    """Why the file behind an fd (its fstat) is not one to read: not regular, or above `most` bytes."""
+    kind = _kind(opened.st_mode)
+    if kind:
+        return f"not a regular file ({kind})"
+    if opened.st_size > most:
+        return TOO_BIG.format(most >> 20)
+    return None
+
+
+def read_at_most(fd: int, most: int) -> bytes:
+    """Up to `most` bytes of `fd`: a file's size can lie (/proc reports 0), so the reading stops itself."""
+    chunks: list[bytes] = []
+    left = most
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages; "" for a regular file."""
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+def _check_not_writable_by_others(path: Path, opened: os.stat_result) -> None:
+    # The file drives root commands: whoever can write it, or swap it or a directory on
+    # the way to it, is root. As sshd's StrictModes, but every directory a name is
+    # looked up in counts: those of the path as given, of its realpath, and of each
+    # symlink between.
+    try:
+        real, dirs, links = _lookup(path)
+        if _identity(os.stat(real)) != _identity(opened):
+            raise ConfigError(path, "", "it changed while it was being opened: run the command again")
+        # The file as read (the fd) and as named, then each directory on the way.
+        checks = [(real, opened), (real, os.stat(real))] + [(d, os.stat(d)) for d in dirs]
+        links_checked = [(link, os.lstat(link)) for link in links]
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot check who can write it: {exc.strerror}") from None
+    for target, info in checks:
+        reason = _writable_by_others(target, info)
+        if reason:
+            raise ConfigError(path, "", reason)
+    for link, info in links_checked:
+        if info.st_uid != 0:  # its owner can replace it, even in a sticky directory
+            raise ConfigError(
+                path,
+                "",
+                f"{link} is a symlink owned by uid {info.st_uid}, not root; it drives root commands: chown -h root {link}",
+            )
+
+
+def _writable_by_others(target: str, info: os.stat_result) -> str | None:
+    """Why someone other than root can change `target`, or None."""
+    # A sticky directory (/tmp) lets others add names, not replace root's.
+    sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_uid != 0:
+        return f"{target} is owned by uid {info.st_uid}, not root; it drives root commands: chown root {target}"
+    if info.st_mode & stat.S_IWOTH and not sticky_dir:
+        return f"{target} is writable by any user; it drives root commands: chmod o-w {target}"
+    if info.st_mode & stat.S_IWGRP and info.st_gid != 0 and not sticky_dir:
+        return f"{target} is writable by group {info.st_gid}; it drives root commands: chmod g-w {target}"
+    return None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+_MAX_LINKS = 40  # the kernel's limit on symlinks followed in one lookup
+
+
+def _lookup(path: Path) -> tuple[str, list[str], list[str]]:
+    """Where `path` leads, as the kernel walks it: the real path, every directory a
+    name is looked up in (each once, in walking order), and every symlink followed."""
+    todo = list(reversed(path.absolute().parts))  # Path.parts drops "." and empty names
+    current = "/"
+    dirs: list[str] = []
+    links: list[str] = []
+    while todo:
+        name = todo.pop()
+        if name == "/":  # the start of an absolute path or symlink
+            current = "/"
+        elif name == "..":  # `current` holds no symlink, so its parent is its dirname
+            current = os.path.dirname(current)
         else:
-            continue
-        raise ConfigError(path, "", reason)
+            dirs.append(current)
+            candidate = os.path.join(current, name)
+            if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+                current = candidate
+                continue
+            links.append(candidate)
+            if len(links) > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            todo.extend(reversed(Path(os.readlink(candidate)).parts))
+    return current, list(dict.fromkeys(dirs)), list(dict.fromkeys(links))
 
 
 def parse_config(data: dict[str, Any], path: Path) -> Config:
@@ -245,8 +413,9 @@ def _choice(path: Path, key: str, value: Any, choices: tuple[str, ...]) -> Any:
 def _parse_device(path: Path, name: str, raw: Any) -> Device:
     key = f"device.{name}"
     table = _table(path, key, raw)
-    if not _IFNAME.match(name):
-        raise ConfigError(path, key, "not a network interface name (1-15 characters, no spaces, '/' or ':')")
+    problem = device_name_problem(name)
+    if problem:
+        raise ConfigError(path, key, problem)
     _unknown_keys(path, key, table, _DEVICE_KEYS)
     classifier = _choice(path, f"{key}.classifier", table.get("classifier", "fw"), CLASSIFIERS)
     device = _parse_tree(path, key, table, Device(name, 0, "", "sfq", classifier, ()))

@@ -7,20 +7,26 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config_rules import Cap
+from shapekit.config import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
+from shapekit.config_rules import CAP_MINORS, DIRECTIONS, Cap
 from shapekit.errors import UsageError
 from shapekit.units import UnitError, format_rate, parse_rate
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"
 LIMITS_FILE = "limits.json"
+# 100,000 caps are about 20 MB: a bigger file is not one shapekit wrote.
+MAX_STATE_BYTES = 256 << 20
+_LONGEST_VALUE = 100  # a host, port, rate or device name is far shorter
+_LOST = {LIMITS_FILE: "the run-time caps in it are lost", BYPASS_FILE: "the run-time bypass entries in it are lost"}
+T = TypeVar("T")
 
 
 def state_dir() -> Path:
@@ -45,14 +51,54 @@ def change_lock(directory: Path) -> Iterator[None]:
 def read_state(path: Path) -> dict[str, Any]:
     """A state file's JSON object; {} when there is none yet."""
     try:
-        data = json.loads(path.read_text())
+        fd = open_input(path)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"state file {path} is unreadable ({exc}): fix it or remove it to start afresh") from None
+    except InputProblem as exc:
+        raise state_problem(path, "", str(exc)) from None
+    except OSError as exc:
+        raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
+    try:
+        problem = input_problem(os.fstat(fd), MAX_STATE_BYTES)
+        if problem:
+            raise state_problem(path, "", problem)
+        raw = read_at_most(fd, MAX_STATE_BYTES + 1)
+    except OSError as exc:
+        raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_STATE_BYTES:  # its size said otherwise: not a file shapekit wrote
+        raise state_problem(path, "", TOO_BIG.format(MAX_STATE_BYTES >> 20))
+    return _json_object(path, raw)
+
+
+def _json_object(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise state_problem(path, "", "not valid JSON (nested too deep)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise state_problem(path, "", f"not valid JSON ({_one_line(exc)})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"state file {path} is not a JSON object: fix it or remove it to start afresh")
+        raise state_problem(path, "", f"not a JSON object but {_show(data)}")
     return data
+
+
+def state_problem(path: Path, where: str, reason: str) -> UsageError:
+    """The one line for a state file that cannot be used: which file, where in it, why, and the way out."""
+    lost = _LOST.get(path.name, "the entries in it are lost")
+    at = f"{where}: " if where else ""
+    return UsageError(f"state file {path}: {at}{reason}: fix it or remove it to start afresh ({lost})")
+
+
+def _show(value: object) -> str:
+    """`value` for a message: one line, not too long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
@@ -73,11 +119,34 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def _list(data: dict[str, Any], key: str) -> list[Any]:
+def _list(path: Path, data: dict[str, Any], key: str) -> list[Any]:
     value = data.get(key, [])
     if not isinstance(value, list):
-        raise TypeError(f"{key!r} is not a list")
+        raise state_problem(path, key, f"{_show(value)} is not a list")
     return value
+
+
+def _known_keys(path: Path, where: str, table: dict[str, Any], known: tuple[str, ...]) -> None:
+    # A key shapekit does not know would be dropped at the next save: refuse, never rewrite it away.
+    for key in table:
+        if key not in known:
+            raise state_problem(path, where, f"unknown key {_show(key)} (known: {', '.join(known)})")
+
+
+def _text(path: Path, where: str, value: Any, longest: int) -> str:
+    if not isinstance(value, str):
+        raise state_problem(path, where, f"{_show(value)} is not a string")
+    if len(value) > longest:
+        raise state_problem(path, where, f"{_show(value)} is longer than {longest} characters")
+    return value
+
+
+def _parsed(path: Path, where: str, value: Any, parse: Callable[[str], T]) -> T:
+    """`value` read as shapekit reads it from the command line."""
+    try:
+        return parse(_text(path, where, value, _LONGEST_VALUE))
+    except (ValueProblem, UnitError) as exc:
+        raise state_problem(path, where, _one_line(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -91,13 +160,13 @@ class RuntimeBypass:
     def load(cls, directory: Path) -> RuntimeBypass:
         path = directory / BYPASS_FILE
         data = read_state(path)
-        try:
-            return cls(
-                ports=tuple(parse_port_proto(p) for p in _list(data, "ports")),
-                hosts=tuple(parse_host(h) for h in _list(data, "hosts")),
-            )
-        except (ValueProblem, TypeError) as exc:
-            raise UsageError(f"state file {path}: {exc}: fix it or remove it to start afresh") from None
+        _known_keys(path, "", data, ("ports", "hosts"))
+        return cls(
+            ports=tuple(
+                _parsed(path, f"ports[{n}]", p, parse_port_proto) for n, p in enumerate(_list(path, data, "ports"))
+            ),
+            hosts=tuple(_parsed(path, f"hosts[{n}]", h, parse_host) for n, h in enumerate(_list(path, data, "hosts"))),
+        )
 
     def save(self, directory: Path) -> None:
         write_state(
@@ -105,39 +174,73 @@ class RuntimeBypass:
         )
 
 
+_CAP_KEYS = ("host", "rate", "dev", "expires", "comment", "minor", "direction")
+
+
 def load_caps(directory: Path) -> list[Cap]:
     """Caps added with `shape-limit-ip add`, kept in limits.json (lapsed ones included)."""
     path = directory / LIMITS_FILE
-    try:
-        return [
-            Cap(
-                host=parse_host(item["host"]),
-                rate=parse_rate(item["rate"]),
-                dev=str(item["dev"]),
-                source="run-time",
-                expires=_expires(item.get("expires")),
-                comment=str(item.get("comment", "")),
-                minor=item.get("minor"),
-                direction=_direction(item.get("direction", "out")),
-            )
-            for item in _list(read_state(path), "caps")
-        ]
-    except (KeyError, TypeError, ValueProblem, UnitError) as exc:
-        raise UsageError(f"state file {path}: bad entry ({exc}): fix it or remove it to start afresh") from None
+    data = read_state(path)
+    _known_keys(path, "", data, ("caps",))
+    return [_cap(path, f"caps[{n}]", item) for n, item in enumerate(_list(path, data, "caps"))]
 
 
-def _direction(value: Any) -> str:
-    if value not in ("out", "in"):
-        raise TypeError(f"direction {value!r} is not 'out' or 'in'")
-    return str(value)
+def _cap(path: Path, where: str, item: Any) -> Cap:
+    """One saved cap, every field checked: a wrong one would fail later, half-way through a change."""
+    if not isinstance(item, dict):
+        raise state_problem(path, where, f"{_show(item)} is not a JSON object")
+    _known_keys(path, where, item, _CAP_KEYS)
+    for key in ("host", "rate", "dev"):
+        if key not in item:
+            raise state_problem(path, f"{where}.{key}", "missing")
+    return Cap(
+        host=_parsed(path, f"{where}.host", item["host"], parse_host),
+        rate=_parsed(path, f"{where}.rate", item["rate"], parse_rate),
+        dev=_dev(path, f"{where}.dev", item["dev"]),
+        source="run-time",
+        expires=_expires(path, f"{where}.expires", item.get("expires")),
+        comment=_comment(path, f"{where}.comment", item.get("comment", "")),
+        minor=_minor(path, f"{where}.minor", item.get("minor")),
+        direction=_direction(path, f"{where}.direction", item.get("direction", "out")),
+    )
 
 
-def _expires(value: Any) -> float | None:
+def _dev(path: Path, where: str, value: Any) -> str:
+    # The name goes into tc -batch lines: one that breaks them must never get there.
+    dev = _text(path, where, value, _LONGEST_VALUE)
+    problem = device_name_problem(dev)
+    if problem:
+        raise state_problem(path, where, problem)
+    return dev
+
+
+def _expires(path: Path, where: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**40:
-        raise TypeError(f"expires {value!r} is not a time")
+        raise state_problem(path, where, f"{_show(value)} is not a time (seconds since 1970) or null")
     return float(value)
+
+
+def _comment(path: Path, where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.isprintable():  # as `add --comment` takes it
+        raise state_problem(path, where, f"{_show(value)} is not one line of printable text")
+    return value
+
+
+def _minor(path: Path, where: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in CAP_MINORS:
+        first, last = CAP_MINORS[0], CAP_MINORS[-1]
+        raise state_problem(path, where, f"{_show(value)} is not a cap's class minor ({first:#x}-{last:#x}) or null")
+    return value
+
+
+def _direction(path: Path, where: str, value: Any) -> str:
+    if value not in DIRECTIONS:
+        raise state_problem(path, where, f"{_show(value)} is not 'out' or 'in'")
+    return str(value)
 
 
 def save_caps(directory: Path, caps: list[Cap]) -> None:
