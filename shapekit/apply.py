@@ -8,6 +8,7 @@ failed half-way so a device is never left half-shaped.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -17,15 +18,28 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
 from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
 from shapekit.config import IFB_ALIAS, Device
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.plan import KERNEL_DEFAULT, Argv, KernelFeature, RootQdisc, batch_text, plan_flush, shell_script
+from shapekit.plan import (
+    KERNEL_DEFAULT,
+    Argv,
+    KernelFeature,
+    RootQdisc,
+    batch_text,
+    classid,
+    plan_flush,
+    root_handle,
+    shell_script,
+)
+from shapekit.plan_ingress import U32Filter
 from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
 
 # The Debian package that ships each binary shapekit runs.
@@ -60,6 +74,51 @@ def _c_locale() -> dict[str, str]:
 def missing_binary(name: str) -> str:
     package = PACKAGES.get(name, name)
     return f"`{name}` is not installed or not in PATH: install it (apt-get install {package})"
+
+
+@dataclass
+class Journal:
+    """What one run changed, in order, each with how to put it back.
+
+    A put-back makes its part as it was before the run, from what was read
+    before and what is there now, so it also serves a step that failed
+    half-way: tc and ipset run a batch up to the failing line.
+    """
+
+    steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def change(self, what: str, do: Callable[[], None], put_back: Callable[[], None], atomic: bool = False) -> None:
+        """Run one step. An atomic one (iptables-restore) is put back only once it has happened."""
+        if not atomic:
+            self.steps.append((what, put_back))
+        do()
+        if atomic:
+            self.steps.append((what, put_back))
+
+    def roll_back(self) -> str:
+        """Put back every step, newest first; how that went, as words for the error's one line."""
+        if not self.steps:
+            return "nothing was changed"
+        for n, (what, put_back) in enumerate(reversed(self.steps)):
+            try:
+                put_back()
+            except CommandFailed as exc:
+                left = ", ".join(w for w, _ in reversed(self.steps[: len(self.steps) - n]))
+                return f"putting back {what} failed too: {exc}; left changed: {left}"
+        return "put back as before: " + ", ".join(w for w, _ in self.steps)
+
+
+@contextmanager
+def transaction() -> Iterator[Journal]:
+    """A run that completes, or whose every change is put back: never half-applied."""
+    journal = Journal()
+    try:
+        yield journal
+    except CommandFailed as exc:
+        raise exc.then(journal.roll_back()) from None
+    except BaseException:  # a bad input found late, or Ctrl-C: nothing may stay half-done either
+        journal.roll_back()
+        raise
 
 
 @dataclass
@@ -254,30 +313,19 @@ def read_mangle(runner: Runner, family: int) -> MangleState:
     return plan_mangle.parse_mangle_save(runner.query((TOOLS[family][0], "-t", "mangle")))
 
 
-def apply_mangle(runner: Runner, plans: dict[int, Chains], own: str | None) -> None:
-    """Make shapekit's chains `plans` in each family, one transaction each; undo all if one fails."""
+def apply_mangle(runner: Runner, plans: dict[int, Chains], own: str | None, journal: Journal) -> None:
+    """Make shapekit's chains `plans` in each family, one transaction each, each put back if a later step fails."""
     before = {family: read_mangle(runner, family) for family in plans}
-    done: dict[int, str] = {}
     for family, chains in plans.items():
         header = f"IPv{family}: shapekit's mangle chains (one {TOOLS[family][1]} --noflush)"
         text = plan_mangle.plan_restore(before[family], chains, own)
-        try:
-            runner.restore(family, header, text)
-        except CommandFailed as exc:
-            raise CommandFailed(exc.command, exc.stderr, _undo_mangle(runner, before, done)) from None
-        done[family] = text
-
-
-def _undo_mangle(runner: Runner, before: dict[int, MangleState], done: dict[int, str]) -> str:
-    """Put back the families already changed; say how that went."""
-    if not done:
-        return "nothing was changed"
-    for family, applied in done.items():
-        try:
-            runner.restore(family, "undo", plan_mangle.plan_undo(before[family], applied))
-        except CommandFailed as undo:
-            return f"putting the IPv{family} rules back failed too: {undo}"
-    return " and ".join(f"IPv{f}" for f in done) + " rules put back as they were"
+        undo = plan_mangle.plan_undo(before[family], text)
+        journal.change(
+            f"the IPv{family} rules",
+            partial(runner.restore, family, header, text),
+            partial(runner.restore, family, "undo", undo),
+            atomic=True,  # iptables-restore changes all of it or nothing
+        )
 
 
 def flush_mangle(runner: Runner) -> None:
@@ -289,6 +337,14 @@ def flush_mangle(runner: Runner) -> None:
 
 def ipset_restore(runner: Runner, header: str, text: str) -> None:
     runner.feed(("ipset", "restore"), header, text)
+
+
+def read_sets(runner: Runner, dev: str) -> dict[int, list[str]] | None:
+    """A device's cap set entries now, as `plan_limits.fill_sets` takes them; None: it has no sets."""
+    names = [plan_limits.set_name(dev, family) for family in FAMILIES]
+    if names[0] not in list_sets(runner):
+        return None
+    return plan_limits.parse_set_save("".join(runner.query(("ipset", "save", name)) for name in names), dev)
 
 
 def list_sets(runner: Runner) -> list[str]:
@@ -348,6 +404,21 @@ def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
             raise UsageError(f"device {dev!r} is gone: check it with `ip link`, or leave it out with --dev") from None
         raise CommandFailed(f"rtnetlink dump of {dev}'s classes", exc.strerror or str(exc)) from None
     return [c for c in classes if c.kind == "htb"]  # sfq and fq_codel list a class per flow: not shapekit's
+
+
+def read_class(dev: str, minor: int) -> tc_netlink.ClassStats | None:
+    """One class of shapekit's tree, by minor (None: not there): one rtnetlink get, however many classes."""
+    handle = int(root_handle().rstrip(":"), 16) << 16 | minor
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            sock.send(tc_netlink.get_request(socket.if_nametoindex(dev), handle))
+            classes, _ = tc_netlink.parse_messages(sock.recv(1 << 16))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise CommandFailed(f"rtnetlink get of {dev}'s class {classid(minor)}", exc.strerror or str(exc)) from None
+    return classes[0] if classes else None
 
 
 def read_rule_counters(runner: Runner) -> dict[int, str] | None:
@@ -490,3 +561,48 @@ def _undo_tree(runner: Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -
     except CommandFailed as undo:
         return CommandFailed(failed, stderr, f"removing the partial tree from {dev} failed too: {undo}")
     return CommandFailed(failed, stderr, f"{dev} was left unshaped (shapekit's partial tree removed)")
+
+
+# --- putting back what a failed run changed: each from what was read before, and what is there now ---
+
+
+def put_back_prefs(runner: Runner, dev: str, prefs: list[tuple[int, int]], before: list[U32Filter]) -> None:
+    """Whole u32 prefs (bypass, direction = "in" rules, a network's caps) as they were."""
+    present, _ = read_u32_filters(runner, dev)
+    runner.tc_batch(f"{dev}: put its filters back", plan_ingress.replace_prefs(dev, prefs, present, before))
+
+
+def put_back_classes(runner: Runner, tree: Device, before: dict[int, int | None]) -> None:
+    """The cap classes named in `before` as they were (None: not there); each read by one rtnetlink get."""
+    now = {m: c.ceil for m in before if (c := read_class(tree.name, m)) is not None}
+    runner.tc_batch(f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, before, now))
+
+
+def put_back_all_classes(runner: Runner, tree: Device, before: dict[int, int]) -> None:
+    """Every cap class of a tree as it was."""
+    now = read_cap_classes(runner, tree.name)
+    wanted: dict[int, int | None] = {m: None for m in now if m not in before}
+    runner.tc_batch(f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, wanted | before, now))
+
+
+def put_back_sets(runner: Runner, dev: str, before: dict[int, list[str]] | None) -> None:
+    """A device's cap sets as they were: refilled and swapped in, or gone if there were none."""
+    if before is not None:
+        ipset_restore(runner, f"{dev}: put its cap sets back", plan_limits.fill_sets(dev, before))
+        return
+    ours = {plan_limits.set_name(dev, f) + scratch for f in FAMILIES for scratch in ("", "~")}
+    names = [name for name in list_sets(runner) if name in ours]
+    ipset_restore(runner, f"{dev}: remove the cap sets it did not have", plan_limits.plan_destroy_sets(names))
+
+
+def put_back_ingress_caps(
+    runner: Runner, tree: Device, filters: plan_ingress.CapFilters, classes: dict[int, int]
+) -> None:
+    """An ingress tree's cap filters and classes as they were."""
+    present, entries = read_u32_filters(runner, tree.name)
+    now = read_cap_classes(runner, tree.name)
+    wanted: dict[int, int | None] = {m: None for m in now if m not in classes}
+    cmds = plan_ingress.sync_cap_filters(
+        tree, filters, wanted | classes, present, plan_ingress.hash_nodes(entries), now
+    )
+    runner.tc_batch(f"{tree.name}: put its caps back", cmds)

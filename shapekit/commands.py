@@ -18,7 +18,7 @@ from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, par
 from shapekit.config import Config, Device, config_path, load_config
 from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.plan_ingress import U32Filter
+from shapekit.plan_ingress import CapFilters, U32Filter
 from shapekit.plan_limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
 from shapekit.plan_mangle import FAMILIES, MARK, Chains
 from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
@@ -196,7 +196,12 @@ def _check_mangle(options: Options, command: str, config: Config) -> None:
 
 
 def _refresh_ingress(
-    options: Options, config: Config, what: str, prefs: dict[int, int], filters: Callable[[Device], list[U32Filter]]
+    options: Options,
+    config: Config,
+    journal: apply.Journal,
+    what: str,
+    prefs: dict[int, int],
+    filters: Callable[[Device], list[U32Filter]],
 ) -> None:
     """Rewrite one kind of filter (bypass, or direction = "in" rules) on every ingress tree that is built.
 
@@ -205,26 +210,31 @@ def _refresh_ingress(
     runner = options.runner()
     for tree in (d.ingress for d in config.devices.values() if d.ingress is not None):
         if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
-            present, _ = apply.read_u32_filters(runner, tree.name)
+            present, entries = apply.read_u32_filters(runner, tree.name)
             cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters(tree))
-            runner.tc_batch(f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds)
+            before = [U32Filter.from_entry(e) for e in entries if e.pref in prefs.values()]
+            journal.change(
+                f"{tree.configured}'s {what} filters",
+                partial(runner.tc_batch, f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds),
+                partial(apply.put_back_prefs, runner, tree.name, list(prefs.items()), before),
+            )
 
 
-def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None) -> None:
+def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None, journal: apply.Journal) -> None:
     """Probe, then apply one command's chains in both IP families."""
     apply.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
-    apply.apply_mangle(options.runner(), plans, own)
+    apply.apply_mangle(options.runner(), plans, own, journal)
 
 
 def mark(options: Options) -> None:
     """shape-mark: the [[mark]] rules into shapekit's mangle chains."""
     config = options.load()
     _check_mangle(options, "shape-mark", config)
-    with options.lock():
+    with options.lock(), apply.transaction() as journal:
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        _install_mangle(options, {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK)
+        _install_mangle(options, {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK, journal)
         rules = partial(plan_ingress.rule_filters, rules=config.marks)
-        _refresh_ingress(options, config, 'direction = "in" rules', plan_ingress.RULE_PREF, rules)
+        _refresh_ingress(options, config, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, rules)
 
 
 def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
@@ -232,19 +242,19 @@ def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
     return config.bypass.with_entries(runtime.ports, runtime.hosts)
 
 
-def _install_bypass(options: Options, config: Config, runtime: RuntimeBypass) -> None:
+def _install_bypass(options: Options, config: Config, runtime: RuntimeBypass, journal: apply.Journal) -> None:
     merged = _merged_bypass(config, runtime)
-    _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, None)
+    _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, None, journal)
     bypassed = plan_ingress.bypass_filters(merged)
-    _refresh_ingress(options, config, "bypass", plan_ingress.BYPASS_PREF, lambda _: bypassed)
+    _refresh_ingress(options, config, journal, "bypass", plan_ingress.BYPASS_PREF, lambda _: bypassed)
 
 
 def bypass(options: Options) -> None:
     """shape-bypass: the config's bypass plus the run-time entries."""
     config = options.load()
     _check_mangle(options, "shape-bypass", config)
-    with options.lock():
-        _install_bypass(options, config, RuntimeBypass.load(state_dir()))
+    with options.lock(), apply.transaction() as journal:
+        _install_bypass(options, config, RuntimeBypass.load(state_dir()), journal)
 
 
 def parse_bypass_entry(text: str) -> PortProto | Network:
@@ -291,9 +301,10 @@ def bypass_edit(options: Options, entries: list[str], *, add: bool) -> None:
             ports=_edited(runtime.ports, config.bypass.ports, ports, add, config.path),
             hosts=_edited(runtime.hosts, config.bypass.hosts, hosts, add, config.path),
         )
-        _install_bypass(options, config, updated)
-        if not options.dry_run:
-            updated.save(state_dir())
+        with apply.transaction() as journal:
+            _install_bypass(options, config, updated, journal)
+            if not options.dry_run:
+                updated.save(state_dir())  # last: a failure before it leaves the file as the kernel is again
 
 
 @dataclass(frozen=True)
@@ -346,27 +357,56 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     for tree in (t for d in present for t in d.trees):
         apply.require_shapekit_tree(runner, tree.name)
     saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
-    for device in present:
-        placed = place_caps(device, runtime, now)
-        sync = plan_limits.sync_cap_classes(device, placed, apply.read_cap_classes(runner, device.name))
-        runner.tc_batch(f"{device.name}: per-IP cap classes", sync)
-        apply.ipset_restore(runner, f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now))
-        if device.ingress is not None:
-            tree = device.ingress
-            inbound = place_caps(tree, runtime, now)
-            present_prefs, filters = apply.read_u32_filters(runner, tree.name)
-            hashed = plan_ingress.hash_nodes(filters)
-            classes = apply.read_cap_classes(runner, tree.name)
-            runner.tc_batch(
-                f"{device.name}: per-IP caps on arriving traffic ({tree.name})",
-                plan_ingress.sync_caps(tree, inbound, present_prefs, hashed, classes),
-            )
-            placed += inbound
-        saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
-    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-    apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}, LIMIT)
-    if not options.dry_run:
-        save_caps(state_dir(), saved)
+    with apply.transaction() as journal:
+        for device in present:
+            placed = place_caps(device, runtime, now)
+            _sync_caps_out(runner, journal, device, placed, now)
+            if device.ingress is not None:
+                inbound = place_caps(device.ingress, runtime, now)
+                _sync_caps_in(runner, journal, device.ingress, inbound)
+                placed += inbound
+            saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
+        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+        apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}, LIMIT, journal)
+        if not options.dry_run:
+            save_caps(state_dir(), saved)  # last: a failure before it leaves the file as the kernel is again
+
+
+def _sync_caps_out(
+    runner: apply.Runner, journal: apply.Journal, device: Device, placed: list[PlacedCap], now: float
+) -> None:
+    """A device's cap classes, then its sets swapped in (a host's class is there before its entry points to it)."""
+    classes = apply.read_cap_classes(runner, device.name)
+    journal.change(
+        f"{device.name}'s cap classes",
+        partial(
+            runner.tc_batch, f"{device.name}: per-IP cap classes", plan_limits.sync_cap_classes(device, placed, classes)
+        ),
+        partial(apply.put_back_all_classes, runner, device, classes),
+    )
+    sets = apply.read_sets(runner, device.name)
+    journal.change(
+        f"{device.name}'s cap sets",
+        partial(
+            apply.ipset_restore,
+            runner,
+            f"{device.name}: per-IP cap sets",
+            plan_limits.plan_sets(device.name, placed, now),
+        ),
+        partial(apply.put_back_sets, runner, device.name, sets),
+    )
+
+
+def _sync_caps_in(runner: apply.Runner, journal: apply.Journal, tree: Device, placed: list[PlacedCap]) -> None:
+    """An ingress tree's cap classes and u32 filters, in one batch."""
+    present, entries = apply.read_u32_filters(runner, tree.name)
+    classes = apply.read_cap_classes(runner, tree.name)
+    cmds = plan_ingress.sync_caps(tree, placed, present, plan_ingress.hash_nodes(entries), classes)
+    journal.change(
+        f"{tree.configured}'s caps on arriving traffic",
+        partial(runner.tc_batch, f"{tree.configured}: per-IP caps on arriving traffic ({tree.name})", cmds),
+        partial(apply.put_back_ingress_caps, runner, tree, CapFilters.in_kernel(present, entries), classes),
+    )
 
 
 def pick_device(config: Config, dev: str | None) -> Device:
@@ -418,9 +458,12 @@ def limit_add(options: Options, request: CapRequest) -> None:
     host = _host(request.host)
     try:
         rate = parse_rate(request.rate)
-        seconds = parse_duration(request.duration) if request.duration else None
     except UnitError as exc:
         raise UsageError(str(exc)) from None
+    try:
+        seconds = parse_duration(request.duration) if request.duration is not None else None
+    except UnitError as exc:  # an unset $DURATION in a script is "": refused, never a cap for good
+        raise UsageError(f"--for: {exc}") from None
     _check_request(config, tree, request, host, rate, seconds)
     _check_limits(options)
     apply.require_devices([device.name])
@@ -447,9 +490,11 @@ def limit_add(options: Options, request: CapRequest) -> None:
             return
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
-        _put_cap(runner, tree, placed, every, now)
-        if not options.dry_run:
-            save_caps(state_dir(), [*others, with_minor(placed)])
+        before = next((p for p in place_caps(tree, saved, now) if p.cap.host == host), None)
+        with apply.transaction() as journal:
+            _put_cap(runner, journal, tree, placed, every, before, now)
+            if not options.dry_run:
+                save_caps(state_dir(), [*others, with_minor(placed)])  # last: see _install_limits
 
 
 def _check_request(
@@ -477,21 +522,76 @@ def _check_request(
         )
 
 
-def _put_cap(runner: apply.Runner, tree: Device, placed: PlacedCap, every: list[PlacedCap], now: float) -> None:
-    """One cap's class (new, or its rate changed in place) and its set entry or u32 filter."""
-    header = f"{tree.name}: the class of {placed.cap.host}"
-    cmds = plan_limits.cap_class(tree, placed, "replace")
+def _put_cap(
+    runner: apply.Runner,
+    journal: apply.Journal,
+    tree: Device,
+    placed: PlacedCap,
+    every: list[PlacedCap],
+    before: PlacedCap | None,
+    now: float,
+) -> None:
+    """One cap's class (new, or its rate changed in place), then its set entry or u32 filter.
+
+    `before` is the host's cap until now, if it had one: what a failure puts back.
+    """
+    cmds = plan_limits.cap_class(tree, placed.minor, placed.cap.rate, "replace")
+    old_class = {placed.minor: (c.ceil if (c := apply.read_class(tree.name, placed.minor)) else None)}
+    put_back: list[Callable[[], None]] = []
     if tree.direction == "in":
-        cmds += plan_ingress.cap_entry(tree, placed, every, *_cap_filters_now(runner, tree, placed))
+        filters = _cap_filters_now(runner, tree, placed)
+        cmds += plan_ingress.cap_entry(tree, placed, every, filters.present, filters.nodes)
+        put_back.append(partial(_put_back_cap_filter, runner, tree, placed, filters))
+    put_back.append(partial(apply.put_back_classes, runner, tree, old_class))
+    journal.change(
+        f"the class of {placed.cap.host}",
+        partial(_cap_batch, runner, tree, f"{tree.name}: the class of {placed.cap.host}", cmds),
+        lambda: [step() for step in put_back],  # filters before classes: HTB keeps a class a filter points to
+    )
+    if tree.direction == "out":
+        _put_set_entry(runner, journal, tree, placed, before, now)
+
+
+def _cap_batch(runner: apply.Runner, tree: Device, header: str, cmds: list[plan.Argv]) -> None:
     try:
         runner.tc_batch(header, cmds)
     except CommandFailed:
         # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
         apply.require_shapekit_tree(runner, tree.name)
         raise
-    if tree.direction == "out":
-        text = plan_limits.plan_set_entry(tree.name, placed, now)
-        apply.ipset_restore(runner, f"{tree.name}: {placed.cap.host} to its class", text)
+
+
+def _put_set_entry(
+    runner: apply.Runner, journal: apply.Journal, tree: Device, placed: PlacedCap, before: PlacedCap | None, now: float
+) -> None:
+    """A host's set entry made `placed`'s, in one atomic `add -exist`; put back as `before` had it."""
+    host = placed.cap.host
+    undo = (
+        plan_limits.plan_set_entry(tree.name, before, now) if before else plan_limits.plan_set_removal(tree.name, host)
+    )
+    journal.change(
+        f"the set entry of {host}",
+        partial(
+            apply.ipset_restore,
+            runner,
+            f"{tree.name}: {host} to its class",
+            plan_limits.plan_set_entry(tree.name, placed, now),
+        ),
+        partial(apply.ipset_restore, runner, f"{tree.name}: {host}'s set entry put back", undo),
+        atomic=True,
+    )
+
+
+def _put_back_cap_filter(runner: apply.Runner, tree: Device, placed: PlacedCap, before: CapFilterState) -> None:
+    """One cap's u32 filter as it was: its hash node, or its prefix length's whole pref."""
+    mine = plan_ingress.cap_filter(placed)
+    if mine.handle is None:
+        apply.put_back_prefs(runner, tree.name, [(mine.family, mine.pref)], before.listed)
+        return
+    old = before.nodes.get(mine.handle)
+    now = apply.read_node(runner, tree.name, mine.handle)
+    cmds = plan_ingress.put_node(tree.name, mine.handle, U32Filter.from_entry(old) if old else None, now)
+    runner.tc_batch(f"{tree.name}: put the filter of {placed.cap.host} back", cmds)
 
 
 def _refuse_own_addresses(runner: apply.Runner, host: Network) -> None:
@@ -524,12 +624,13 @@ def limit_remove(options: Options, host_text: str, dev: str | None, direction: s
         device = config.devices.get(matches[0].dev)
         if device is not None:
             apply.require_devices([device.name])
-            for removed in matches:
+        with apply.transaction() as journal:
+            for removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress
                 if tree is not None:
-                    _lift(runner, tree, removed, kept, now)
-        if not options.dry_run:
-            save_caps(state_dir(), kept)
+                    _lift(runner, journal, tree, removed, kept, now)
+            if not options.dry_run:
+                save_caps(state_dir(), kept)  # last: see _install_limits
 
 
 def _not_capped(config: Config, host: Network, direction: str | None) -> str:
@@ -540,40 +641,75 @@ def _not_capped(config: Config, host: Network, direction: str | None) -> str:
     return "not capped" + (f" on {direction}-bound traffic" if direction else "") + " (see shape-limit-ip list)"
 
 
-def _lift(runner: apply.Runner, tree: Device, removed: Cap, kept: list[Cap], now: float) -> None:
+def _lift(
+    runner: apply.Runner, journal: apply.Journal, tree: Device, removed: Cap, kept: list[Cap], now: float
+) -> None:
+    """Take one cap off: back to the config's cap in the same class, or its entry (or filter) and then its class go."""
     if tree.direction == "in" and not apply.device_exists(tree.name):
         return  # its IFB is gone (a flush): so is the cap; shape-init builds the tree from the state
     before = next(p for p in place_caps(tree, [*kept, removed], now) if p.cap.host == removed.host)
     rest = place_caps(tree, kept, now)
     after = next((p for p in rest if p.cap.host == removed.host), None)
-    if after is not None:  # back to the config's cap, in the same class
-        _put_cap(runner, tree, after, rest, now)
-    elif tree.direction == "out":
-        apply.ipset_restore(
-            runner, f"{tree.name}: {removed.host} uncapped", plan_limits.plan_set_removal(tree.name, removed.host)
+    if after is not None:
+        _put_cap(runner, journal, tree, after, rest, before, now)
+        return
+    host, minor = removed.host, before.minor
+    old_class = {minor: (c.ceil if (c := apply.read_class(tree.name, minor)) else None)}
+    cmds: list[plan.Argv] = []
+    if tree.direction == "out":
+        # The entry first: no packet is sent to a class that is going.
+        journal.change(
+            f"the set entry of {host}",
+            partial(
+                apply.ipset_restore,
+                runner,
+                f"{tree.name}: {host} uncapped",
+                plan_limits.plan_set_removal(tree.name, host),
+            ),
+            partial(
+                apply.ipset_restore,
+                runner,
+                f"{tree.name}: {host}'s set entry put back",
+                plan_limits.plan_set_entry(tree.name, before, now),
+            ),
+            atomic=True,
         )
-        _remove_cap_class(runner, tree, before, [])
     else:
         filters = _cap_filters_now(runner, tree, before)
-        _remove_cap_class(runner, tree, before, plan_ingress.cap_removal(tree, before, rest, *filters))
+        cmds += plan_ingress.cap_removal(tree, before, rest, filters.present, filters.nodes)
+    if old_class[minor] is not None:  # gone already after a flush or re-init
+        cmds += plan_limits.remove_cap_class(tree.name, minor)
+    put_back = [partial(apply.put_back_classes, runner, tree, old_class)]
+    if tree.direction == "in":
+        put_back.insert(0, partial(_put_back_cap_filter, runner, tree, before, filters))
+    journal.change(
+        f"the class of {host}",
+        partial(runner.tc_batch, f"{tree.name}: {host} uncapped", cmds),
+        lambda: [step() for step in reversed(put_back)],  # the class first: a filter put back points to it
+    )
 
 
-def _cap_filters_now(
-    runner: apply.Runner, tree: Device, placed: PlacedCap
-) -> tuple[set[int], dict[str, plan_ingress.U32Entry]]:
-    """What changing one cap's filter needs of the kernel: its hash node (one small query), or for a network the prefs."""
-    handle = plan_ingress.cap_filter(placed).handle
-    if handle is None:
-        present, filters = apply.read_u32_filters(runner, tree.name)
-        return present, plan_ingress.hash_nodes(filters)
-    return set(), apply.read_node(runner, tree.name, handle)
+@dataclass(frozen=True)
+class CapFilterState:
+    """What changing one cap's filter needs of the kernel, read before the change."""
+
+    present: set[int]  # the prefs in use (read for a network's cap only)
+    nodes: dict[str, plan_ingress.U32Entry]  # the cap's hash node, by handle, when it is there
+    listed: list[U32Filter]  # a network cap's pref: its filters now
 
 
-def _remove_cap_class(runner: apply.Runner, tree: Device, placed: PlacedCap, first: list[plan.Argv]) -> None:
-    cmds = list(first)
-    if placed.minor in apply.read_cap_classes(runner, tree.name):  # gone already after a flush or re-init
-        cmds += plan_limits.remove_cap_class(tree.name, placed.minor)
-    runner.tc_batch(f"{tree.name}: {placed.cap.host} uncapped", cmds)
+def _cap_filters_now(runner: apply.Runner, tree: Device, placed: PlacedCap) -> CapFilterState:
+    """One cap's hash node (one small query), or for a network its prefs and its pref's filters."""
+    mine = plan_ingress.cap_filter(placed)
+    if mine.handle is not None:
+        return CapFilterState(set(), apply.read_node(runner, tree.name, mine.handle), [])
+    present, entries = apply.read_u32_filters(runner, tree.name)
+    listed = [
+        U32Filter.from_entry(e)
+        for e in entries
+        if e.pref == mine.pref and e.protocol == plan_ingress.PROTOCOL[mine.family]
+    ]
+    return CapFilterState(present, plan_ingress.hash_nodes(entries), listed)
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,8 @@ class CommandFailed(ShapekitError):
         super().__init__(f"{message}; {outcome}" if outcome else message)
         self.command = command
         self.stderr = stderr
+        self.outcome = outcome
+
+    def then(self, outcome: str) -> CommandFailed:
+        """The same failure, with what was done about it after."""
+        return CommandFailed(self.command, self.stderr, "; ".join(o for o in (self.outcome, outcome) if o))

@@ -34,7 +34,7 @@ from shapekit.config import IFB_ALIAS, Config, Device
 from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
 from shapekit.errors import UsageError
 from shapekit.plan import Argv, classid, root_handle
-from shapekit.plan_limits import PlacedCap, sync_cap_classes, u32_slot
+from shapekit.plan_limits import PlacedCap, class_rates, sync_classes, u32_slot
 
 REDIRECT_PREF = 92  # shapekit's one filter on the device's own ingress hook
 IFB_TXQUEUELEN = "1000"  # an IFB starts at 32 packets: too short a default queue for a line
@@ -92,6 +92,13 @@ class U32Filter:
     keys: tuple[U32Key, ...]
     flowid: str
     handle: str | None = None  # "100:2a:1": a node in a hash bucket, for filters changed one by one
+
+    @classmethod
+    def from_entry(cls, entry: U32Entry) -> U32Filter:
+        """A filter the kernel shows, as one to add again: how a filter is put back after a failure."""
+        family = next(f for f, name in PROTOCOL.items() if name == entry.protocol)
+        keys = tuple(U32Key(v, m, o) for v, m, o in entry.keys if m)
+        return cls(family, entry.pref, keys, entry.flowid, entry.handle if entry.handle.count(":") == 2 else None)
 
     def entry(self) -> U32Entry:
         """What the kernel will show of this filter (values masked, a filter without keys matching all)."""
@@ -260,23 +267,54 @@ def prefix_prefs(present: set[int]) -> list[tuple[int, int]]:
     return [(family, pref) for pref in sorted(present) for family, span in spans.items() if pref in span]
 
 
+@dataclass(frozen=True)
+class CapFilters:
+    """An ingress tree's cap filters: one host each in the hash tables, networks listed at their prefs."""
+
+    nodes: tuple[U32Filter, ...]
+    listed: tuple[U32Filter, ...]  # in the order a packet meets them
+
+    @classmethod
+    def of(cls, placed: Sequence[PlacedCap]) -> CapFilters:
+        filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))]
+        return cls(tuple(f for f in filters if f.handle), tuple(f for f in filters if not f.handle))
+
+    @classmethod
+    def in_kernel(cls, present: set[int], entries: Sequence[U32Entry]) -> CapFilters:
+        """The cap filters a tree holds now, read back: what a failed change puts back."""
+        prefs = {pref for _, pref in prefix_prefs(present)}
+        nodes = tuple(U32Filter.from_entry(e) for e in hash_nodes(entries).values())
+        return cls(nodes, tuple(U32Filter.from_entry(e) for e in entries if e.pref in prefs))
+
+
 def sync_caps(
     tree: Device, placed: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry], classes: dict[int, int]
 ) -> list[Argv]:
-    """Make an ingress tree's caps `placed`, given its prefs, its hash nodes (by handle) and cap classes now.
+    """Make an ingress tree's caps `placed`, given its prefs, its hash nodes (by handle) and cap classes now."""
+    wanted = {minor: None for minor in sorted(set(classes) - {p.minor for p in placed})} | class_rates(placed)
+    return sync_cap_filters(tree, CapFilters.of(placed), wanted, present, nodes, classes)
+
+
+def sync_cap_filters(
+    tree: Device,
+    filters: CapFilters,
+    wanted: dict[int, int | None],
+    present: set[int],
+    nodes: dict[str, U32Entry],
+    classes: dict[int, int],
+) -> list[Argv]:
+    """Make an ingress tree's cap filters exactly `filters` and its cap classes `wanted`.
 
     The hash tables stay (u32 keeps a table until the qdisc's last u32 filter
     goes, so one cannot be made again): their nodes are deleted or added one
     by one. Filters go before classes: HTB refuses to delete a class a
     filter points to.
     """
-    filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))]
-    hashed = [f for f in filters if f.handle]
-    cmds = [_node_del(tree.name, h) for h in sorted(set(nodes) - {f.handle for f in hashed})]
+    cmds = [_node_del(tree.name, h) for h in sorted(set(nodes) - {f.handle for f in filters.nodes})]
     cmds += replace_prefs(tree.name, prefix_prefs(present), present, [])
-    cmds += sync_cap_classes(tree, placed, classes)
-    cmds += [cmd for f in hashed for cmd in _node_put(tree.name, f, nodes)]
-    return cmds + [f.argv(tree.name) for f in filters if not f.handle]
+    cmds += sync_classes(tree, wanted, classes)
+    cmds += [cmd for f in filters.nodes for cmd in _node_put(tree.name, f, nodes)]
+    return cmds + [f.argv(tree.name) for f in filters.listed]
 
 
 def _node_put(dev: str, mine: U32Filter, nodes: dict[str, U32Entry]) -> list[Argv]:
@@ -286,6 +324,13 @@ def _node_put(dev: str, mine: U32Filter, nodes: dict[str, U32Entry]) -> list[Arg
     if there == mine.entry():
         return []
     return ([_node_del(dev, mine.handle)] if there is not None else []) + [mine.argv(dev)]
+
+
+def put_node(dev: str, handle: str, node: U32Filter | None, nodes: dict[str, U32Entry]) -> list[Argv]:
+    """A hash node made `node`, or gone (None), given the nodes there now."""
+    if node is not None:
+        return _node_put(dev, node, nodes)
+    return [_node_del(dev, handle)] if handle in nodes else []
 
 
 def _node_del(dev: str, handle: str) -> Argv:

@@ -142,20 +142,30 @@ def with_minor(placed: PlacedCap) -> Cap:
 # --- tc -------------------------------------------------------------------------
 
 
-def cap_class(tree: Device, placed: PlacedCap, verb: str = "add") -> list[Argv]:
-    """The cap's class (rate = ceil) under the top class, and its leaf qdisc."""
-    rate = placed.cap.rate
+def cap_class(tree: Device, minor: int, rate: int, verb: str = "add") -> list[Argv]:
+    """A cap's class (rate = ceil) under the top class, and its leaf qdisc."""
     options = rate_options(rate, rate, tree.rate)
-    cid = classid(placed.minor)
     cmds: list[Argv] = [
-        ("tc", "class", verb, "dev", tree.name, "parent", classid(TOP_MINOR), "classid", cid, "htb", *options)
+        (
+            "tc",
+            "class",
+            verb,
+            "dev",
+            tree.name,
+            "parent",
+            classid(TOP_MINOR),
+            "classid",
+            classid(minor),
+            "htb",
+            *options,
+        )
     ]
-    return cmds + leaf_qdisc(tree.name, placed.minor, tree.leaf, verb)
+    return cmds + leaf_qdisc(tree.name, minor, tree.leaf, verb)
 
 
 def cap_tree(device: Device, placed: Sequence[PlacedCap]) -> list[Argv]:
     """Every cap's class, as part of shape-init's tree."""
-    return [cmd for p in placed for cmd in cap_class(device, p)]
+    return [cmd for p in placed for cmd in cap_class(device, p.minor, p.cap.rate)]
 
 
 def parse_cap_classes(text: str) -> dict[int, int]:
@@ -165,17 +175,29 @@ def parse_cap_classes(text: str) -> dict[int, int]:
     return {minor: ceil for minor, ceil in caps.items() if minor in CAP_MINORS}
 
 
+def class_rates(placed: Sequence[PlacedCap]) -> dict[int, int | None]:
+    return {p.minor: p.cap.rate for p in placed}
+
+
 def sync_cap_classes(device: Device, placed: Sequence[PlacedCap], current: dict[int, int]) -> list[Argv]:
-    """The changes that make the device's cap classes `placed`: only what differs."""
+    """The changes that make the device's cap classes exactly `placed`: only what differs."""
+    stale: dict[int, int | None] = {minor: None for minor in sorted(set(current) - {p.minor for p in placed})}
+    return sync_classes(device, stale | class_rates(placed), current)
+
+
+def sync_classes(tree: Device, wanted: dict[int, int | None], current: dict[int, int]) -> list[Argv]:
+    """The changes that give each cap class named in `wanted` its rate (None: no class); others stay.
+
+    The same changes put classes back as they were after a failure.
+    """
     cmds: list[Argv] = []
-    wanted = {p.minor: p for p in placed}
-    for minor in sorted(set(current) - set(wanted)):
-        cmds.append(("tc", "class", "del", "dev", device.name, "classid", classid(minor)))
-    for minor, p in wanted.items():
-        if minor not in current:
-            cmds += cap_class(device, p)
-        elif abs(current[minor] - p.cap.rate) > 8:  # HTB keeps bytes/s: allow its rounding
-            cmds += cap_class(device, p, "change")[:1]
+    for minor, rate in wanted.items():
+        if rate is None:
+            cmds += remove_cap_class(tree.name, minor) if minor in current else []
+        elif minor not in current:
+            cmds += cap_class(tree, minor, rate)
+        elif abs(current[minor] - rate) > 8:  # HTB keeps bytes/s: allow its rounding
+            cmds += cap_class(tree, minor, rate, "change")[:1]
     return cmds
 
 
@@ -186,8 +208,9 @@ def remove_cap_class(dev: str, minor: int) -> list[Argv]:
 # --- ipset ----------------------------------------------------------------------
 
 
-def _entry(name: str, placed: PlacedCap, now: float) -> str:
-    line = f"add {name} {placed.cap.host} skbprio {classid(placed.minor)}"
+def _entry(placed: PlacedCap, now: float) -> str:
+    """A cap's set entry, after `add SET `: the host, its class, its timeout."""
+    line = f"{placed.cap.host} skbprio {classid(placed.minor)}"
     if placed.cap.expires is not None:
         line += f" timeout {max(1, math.ceil(placed.cap.expires - now))}"
     return line
@@ -200,21 +223,39 @@ def _create(name: str, family: int) -> str:
 
 def plan_sets(dev: str, placed: Sequence[PlacedCap], now: float) -> str:
     """`ipset restore` text that makes the device's sets hold exactly these caps, swapped in at once."""
+    entries = {family: [_entry(p, now) for p in placed if p.cap.host.version == family] for family in (4, 6)}
+    return fill_sets(dev, entries)
+
+
+def fill_sets(dev: str, entries: dict[int, list[str]]) -> str:
+    """Both families' sets of a device made to hold exactly `entries`: filled aside, then swapped in.
+
+    Both swaps come after both fills, so a failure before them leaves both
+    sets as they were; the same text puts sets back after a failure.
+    """
     lines = []
     for family in (4, 6):
         name, scratch = set_name(dev, family), set_name(dev, family) + "~"
         lines += [_create(name, family), _create(scratch, family), f"flush {scratch}"]
-        lines += [_entry(scratch, p, now) for p in placed if p.cap.host.version == family]
-        lines += [f"swap {scratch} {name}", f"destroy {scratch}"]
+        lines += [f"add {scratch} {entry}" for entry in entries[family]]
+    lines += [f"swap {set_name(dev, f)}~ {set_name(dev, f)}" for f in (4, 6)]
+    lines += [f"destroy {set_name(dev, f)}~" for f in (4, 6)]
     return "\n".join(lines) + "\n"
 
 
+def parse_set_save(text: str, dev: str) -> dict[int, list[str]]:
+    """A device's set entries in `ipset save` text, as `fill_sets` takes them (what follows `add SET `)."""
+    entries: dict[int, list[str]] = {4: [], 6: []}
+    for family in (4, 6):
+        prefix = f"add {set_name(dev, family)} "
+        entries[family] = [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+    return entries
+
+
 def plan_set_entry(dev: str, placed: PlacedCap, now: float) -> str:
-    """`ipset restore` text for one cap: its entry replaced (a changed rate keeps the class)."""
+    """`ipset restore` text for one cap: its entry added, or changed in place (`-exist`: one atomic step)."""
     name = set_name(dev, placed.cap.host.version)
-    return (
-        f"{_create(name, placed.cap.host.version)}\ndel {name} {placed.cap.host} -exist\n{_entry(name, placed, now)}\n"
-    )
+    return f"{_create(name, placed.cap.host.version)}\nadd {name} {_entry(placed, now)} -exist\n"
 
 
 def plan_set_removal(dev: str, host: Network) -> str:

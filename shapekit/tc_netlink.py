@@ -1,4 +1,4 @@
-"""Pure encoding and decoding of the rtnetlink messages that list a device's tc classes.
+"""Pure encoding and decoding of the rtnetlink messages that list a device's tc classes, or get one.
 
 iproute2 6.1 prints no JSON for HTB classes (`tc -s -j class show` falls back
 to text), so shapekit asks the kernel itself: one RTM_GETTCLASS dump, whose
@@ -18,6 +18,7 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
+NLM_F_ECHO = 0x8
 AF_UNSPEC = 0
 
 TCA_KIND = 1
@@ -61,6 +62,13 @@ def handle_text(handle: int) -> str:
 def dump_request(ifindex: int, seq: int = 1) -> bytes:
     body = _TCMSG.pack(AF_UNSPEC, ifindex, 0, 0, 0)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETTCLASS, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def get_request(ifindex: int, handle: int, seq: int = 1) -> bytes:
+    """One class by handle. NLM_F_ECHO: the kernel answers a class get only as a notification."""
+    body = _TCMSG.pack(AF_UNSPEC, ifindex, handle, 0, 0)
+    flags = NLM_F_REQUEST | NLM_F_ECHO
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETTCLASS, flags, seq, 0) + body
 
 
 def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:

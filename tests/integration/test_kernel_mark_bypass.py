@@ -251,5 +251,5 @@ def test_a_failing_ipv6_restore_leaves_ipv4_as_it_was(netpair, first_install):
     result = netpair.shapekit("shape-mark", "--config", str(netpair.write_config(changed, "changed.toml")), check=False)
 
     assert result.returncode == 1, result.stderr
-    assert "injected failure" in result.stderr and "IPv4 rules put back as they were" in result.stderr, result.stderr
+    assert "injected failure" in result.stderr and "put back as before: the IPv4 rules" in result.stderr, result.stderr
     assert (netpair.save("iptables-save"), netpair.save("ip6tables-save")) == before

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import MagicMock
 
 import pytest
 from typer.testing import CliRunner
+
+from shapekit.plan_limits import parse_cap_classes
 
 
 @dataclass
@@ -32,6 +35,11 @@ class System:
             return json.dumps([{**q, "dev": dev} for dev, q in self.roots.items()])
         return ""
 
+    def read_class(self, dev: str, minor: int):
+        """apply.read_class (an rtnetlink get, not a process): from the answer given for `tc class show`."""
+        ceil = parse_cap_classes(self.answers.get(("tc", "class", "show", "dev", dev), "")).get(minor)
+        return None if ceil is None else SimpleNamespace(ceil=ceil)
+
     @property
     def calls(self) -> list[tuple[tuple[str, ...], str | None]]:
         """(argv, stdin) of every process run, in order."""
@@ -51,6 +59,7 @@ def system(mocker, tmp_path, monkeypatch) -> System:
     run = mocker.patch("shapekit.apply.run_command")
     fake = System(run=run)
     run.side_effect = fake.answer
+    mocker.patch("shapekit.apply.read_class", side_effect=fake.read_class)
     mocker.patch("os.geteuid", return_value=0)
     mocker.patch("shutil.which", side_effect=lambda name: f"/usr/sbin/{name}")
 

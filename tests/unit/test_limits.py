@@ -33,7 +33,7 @@ qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10
 class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514
 qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10
 """
-# ...and instead of one CONNMARK rule per host, an ipset entry each, swapped in at once.
+# ...and instead of one CONNMARK rule per host, an ipset entry each: both families filled aside, then swapped in.
 SEED_002_SETS = """\
 create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist
 create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist
@@ -41,12 +41,12 @@ flush SHAPEKIT-eth0-4~
 add SHAPEKIT-eth0-4~ 198.18.0.101/32 skbprio 5c:8000
 add SHAPEKIT-eth0-4~ 198.18.0.102/32 skbprio 5c:8001
 add SHAPEKIT-eth0-4~ 198.18.0.103/32 skbprio 5c:8002
-swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
-destroy SHAPEKIT-eth0-4~
 create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist
 create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist
 flush SHAPEKIT-eth0-6~
+swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
 swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6
+destroy SHAPEKIT-eth0-4~
 destroy SHAPEKIT-eth0-6~
 """
 # ...and one rule per device and family that reads the class from the set.
@@ -93,6 +93,9 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
         (READ_ROOT, None),
         (CLASSES, None),
         (BATCH, SEED_002_CLASSES),
+        (("ipset", "list", "-n"), None),  # the sets as they were, to put back if a later step fails
+        (("ipset", "save", "SHAPEKIT-eth0-4"), None),
+        (("ipset", "save", "SHAPEKIT-eth0-6"), None),
         (IPSET, SEED_002_SETS),
         (("iptables-save", "-t", "mangle"), None),
         (("ip6tables-save", "-t", "mangle"), None),
@@ -136,8 +139,7 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
         (
             IPSET,
             "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-            "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n"
-            "add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003\n",
+            "add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003 -exist\n",  # one atomic step, new or changed
         ),
     ]
     assert state(tmp_path) == [
@@ -201,7 +203,7 @@ def test_add_for_a_while_is_an_ipset_timeout(booted, cli, tmp_path):
 
     assert result.exit_code == 0, result.stderr
     ipset = [text for argv, text in booted.calls if argv == IPSET][0]
-    assert ipset.endswith("add SHAPEKIT-eth0-6 2001:db8::7/128 skbprio 5c:8003 timeout 5400\n")
+    assert ipset.endswith("add SHAPEKIT-eth0-6 2001:db8::7/128 skbprio 5c:8003 timeout 5400 -exist\n")
     assert state(tmp_path)[0]["expires"] == NOW + 5400
 
 

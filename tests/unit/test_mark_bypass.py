@@ -244,7 +244,7 @@ def test_a_failing_ipv6_restore_puts_ipv4_back_after_a_first_install(system, cli
     assert result.exit_code == 1
     assert result.stderr == (
         "shape-mark: `ip6tables-restore --noflush` failed: ip6tables-restore: line 3 failed; "
-        "IPv4 rules put back as they were\n"
+        "put back as before: the IPv4 rules\n"
     )
     assert system.calls[-1] == (
         V4,
@@ -286,8 +286,9 @@ def test_when_the_undo_fails_too_both_errors_are_told(system, cli):
 
     assert result.exit_code == 1
     assert result.stderr == (
-        "shape-mark: `ip6tables-restore --noflush` failed: ip6tables-restore: line 3 failed; putting the IPv4 "
-        "rules back failed too: `iptables-restore --noflush` failed: iptables-restore: line 2 failed\n"
+        "shape-mark: `ip6tables-restore --noflush` failed: ip6tables-restore: line 3 failed; putting back the IPv4 "
+        "rules failed too: `iptables-restore --noflush` failed: iptables-restore: line 2 failed; "
+        "left changed: the IPv4 rules\n"
     )
 
 
