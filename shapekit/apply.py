@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
-from shapekit.config import IFB_ALIAS, Device
+from shapekit.config import IFB_ALIAS, Device, device_name_problem
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import (
     KERNEL_DEFAULT,
@@ -200,6 +200,9 @@ def device_exists(name: str) -> bool:
 
 def require_devices(names: Sequence[str]) -> None:
     for name in names:
+        problem = device_name_problem(name)
+        if problem:  # a --dev not from the config (shape-flush): unchecked so far
+            raise UsageError(problem)
         try:
             socket.if_nametoindex(name)
         except OSError:
@@ -500,18 +503,21 @@ def apply_ingress(runner: Runner, tree: Device, cmds: list[Argv]) -> None:
     """Build an ingress tree: its IFB, the tree with its filters, then the redirect; undo it all on failure."""
     dev, ifb = tree.configured, tree.name
     created = ifb_alias(runner, ifb) is None
+    hook = read_ingress_hook(runner, dev)
     try:
         runner.run_each(f"{dev}: its IFB device for arriving traffic", plan_ingress.plan_ifb(tree, not created))
         apply_tree(runner, ifb, cmds)
-        hook = read_ingress_hook(runner, dev)
         runner.tc_batch(f"{dev}: arriving traffic to {ifb}", plan_ingress.plan_redirect(dev, ifb, hook))
     except CommandFailed as exc:
-        raise CommandFailed(exc.command, exc.stderr, _undo_ingress(runner, dev, ifb)) from None
+        raise CommandFailed(exc.command, exc.stderr, _undo_ingress(runner, dev, ifb, hook)) from None
 
 
-def _undo_ingress(runner: Runner, dev: str, ifb: str) -> str:
+def _undo_ingress(runner: Runner, dev: str, ifb: str, before: plan_ingress.IngressHook) -> str:
     try:
         remove_ingress(runner, dev, ifb)
+        now = read_ingress_hook(runner, dev)
+        if before.qdisc is None and now.qdisc == "ingress" and now.redirect_to is None and not now.other_filters:
+            runner.tc_batch(f"{dev}: the ingress qdisc this run made", [("tc", "qdisc", "del", "dev", dev, "ingress")])
     except CommandFailed as undo:
         return f"removing {dev}'s ingress shaping failed too: {undo}"
     return f"{dev}'s arriving traffic was left unshaped ({ifb} removed)"

@@ -143,7 +143,7 @@ def parse_u32_filters(text: str) -> list[U32Entry]:
     for line in [*text.splitlines(), "filter"]:
         if line.startswith("filter"):
             if current is not None:
-                entries.append(U32Entry(*current[:3], tuple(sorted(keys)), current[3]))
+                entries.append(U32Entry(*current[:3], tuple(sorted(keys)), current[3], tuple(keys)))
             found = _FILTER.match(line)
             handle = _HANDLE.search(line)
             current = None

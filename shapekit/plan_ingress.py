@@ -77,6 +77,7 @@ class U32Entry:
     flowid: str  # a class, or "link 100:" for a hash table's link
     keys: tuple[tuple[int, int, int], ...]  # (value, mask, offset), sorted
     handle: str = field(default="", compare=False)  # "100:7:1"; not what the filter does
+    shown: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)  # the keys in the kernel's order
 
     def describe(self) -> str:
         keys = " ".join(f"{v:08x}/{m:08x}@{o}" for v, m, o in self.keys)
@@ -97,8 +98,8 @@ class U32Filter:
     def from_entry(cls, entry: U32Entry) -> U32Filter:
         """A filter the kernel shows, as one to add again: how a filter is put back after a failure."""
         family = next(f for f, name in PROTOCOL.items() if name == entry.protocol)
-        keys = tuple(U32Key(v, m, o) for v, m, o in entry.keys if m)
-        return cls(family, entry.pref, keys, entry.flowid, entry.handle if entry.handle.count(":") == 2 else None)
+        keys = tuple(U32Key(v, m, o) for v, m, o in entry.shown or entry.keys if m)
+        return cls(family, entry.pref, keys, entry.flowid, entry.handle if is_hash_node(entry.handle) else None)
 
     def entry(self) -> U32Entry:
         """What the kernel will show of this filter (values masked, a filter without keys matching all)."""
@@ -340,8 +341,12 @@ def _node_del(dev: str, handle: str) -> Argv:
 
 def hash_nodes(entries: Sequence[U32Entry]) -> dict[str, U32Entry]:
     """The caps' hash nodes among a tree's filters, by handle ("100:7:1")."""
-    tables = tuple(HASH_TABLE.values())
-    return {e.handle: e for e in entries if e.handle.startswith(tables) and e.handle.count(":") == 2}
+    return {e.handle: e for e in entries if is_hash_node(e.handle)}
+
+
+def is_hash_node(handle: str) -> bool:
+    """A cap's node in shapekit's hash tables ("100:7:1"), not a filter in a pref's own list ("800::800")."""
+    return handle.startswith(tuple(HASH_TABLE.values())) and handle.count(":") == 2
 
 
 def node_family(handle: str) -> int:
@@ -417,21 +422,26 @@ class IngressHook:
 
 
 def plan_redirect(dev: str, ifb: str, hook: IngressHook) -> list[Argv]:
-    """Send everything arriving on `dev` to its IFB: an ingress qdisc if none, and shapekit's one filter."""
+    """Send everything arriving on `dev` to its IFB: an ingress qdisc if none, and shapekit's one filter.
+
+    A redirect there already stays: a re-init that fails cannot lose it.
+    """
+    if hook.redirect_to == ifb:
+        return []
     cmds: list[Argv] = [] if hook.qdisc else [("tc", "qdisc", "add", "dev", dev, "handle", "ffff:", "ingress")]
-    if hook.redirect_to is not None:
+    if hook.redirect_to is not None:  # one to an IFB deleted and made again
         cmds.append(remove_redirect(dev))
     return [*cmds, redirect(dev, ifb)]
 
 
 def plan_unredirect(dev: str, ifb: str, hook: IngressHook) -> list[Argv]:
-    """Take shapekit's filter (the one to `ifb`) off `dev`'s ingress hook; the ingress qdisc too, if left empty."""
+    """Take shapekit's filter (the one to `ifb`) off `dev`'s ingress hook; with the ingress qdisc, if it holds
+    nothing else: one step, so that no empty qdisc is left behind that a second run could not tell as shapekit's."""
     if hook.redirect_to != ifb:
         return []
-    cmds = [remove_redirect(dev)]
     if hook.qdisc == "ingress" and not hook.other_filters:
-        cmds.append(("tc", "qdisc", "del", "dev", dev, "ingress"))
-    return cmds
+        return [("tc", "qdisc", "del", "dev", dev, "ingress")]
+    return [remove_redirect(dev)]
 
 
 def is_shapekit_ifb(alias: str | None, dev: str | None = None) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from paths import SEED_CONFIG
 
 from shapekit import plan
-from shapekit.cli import flush_app, init_app
+from shapekit.cli import bypass_main, flush_app, init_app, init_main, limit_ip_main, status_main
 from shapekit.config import load_config
 from shapekit.errors import CommandFailed, UsageError
 
@@ -416,3 +416,73 @@ def _owned_by(target: Path, uid: int):
     fields = list(os.lstat(target))
     fields[stat.ST_UID] = uid
     return os.stat_result(fields)
+
+
+# --- usage errors: one line through one place (cli._main), exit 2 ------------------------
+
+USAGE_ERRORS = {
+    "unknown option": (init_main, ["--bogus"], "shape-init: no such option: --bogus"),
+    "extra argument": (init_main, ["extra"], "shape-init: got unexpected extra argument(s) (extra)"),
+    "missing rate": (limit_ip_main, ["add", "198.18.9.9"], "shape-limit-ip: missing argument 'rate'"),
+    "negative rate read as an option": (
+        limit_ip_main,
+        ["add", "198.18.9.9", "-1mbit"],
+        "shape-limit-ip: no such option: -1",
+    ),
+    "bypass add without an entry": (bypass_main, ["add"], "shape-bypass: missing argument 'PORT/PROTO|HOST...'"),
+    "unknown verb": (bypass_main, ["frobnicate"], "shape-bypass: no such command 'frobnicate'"),
+    "interval 0": (status_main, ["--interval", "0"], "0.0 is not a number of seconds from 0.1 up"),
+    "interval nan": (status_main, ["--interval", "nan"], "nan is not a number of seconds from 0.1 up"),
+    "interval inf": (status_main, ["-i", "inf"], "inf is not a number of seconds from 0.1 up"),
+    "interval negative": (status_main, ["--interval=-1"], "-1.0 is not a number of seconds from 0.1 up"),
+    "interval not a number": (status_main, ["--interval", "soon"], "'soon' is not a valid float"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_a_usage_error_is_one_line_and_exit_2(system, capsys, monkeypatch, case):
+    main, args, expected = USAGE_ERRORS[case]
+    monkeypatch.setattr("sys.argv", ["prog", *args])
+
+    with pytest.raises(SystemExit) as exited:
+        main()
+
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.count("\n") == 1 and expected in err, err
+    assert "--help)" in err  # and where to look
+    assert system.calls == []
+
+
+def test_help_and_version_still_exit_0(capsys, monkeypatch):
+    for args in (["--help"], ["--version"]):
+        monkeypatch.setattr("sys.argv", ["shape-init", *args])
+        with pytest.raises(SystemExit) as exited:
+            init_main()
+        assert exited.value.code == 0
+    assert "shapekit " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("duration", ["", " ", "-1h", "nan", "inf", "0s"])
+def test_a_duration_that_is_empty_or_no_time_is_refused(system, cli_runner_limit, duration):
+    result = cli_runner_limit("add", "198.51.100.7", "1mbit", "--for", duration)
+
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("shape-limit-ip: --for: ") and result.stderr.count("\n") == 1
+    assert system.batches() == []
+
+
+@pytest.fixture
+def cli_runner_limit(cli, write_config):
+    from shapekit.cli import limit_ip_app
+
+    config = str(write_config(GOOD))
+    return lambda *args: cli(limit_ip_app, *args, "--config", config)
+
+
+@pytest.mark.parametrize("name", ["adv#1", "a'b", 'a"b', "a\\b", "a b", "a/b", "sixteen-chars-xx"])
+def test_flush_dev_refuses_a_name_tc_batch_cannot_carry(system, cli, name):
+    result = cli(flush_app, "--dev", name)
+
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert system.calls == []

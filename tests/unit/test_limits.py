@@ -431,3 +431,107 @@ def test_a_machine_without_skbinfo_sets_is_refused_before_any_change(booted, cli
     )
     assert booted.calls == [(CAP_PROBE, "")]
     assert not (tmp_path / "state" / "limits.json").exists()
+
+
+# --- undo: what a failed step puts back, exactly --------------------------------------
+
+
+def fail_on(system, argv: tuple[str, ...], stderr: str, after=None):
+    """The first run of `argv` fails (after `after(stdin)` made its partial effect); later runs pass."""
+    failed = []
+
+    def hook(called, stdin):
+        if called == argv and not failed:
+            failed.append(stdin)
+            if after:
+                after(stdin)
+            raise CommandFailed(" ".join(argv), stderr)
+
+    system.hooks.append(hook)
+
+
+def test_add_whose_set_entry_fails_takes_its_new_class_away(booted, cli, tmp_path):
+    def class_added(_):
+        booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit\n"
+
+    booted.hooks.append(lambda argv, stdin: class_added(stdin) if argv == BATCH else None)
+    fail_on(booted, IPSET, "ipset v7.17: Error in line 2: Injected fault\n")
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "shape-limit-ip: `ipset restore` failed: ipset v7.17: Error in line 2: Injected fault; "
+        "put back as before: the class of 198.51.100.7/32\n"
+    )
+    assert booted.batches()[1:] == ["class del dev eth0 classid 5c:8003\n"]
+    assert not (tmp_path / "state" / "limits.json").exists()
+
+
+def test_remove_whose_class_delete_fails_puts_the_set_entry_back(booted, cli, tmp_path):
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    saved = (tmp_path / "state" / "limits.json").read_text()
+    booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit\n"
+    booted.run.reset_mock()
+    fail_on(booted, BATCH, "Error: Device or resource busy\nCommand failed -:1\n")
+
+    result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.endswith(
+        "put back as before: the set entry of 198.51.100.7/32, the class of 198.51.100.7/32\n"
+    )
+    assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
+        (
+            IPSET,
+            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\ndel SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n",
+        ),
+        (BATCH, "class del dev eth0 classid 5c:8003\n"),  # fails: the class is still there, nothing to put back
+        (
+            IPSET,
+            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\nadd SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003 -exist\n",
+        ),
+    ]
+    assert (tmp_path / "state" / "limits.json").read_text() == saved
+
+
+def test_install_whose_sets_fail_puts_classes_and_sets_back(booted, cli):
+    booted.answers[CLASSES] = "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 3Mbit ceil 3Mbit\n"
+    booted.answers[("ipset", "save", "SHAPEKIT-eth0-4")] = (
+        "create SHAPEKIT-eth0-4 hash:net family inet hashsize 1024 maxelem 65536 timeout 0 skbinfo\n"
+        "add SHAPEKIT-eth0-4 198.18.0.101 timeout 0 skbprio 5c:8000\n"
+    )
+
+    def re_rated(_):  # the class batch ran: 5c:8000 now holds 128kbit, 5c:8001 and 5c:8002 are new
+        booted.answers[CLASSES] = "".join(
+            f"class htb 5c:{m} parent 5c:1 leaf {m}: prio 0 rate {r} ceil {r}\n"
+            for m, r in (("8000", "128Kbit"), ("8001", "512Kbit"), ("8002", "32Kbit"))
+        )
+
+    booted.hooks.append(lambda argv, stdin: re_rated(stdin) if argv == BATCH and "class add" in stdin else None)
+    fail_on(booted, IPSET, "ipset v7.17: Error in line 12: Injected fault\n")
+
+    result = cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 1
+    assert result.stderr.endswith("put back as before: eth0's cap classes, eth0's cap sets\n")
+    ipsets = [text for argv, text in booted.calls if argv == IPSET]
+    assert ipsets[1] == (  # both sets refilled as they were and swapped back in
+        "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist\n"
+        "flush SHAPEKIT-eth0-4~\n"
+        "add SHAPEKIT-eth0-4~ 198.18.0.101 timeout 0 skbprio 5c:8000\n"
+        "create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist\n"
+        "flush SHAPEKIT-eth0-6~\n"
+        "swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4\n"
+        "swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6\n"
+        "destroy SHAPEKIT-eth0-4~\n"
+        "destroy SHAPEKIT-eth0-6~\n"
+    )
+    assert booted.batches()[-1] == (  # the new classes go, the re-rated one gets its rate back
+        "class del dev eth0 classid 5c:8001\n"
+        "class del dev eth0 classid 5c:8002\n"
+        "class change dev eth0 parent 5c:1 classid 5c:8000 htb rate 3mbit ceil 3mbit quantum 5952\n"
+    )
+    assert not any(argv in (V4, V6) for argv, _ in booted.calls)  # the rules were never reached

@@ -1,0 +1,290 @@
+"""Nothing half-applied: every step of every command that changes state, made to fail on a real kernel.
+
+Each scenario boots shapekit in fresh namespaces, runs one command once to
+count its steps (a line of `tc -batch` or `ipset restore`, one whole
+`iptables-restore`, one `ip link`), then for each step n boots again, makes
+step n fail the way the real tool fails (tests/faults/fake-tool), and
+asserts: exit 1, one line naming the command, and the kernel and the state
+files exactly as before — foreign rules and sets included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from faults import Faults, kernel_state, make_faults, state_diff
+from netns import NetPair
+
+CONFIG = """
+[device.DEV]
+rate = "1gbit"
+default = "bulk"
+leaf = "pfifo"
+classifier = "classify"
+
+[device.DEV.classes.bulk]
+rate = "10mbit"
+
+[device.DEV.classes.interactive]
+rate = "20mbit"
+prio = 1
+
+[device.DEV.ingress]
+rate = "40mbit"
+default = "down"
+leaf = "pfifo"
+
+[device.DEV.ingress.classes.down]
+rate = "8mbit"
+
+[device.DEV.ingress.classes.vnc]
+rate = "8mbit"
+
+[bypass]
+ports = ["22/tcp"]
+
+[[mark]]
+class = "interactive"
+proto = "tcp"
+dport = 5900
+
+[[mark]]
+class = "vnc"
+direction = "in"
+proto = "tcp"
+sport = "5900:5999"
+
+[device.DEV.limits]
+"198.18.0.101" = "3mbit"
+"fd00:5c::101" = "1mbit"
+"198.18.0.3" = { rate = "2mbit", direction = "in" }
+"198.18.1.0/24" = { rate = "4mbit", direction = "in" }
+"""
+# The config changed under a running box: a cap inserted before the others (every minor after it moves),
+# another bypass port, another [[mark]] rule for arriving traffic.
+CHANGED = (
+    CONFIG.replace('"198.18.0.101" = "3mbit"', '"198.18.0.100" = "1mbit"\n"198.18.0.101" = "3mbit"')
+    .replace('ports = ["22/tcp"]', 'ports = ["22/tcp", "443/tcp"]')
+    .replace(
+        'sport = "5900:5999"',
+        'sport = "5900:5999"\n\n[[mark]]\nclass = "vnc"\ndirection = "in"\nproto = "udp"\nsport = 53',
+    )
+)
+# Things shapekit did not make: they must come through every failure byte for byte.
+FOREIGN = (
+    ("iptables", "-t", "mangle", "-A", "POSTROUTING", "-p", "udp", "--dport", "9", "-j", "MARK", "--set-mark", "7"),
+    ("ip6tables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "MARK", "--set-mark", "7"),
+    ("ipset", "create", "foreign", "hash:ip"),
+    ("ipset", "add", "foreign", "198.18.0.77"),
+)
+
+
+@dataclass
+class Scenario:
+    name: str
+    command: tuple[str, ...]  # run with --config CONFIG (or the changed config)
+    prepare: tuple[tuple[str, ...], ...] = ()  # shapekit commands run after the boot, unfaulted
+    changed_config: bool = False
+
+
+SCENARIOS = [
+    Scenario("limit add, a new host", ("shape-limit-ip", "add", "198.18.0.102", "1mbit", "--for", "1h")),
+    Scenario("limit add, a config host re-rated", ("shape-limit-ip", "add", "198.18.0.101", "5mbit")),
+    Scenario("limit add, an IPv6 host", ("shape-limit-ip", "add", "fd00:5c::102", "1mbit")),
+    Scenario("limit add --in, a host", ("shape-limit-ip", "add", "198.18.0.104", "1mbit", "--in")),
+    Scenario("limit add --in, a network", ("shape-limit-ip", "add", "198.18.2.0/24", "1mbit", "--in")),
+    Scenario(
+        "limit remove, back to uncapped",
+        ("shape-limit-ip", "remove", "198.18.0.102"),
+        prepare=(("shape-limit-ip", "add", "198.18.0.102", "1mbit"),),
+    ),
+    Scenario(
+        "limit remove, back to the config's cap",
+        ("shape-limit-ip", "remove", "198.18.0.101"),
+        prepare=(("shape-limit-ip", "add", "198.18.0.101", "5mbit"),),
+    ),
+    Scenario(
+        "limit remove --in, a host and a network",
+        ("shape-limit-ip", "remove", "198.18.0.104", "--in"),
+        prepare=(
+            ("shape-limit-ip", "add", "198.18.0.104", "1mbit", "--in"),
+            ("shape-limit-ip", "add", "198.18.2.0/24", "1mbit", "--in"),
+        ),
+    ),
+    Scenario(
+        "limit remove --in, a network",
+        ("shape-limit-ip", "remove", "198.18.2.0/24", "--in"),
+        prepare=(("shape-limit-ip", "add", "198.18.2.0/24", "1mbit", "--in"),),
+    ),
+    Scenario(
+        "shape-limit-ip, a cap inserted before the others",
+        ("shape-limit-ip",),
+        prepare=(("shape-limit-ip", "add", "198.18.0.102", "1mbit"),),
+        changed_config=True,
+    ),
+    Scenario("bypass add", ("shape-bypass", "add", "9091/tcp", "198.18.0.50")),
+    Scenario(
+        "bypass remove",
+        ("shape-bypass", "remove", "9091/tcp"),
+        prepare=(("shape-bypass", "add", "9091/tcp"),),
+    ),
+    Scenario("shape-bypass, a port added to the config", ("shape-bypass",), changed_config=True),
+    Scenario("shape-mark, a rule added to the config", ("shape-mark",), changed_config=True),
+]
+
+
+def boot(pair: NetPair, prepare: tuple[tuple[str, ...], ...]) -> tuple[str, str]:
+    """shapekit's boot sequence and the scenario's own preparation, with foreign rules and sets around it."""
+    for argv in FOREIGN:
+        pair.left.run(*argv)
+    config = str(pair.write_config(CONFIG))
+    changed = str(pair.write_config(CHANGED, "changed.toml"))
+    for command in ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip"):
+        pair.shapekit(command, "--config", config)
+    for argv in prepare:
+        pair.shapekit(*argv, "--config", config)
+    return config, changed
+
+
+def reset(pair: NetPair) -> None:
+    """Back to a bare namespace: shapekit's things, the foreign ones and the saved state gone."""
+    pair.shapekit("shape-flush", "--forget", check=False)
+    for table in ("iptables", "ip6tables"):
+        pair.left.run(table, "-t", "mangle", "-F", check=False)
+    pair.left.run("ipset", "destroy", check=False)
+
+
+# u32 numbers the hash table of each pref itself (800:, 801:, ...): a pref put back gets the next number.
+_AUTO_TABLE = re.compile(r"\b(fh|ht|link) ([89a-f][0-9a-f]{2}):")
+_AUTO_KEY = re.compile(r"\bkey ht [89a-f][0-9a-f]{2} ")
+
+
+def comparable(state: dict[str, str]) -> dict[str, str]:
+    """Kernel state with the ids u32 picks for itself blanked, and classes in one order: what is there, not
+    how the kernel happens to number or list it."""
+    out = {}
+    for key, text in state.items():
+        if key.startswith("filter "):
+            text = _AUTO_KEY.sub("key ht * ", _AUTO_TABLE.sub(r"\1 *:", text))
+        if key.startswith(("class ", "qdisc ")):  # listed in hash order, which a class added and deleted can change
+            text = "\n".join(sorted(text.splitlines()))
+        out[key] = text
+    return out
+
+
+def saved_files(pair: NetPair) -> dict[str, str]:
+    directory = Path(pair.env["SHAPEKIT_STATE_DIR"])
+    return {p.name: p.read_text() for p in sorted(directory.glob("*.json"))}
+
+
+@pytest.fixture
+def faults(tmp_path) -> Faults:
+    return make_faults(tmp_path)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_every_step_failing_leaves_the_kernel_and_state_as_before(netpair, faults, scenario):
+    env = faults.env(netpair.env, netpair.left.name)
+    plain_env = netpair.env
+
+    def run_once(fail_at: int | None):
+        reset(netpair)
+        config, changed = boot(netpair, scenario.prepare)
+        before = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
+        faults.arm(fail_at)
+        netpair.env = env
+        try:
+            result = netpair.shapekit(
+                *scenario.command, "--config", changed if scenario.changed_config else config, check=False
+            )
+        finally:
+            netpair.env = plain_env
+        after = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
+        return result, before, after
+
+    result, _, _ = run_once(None)
+    assert result.returncode == 0, result.stderr
+    steps = faults.steps
+    assert steps >= 2, faults.log
+    print(f"{scenario.name}: {steps} steps")
+
+    for n in range(1, steps + 1):
+        result, before, after = run_once(n)
+        what = faults.step(n)
+        assert faults.fired, f"step {n} never came: {faults.log}"
+        assert result.returncode == 1, f"{what}: exit {result.returncode}: {result.stderr}"
+        assert result.stderr.count("\n") == 1 and "failed" in result.stderr, f"{what}: {result.stderr}"
+        assert "put back as before" in result.stderr or "nothing was changed" in result.stderr, result.stderr
+        assert after[0] == before[0], f"{what}: {result.stderr}\n{state_diff(before[0], after[0])}"
+        assert after[1] == before[1], f"{what}: the state files changed: {result.stderr}"
+
+
+def _faulted(netpair: NetPair, faults: Faults, fail_at: int | None, *argv: str):
+    plain = netpair.env
+    faults.arm(fail_at)
+    netpair.env = faults.env(plain, netpair.left.name)
+    try:
+        return netpair.shapekit(*argv, check=False)
+    finally:
+        netpair.env = plain
+
+
+def _tree(state: dict[str, str], dev: str, ifb: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The keys of `dev`'s egress tree, and of its ingress tree (the IFB and the redirect on dev's ingress hook)."""
+    egress = {k: v for k, v in state.items() if k in (f"class {dev}", f"filter {dev} parent 5c:")}
+    ingress = {k: v for k, v in state.items() if ifb in k or k == f"filter {dev} ingress"}
+    qdiscs = state[f"qdisc {dev}"].splitlines()
+    egress["qdiscs"] = "\n".join(q for q in qdiscs if not q.startswith("qdisc ingress "))
+    ingress["qdiscs"] = "\n".join(q for q in qdiscs if q.startswith("qdisc ingress "))
+    ingress["ifb"] = str(f"{ifb} " in state["links"])
+    return egress, ingress
+
+
+def test_shape_init_failing_at_any_step_leaves_each_tree_whole_or_gone(netpair, faults):
+    """shape-init replaces whatever root qdisc a device had, so it cannot put an old tree back: a tree that
+    fails is taken away (unshaped), never left half-built; netfilter, sets and state files are untouched."""
+    dev, ifb = netpair.dev, f"ifb-{netpair.dev}"
+    config, changed = boot(netpair, ())
+    assert _faulted(netpair, faults, None, "shape-init", "--config", changed).returncode == 0
+    steps, built = faults.steps, _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
+    reset(netpair)
+    unshaped = _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
+    print(f"shape-init: {steps} steps")
+    for n in range(1, steps + 1):
+        reset(netpair)
+        boot(netpair, ())
+        before = comparable(kernel_state(netpair, [dev]))
+        files = saved_files(netpair)
+        result = _faulted(netpair, faults, n, "shape-init", "--config", changed)
+        after = comparable(kernel_state(netpair, [dev]))
+        what = f"{faults.step(n)}: {result.stderr}"
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unshaped" in result.stderr, what
+        for was, whole, gone, now in zip(_tree(before, dev, ifb), built, unshaped, _tree(after, dev, ifb), strict=True):
+            assert now in (was, whole, gone), f"{what}\n{state_diff(gone, now)}"
+        for key in ("mangle4", "mangle6", "ipset"):
+            assert after[key] == before[key], f"{what}\n{state_diff(before, after)}"
+        assert saved_files(netpair) == files, what
+
+
+def test_shape_flush_failing_at_any_step_is_finished_by_running_it_again(netpair, faults):
+    """shape-flush only removes, and what it removes is the safe state: after a failure the kernel holds
+    less of shapekit than before and nothing else changed; running it again finishes the job."""
+    dev = netpair.dev
+    boot(netpair, ())
+    assert _faulted(netpair, faults, None, "shape-flush").returncode == 0
+    steps, flushed = faults.steps, comparable(kernel_state(netpair, [dev]))
+    print(f"shape-flush: {steps} steps")
+    assert "SHAPEKIT" not in flushed["mangle4"] + flushed["mangle6"] + flushed["ipset"]
+    for n in range(1, steps + 1):
+        reset(netpair)
+        boot(netpair, ())
+        result = _faulted(netpair, faults, n, "shape-flush")
+        what = f"{faults.step(n)}: {result.stderr}"
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, what
+        again = netpair.shapekit("shape-flush", check=False)
+        assert again.returncode == 0, f"{what}; again: {again.stderr}"
+        after = comparable(kernel_state(netpair, [dev]))
+        assert after == flushed, f"{what}\n{state_diff(flushed, after)}"
