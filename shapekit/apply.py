@@ -27,7 +27,7 @@ from typing import TextIO
 
 from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
 from shapekit.config import IFB_ALIAS, Device, device_name_problem
-from shapekit.errors import CommandFailed, UsageError
+from shapekit.errors import CommandFailed, ShapekitError, UsageError
 from shapekit.plan import (
     KERNEL_DEFAULT,
     Argv,
@@ -82,17 +82,19 @@ class Journal:
 
     A put-back makes its part as it was before the run, from what was read
     before and what is there now, so it also serves a step that failed
-    half-way: tc and ipset run a batch up to the failing line.
+    half-way: tc and ipset run a batch up to the failing line. Under
+    --dry-run nothing changes, so nothing is recorded.
     """
 
+    dry_run: bool = False
     steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
 
     def change(self, what: str, do: Callable[[], None], put_back: Callable[[], None], atomic: bool = False) -> None:
         """Run one step. An atomic one (iptables-restore) is put back only once it has happened."""
-        if not atomic:
+        if not atomic and not self.dry_run:
             self.steps.append((what, put_back))
         do()
-        if atomic:
+        if atomic and not self.dry_run:
             self.steps.append((what, put_back))
 
     def roll_back(self) -> str:
@@ -102,23 +104,41 @@ class Journal:
         for n, (what, put_back) in enumerate(reversed(self.steps)):
             try:
                 put_back()
-            except CommandFailed as exc:
+            except (ShapekitError, OSError) as exc:
                 left = ", ".join(w for w, _ in reversed(self.steps[: len(self.steps) - n]))
                 return f"putting back {what} failed too: {exc}; left changed: {left}"
         return "put back as before: " + ", ".join(w for w, _ in self.steps)
 
 
 @contextmanager
-def transaction() -> Iterator[Journal]:
-    """A run that completes, or whose every change is put back: never half-applied."""
-    journal = Journal()
+def transaction(runner: Runner) -> Iterator[Journal]:
+    """A run that completes, or whose every change is put back: never half-applied.
+
+    Every bad input is found before the first change; should one still come
+    late, what was changed is put back first and the line says so.
+    """
+    journal = Journal(dry_run=runner.dry_run)
     try:
         yield journal
     except CommandFailed as exc:
         raise exc.then(journal.roll_back()) from None
-    except BaseException:  # a bad input found late, or Ctrl-C: nothing may stay half-done either
+    except ShapekitError as exc:
+        if journal.steps:
+            exc.args = (f"{exc}; {journal.roll_back()}",)
+        raise
+    except BaseException:  # Ctrl-C, or a bug: nothing may stay half-done either
         journal.roll_back()
         raise
+
+
+def in_order(*steps: Callable[[], None]) -> Callable[[], None]:
+    """One put-back made of several, run in this order."""
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run
 
 
 @dataclass
@@ -342,12 +362,16 @@ def ipset_restore(runner: Runner, header: str, text: str) -> None:
     runner.feed(("ipset", "restore"), header, text)
 
 
-def read_sets(runner: Runner, dev: str) -> dict[int, list[str]] | None:
-    """A device's cap set entries now, as `plan_limits.fill_sets` takes them; None: it has no sets."""
-    names = [plan_limits.set_name(dev, family) for family in FAMILIES]
-    if names[0] not in list_sets(runner):
-        return None
-    return plan_limits.parse_set_save("".join(runner.query(("ipset", "save", name)) for name in names), dev)
+def read_sets(runner: Runner, dev: str) -> dict[int, list[str] | None]:
+    """A device's cap set entries now, per family, as `plan_limits.fill_sets` takes them; None: no such set."""
+    present = set(list_sets(runner))
+    sets: dict[int, list[str] | None] = {}
+    for family in FAMILIES:
+        name = plan_limits.set_name(dev, family)
+        sets[family] = (
+            plan_limits.parse_set_save(runner.query(("ipset", "save", name)), name) if name in present else None
+        )
+    return sets
 
 
 def list_sets(runner: Runner) -> list[str]:
@@ -394,14 +418,7 @@ def canonical_mangle(family: int, sets: str, rules: str) -> MangleState:
 def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
     """Every tc class of `dev` with its counters, from one rtnetlink dump (no process, no root)."""
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-            sock.bind((0, 0))
-            sock.send(tc_netlink.dump_request(socket.if_nametoindex(dev)))
-            classes: list[tc_netlink.ClassStats] = []
-            done = False
-            while not done:
-                batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
-                classes += batch
+        classes = _rtnetlink(lambda index: tc_netlink.dump_request(index), dev)
     except OSError as exc:
         if not device_exists(dev):
             raise UsageError(f"device {dev!r} is gone: check it with `ip link`, or leave it out with --dev") from None
@@ -410,18 +427,33 @@ def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
 
 
 def read_class(dev: str, minor: int) -> tc_netlink.ClassStats | None:
-    """One class of shapekit's tree, by minor (None: not there): one rtnetlink get, however many classes."""
+    """One class of shapekit's tree, by minor (None: not there): one rtnetlink get, however many classes.
+
+    The kernel answers a class get as a notification: a `tc monitor` running
+    meanwhile sees the class go by, unchanged.
+    """
     handle = int(root_handle().rstrip(":"), 16) << 16 | minor
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-            sock.bind((0, 0))
-            sock.send(tc_netlink.get_request(socket.if_nametoindex(dev), handle))
-            classes, _ = tc_netlink.parse_messages(sock.recv(1 << 16))
+        classes = _rtnetlink(lambda index: tc_netlink.get_request(index, handle), dev)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return None
         raise CommandFailed(f"rtnetlink get of {dev}'s class {classid(minor)}", exc.strerror or str(exc)) from None
     return classes[0] if classes else None
+
+
+def _rtnetlink(request: Callable[[int], bytes], dev: str) -> list[tc_netlink.ClassStats]:
+    """Send one request about `dev`'s classes; the classes in the replies, until the kernel says it is done."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)  # the kernel answers at once: never wait for ever
+        sock.bind((0, 0))
+        sock.send(request(socket.if_nametoindex(dev)))
+        classes: list[tc_netlink.ClassStats] = []
+        done = False
+        while not done:
+            batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
+            classes += batch
+    return classes
 
 
 def read_rule_counters(runner: Runner) -> dict[int, str] | None:
@@ -573,8 +605,11 @@ def _undo_tree(runner: Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -
 
 
 def put_back_prefs(runner: Runner, dev: str, prefs: list[tuple[int, int]], before: list[U32Filter]) -> None:
-    """Whole u32 prefs (bypass, direction = "in" rules, a network's caps) as they were."""
-    present, _ = read_u32_filters(runner, dev)
+    """Whole u32 prefs (bypass, direction = "in" rules, a network's caps) as they were; left alone if they are."""
+    present, entries = read_u32_filters(runner, dev)
+    wanted = {(plan_ingress.PROTOCOL[family], pref) for family, pref in prefs}
+    if [e for e in entries if (e.protocol, e.pref) in wanted] == [f.entry() for f in before]:
+        return
     runner.tc_batch(f"{dev}: put its filters back", plan_ingress.replace_prefs(dev, prefs, present, before))
 
 
@@ -587,18 +622,18 @@ def put_back_classes(runner: Runner, tree: Device, before: dict[int, int | None]
 def put_back_all_classes(runner: Runner, tree: Device, before: dict[int, int]) -> None:
     """Every cap class of a tree as it was."""
     now = read_cap_classes(runner, tree.name)
-    wanted: dict[int, int | None] = {m: None for m in now if m not in before}
-    runner.tc_batch(f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, wanted | before, now))
+    runner.tc_batch(
+        f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, plan_limits.exactly(before, now), now)
+    )
 
 
-def put_back_sets(runner: Runner, dev: str, before: dict[int, list[str]] | None) -> None:
-    """A device's cap sets as they were: refilled and swapped in, or gone if there were none."""
-    if before is not None:
-        ipset_restore(runner, f"{dev}: put its cap sets back", plan_limits.fill_sets(dev, before))
-        return
-    ours = {plan_limits.set_name(dev, f) + scratch for f in FAMILIES for scratch in ("", "~")}
-    names = [name for name in list_sets(runner) if name in ours]
-    ipset_restore(runner, f"{dev}: remove the cap sets it did not have", plan_limits.plan_destroy_sets(names))
+def put_back_sets(runner: Runner, dev: str, before: dict[int, list[str] | None]) -> None:
+    """A device's cap sets as they were: refilled and swapped in, and gone where there was none."""
+    kept = {family: entries for family, entries in before.items() if entries is not None}
+    gone = {plan_limits.set_name(dev, f) + scratch for f in before if f not in kept for scratch in ("", "~")}
+    text = plan_limits.fill_sets(dev, kept) if kept else ""
+    text += plan_limits.plan_destroy_sets([name for name in list_sets(runner) if name in gone])
+    ipset_restore(runner, f"{dev}: put its cap sets back", text)
 
 
 def put_back_ingress_caps(
@@ -607,8 +642,6 @@ def put_back_ingress_caps(
     """An ingress tree's cap filters and classes as they were."""
     present, entries = read_u32_filters(runner, tree.name)
     now = read_cap_classes(runner, tree.name)
-    wanted: dict[int, int | None] = {m: None for m in now if m not in classes}
-    cmds = plan_ingress.sync_cap_filters(
-        tree, filters, wanted | classes, present, plan_ingress.hash_nodes(entries), now
-    )
+    wanted = plan_limits.exactly(classes, now)
+    cmds = plan_ingress.sync_cap_filters(tree, filters, wanted, present, plan_ingress.hash_nodes(entries), now)
     runner.tc_batch(f"{tree.name}: put its caps back", cmds)

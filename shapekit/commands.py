@@ -195,23 +195,29 @@ def _check_mangle(options: Options, command: str, config: Config) -> None:
     apply.require_binaries([*apply.MANGLE_TOOLS, "tc"] if ingress else apply.MANGLE_TOOLS)
 
 
+def _ingress_filters(
+    config: Config, filters: Callable[[Device], list[U32Filter]]
+) -> list[tuple[Device, list[U32Filter]]]:
+    """One kind of filter for each ingress tree, refused before anything changes if u32 cannot keep it."""
+    trees = [d.ingress for d in config.devices.values() if d.ingress is not None]
+    return [(tree, plan_ingress.listable(filters(tree))) for tree in trees]
+
+
 def _refresh_ingress(
-    options: Options,
-    config: Config,
+    runner: apply.Runner,
     journal: apply.Journal,
     what: str,
     prefs: dict[int, int],
-    filters: Callable[[Device], list[U32Filter]],
+    planned: list[tuple[Device, list[U32Filter]]],
 ) -> None:
     """Rewrite one kind of filter (bypass, or direction = "in" rules) on every ingress tree that is built.
 
     A tree not built yet gets them from shape-init.
     """
-    runner = options.runner()
-    for tree in (d.ingress for d in config.devices.values() if d.ingress is not None):
+    for tree, filters in planned:
         if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
             present, entries = apply.read_u32_filters(runner, tree.name)
-            cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters(tree))
+            cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters)
             before = [U32Filter.from_entry(e) for e in entries if e.pref in prefs.values()]
             journal.change(
                 f"{tree.configured}'s {what} filters",
@@ -220,21 +226,24 @@ def _refresh_ingress(
             )
 
 
-def _install_mangle(options: Options, plans: dict[int, Chains], own: str | None, journal: apply.Journal) -> None:
-    """Probe, then apply one command's chains in both IP families."""
+def _probe_mangle(plans: dict[int, Chains], own: str | None) -> None:
+    """Load the chains into a throwaway namespace: refuse what this machine cannot load, before any change."""
     apply.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
-    apply.apply_mangle(options.runner(), plans, own, journal)
 
 
 def mark(options: Options) -> None:
     """shape-mark: the [[mark]] rules into shapekit's mangle chains."""
     config = options.load()
     _check_mangle(options, "shape-mark", config)
-    with options.lock(), apply.transaction() as journal:
+    runner = options.runner()
+    with options.lock():
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        _install_mangle(options, {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK, journal)
-        rules = partial(plan_ingress.rule_filters, rules=config.marks)
-        _refresh_ingress(options, config, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, rules)
+        plans = {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}
+        inbound = _ingress_filters(config, partial(plan_ingress.rule_filters, rules=config.marks))
+        _probe_mangle(plans, MARK)
+        with apply.transaction(runner) as journal:
+            apply.apply_mangle(runner, plans, MARK, journal)
+            _refresh_ingress(runner, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, inbound)
 
 
 def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
@@ -242,19 +251,29 @@ def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
     return config.bypass.with_entries(runtime.ports, runtime.hosts)
 
 
-def _install_bypass(options: Options, config: Config, runtime: RuntimeBypass, journal: apply.Journal) -> None:
+def _install_bypass(
+    options: Options, config: Config, runtime: RuntimeBypass, then: Callable[[], None] | None = None
+) -> None:
+    """The bypass chain and the ingress bypass filters, as one transaction; `then` (saving the file) last in it."""
+    runner = options.runner()
     merged = _merged_bypass(config, runtime)
-    _install_mangle(options, {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}, None, journal)
+    plans = {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}
     bypassed = plan_ingress.bypass_filters(merged)
-    _refresh_ingress(options, config, journal, "bypass", plan_ingress.BYPASS_PREF, lambda _: bypassed)
+    inbound = _ingress_filters(config, lambda _: bypassed)
+    _probe_mangle(plans, None)
+    with apply.transaction(runner) as journal:
+        apply.apply_mangle(runner, plans, None, journal)
+        _refresh_ingress(runner, journal, "bypass", plan_ingress.BYPASS_PREF, inbound)
+        if then is not None and not options.dry_run:
+            then()  # last: a failure before it leaves the file as the kernel is again
 
 
 def bypass(options: Options) -> None:
     """shape-bypass: the config's bypass plus the run-time entries."""
     config = options.load()
     _check_mangle(options, "shape-bypass", config)
-    with options.lock(), apply.transaction() as journal:
-        _install_bypass(options, config, RuntimeBypass.load(state_dir()), journal)
+    with options.lock():
+        _install_bypass(options, config, RuntimeBypass.load(state_dir()))
 
 
 def parse_bypass_entry(text: str) -> PortProto | Network:
@@ -301,10 +320,7 @@ def bypass_edit(options: Options, entries: list[str], *, add: bool) -> None:
             ports=_edited(runtime.ports, config.bypass.ports, ports, add, config.path),
             hosts=_edited(runtime.hosts, config.bypass.hosts, hosts, add, config.path),
         )
-        with apply.transaction() as journal:
-            _install_bypass(options, config, updated, journal)
-            if not options.dry_run:
-                updated.save(state_dir())  # last: a failure before it leaves the file as the kernel is again
+        _install_bypass(options, config, updated, partial(updated.save, state_dir()))
 
 
 @dataclass(frozen=True)
@@ -356,18 +372,20 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     present = [d for d in config.devices.values() if apply.device_exists(d.name)]  # a hotplug device may be away
     for tree in (t for d in present for t in d.trees):
         apply.require_shapekit_tree(runner, tree.name)
+    # Every plan first: a cap that cannot be placed is refused before anything changes.
+    placed = {t.name: place_caps(t, runtime, now) for d in present for t in d.trees}
+    for tree in (d.ingress for d in present if d.ingress is not None):
+        plan_ingress.listable(list(CapFilters.of(placed[tree.name]).listed))
+    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+    rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
     saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
-    with apply.transaction() as journal:
+    saved += [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
+    with apply.transaction(runner) as journal:
         for device in present:
-            placed = place_caps(device, runtime, now)
-            _sync_caps_out(runner, journal, device, placed, now)
+            _sync_caps_out(runner, journal, device, placed[device.name], now)
             if device.ingress is not None:
-                inbound = place_caps(device.ingress, runtime, now)
-                _sync_caps_in(runner, journal, device.ingress, inbound)
-                placed += inbound
-            saved += [with_minor(p) for p in placed if p.cap.source == "run-time"]
-        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        apply.apply_mangle(runner, {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}, LIMIT, journal)
+                _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
+        apply.apply_mangle(runner, rules, LIMIT, journal)
         if not options.dry_run:
             save_caps(state_dir(), saved)  # last: a failure before it leaves the file as the kernel is again
 
@@ -375,30 +393,31 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
 def _sync_caps_out(
     runner: apply.Runner, journal: apply.Journal, device: Device, placed: list[PlacedCap], now: float
 ) -> None:
-    """A device's cap classes, then its sets swapped in (a host's class is there before its entry points to it)."""
-    classes = apply.read_cap_classes(runner, device.name)
+    """A device's new and re-rated cap classes, then its sets swapped in, then the classes no entry points to go."""
+    classes, sets = apply.read_cap_classes(runner, device.name), apply.read_sets(runner, device.name)
+    put_back_classes = partial(apply.put_back_all_classes, runner, device, classes)
+    new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
     journal.change(
         f"{device.name}'s cap classes",
-        partial(
-            runner.tc_batch, f"{device.name}: per-IP cap classes", plan_limits.sync_cap_classes(device, placed, classes)
-        ),
-        partial(apply.put_back_all_classes, runner, device, classes),
+        partial(runner.tc_batch, f"{device.name}: per-IP cap classes", new_rates),
+        put_back_classes,
     )
-    sets = apply.read_sets(runner, device.name)
+    text = plan_limits.plan_sets(device.name, placed, now)
     journal.change(
         f"{device.name}'s cap sets",
-        partial(
-            apply.ipset_restore,
-            runner,
-            f"{device.name}: per-IP cap sets",
-            plan_limits.plan_sets(device.name, placed, now),
-        ),
+        partial(apply.ipset_restore, runner, f"{device.name}: per-IP cap sets", text),
         partial(apply.put_back_sets, runner, device.name, sets),
+    )
+    stale = plan_limits.sync_classes(device, plan_limits.stale(classes, placed), classes)
+    journal.change(
+        f"{device.name}'s cap classes",
+        partial(runner.tc_batch, f"{device.name}: classes of caps no more", stale),
+        put_back_classes,
     )
 
 
 def _sync_caps_in(runner: apply.Runner, journal: apply.Journal, tree: Device, placed: list[PlacedCap]) -> None:
-    """An ingress tree's cap classes and u32 filters, in one batch."""
+    """An ingress tree's cap classes and u32 filters, in one batch (filters go before the classes they point to)."""
     present, entries = apply.read_u32_filters(runner, tree.name)
     classes = apply.read_cap_classes(runner, tree.name)
     cmds = plan_ingress.sync_caps(tree, placed, present, plan_ingress.hash_nodes(entries), classes)
@@ -490,11 +509,19 @@ def limit_add(options: Options, request: CapRequest) -> None:
             return
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
-        before = next((p for p in place_caps(tree, saved, now) if p.cap.host == host), None)
-        with apply.transaction() as journal:
+        before = _cap_until_now(tree, host, mine, placed.minor, now)
+        with apply.transaction(runner) as journal:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
                 save_caps(state_dir(), [*others, with_minor(placed)])  # last: see _install_limits
+
+
+def _cap_until_now(tree: Device, host: Network, mine: Cap | None, minor: int, now: float) -> PlacedCap | None:
+    """The host's cap before this add (its run-time one, else the config's), in the class the add keeps."""
+    if mine is not None and not lapsed(mine, now):
+        return PlacedCap(mine, minor)
+    configured = next((c for c in tree.limits if c.host == host), None)
+    return PlacedCap(configured, minor) if configured else None
 
 
 def _check_request(
@@ -535,26 +562,32 @@ def _put_cap(
 
     `before` is the host's cap until now, if it had one: what a failure puts back.
     """
+    host = placed.cap.host
     cmds = plan_limits.cap_class(tree, placed.minor, placed.cap.rate, "replace")
-    old_class = {placed.minor: (c.ceil if (c := apply.read_class(tree.name, placed.minor)) else None)}
-    put_back: list[Callable[[], None]] = []
-    if tree.direction == "in":
-        filters = _cap_filters_now(runner, tree, placed)
-        cmds += plan_ingress.cap_entry(tree, placed, every, filters.present, filters.nodes)
-        put_back.append(partial(_put_back_cap_filter, runner, tree, placed, filters))
-    put_back.append(partial(apply.put_back_classes, runner, tree, old_class))
-    journal.change(
-        f"the class of {placed.cap.host}",
-        partial(_cap_batch, runner, tree, f"{tree.name}: the class of {placed.cap.host}", cmds),
-        lambda: [step() for step in put_back],  # filters before classes: HTB keeps a class a filter points to
-    )
+    put_back_class = partial(apply.put_back_classes, runner, tree, _class_now(tree, placed.minor))
     if tree.direction == "out":
+        journal.change(f"the class of {host}", partial(_cap_batch, runner, tree, host, cmds), put_back_class)
         _put_set_entry(runner, journal, tree, placed, before, now)
+        return
+    filters = _cap_filter_before(runner, tree, placed)
+    cmds += plan_ingress.cap_entry(tree, placed, every, filters.present, filters.nodes)
+    journal.change(
+        f"the class and filter of {host}",
+        partial(_cap_batch, runner, tree, host, cmds),
+        # The filter first: HTB keeps a class that a filter points to.
+        apply.in_order(partial(_put_back_cap_filter, runner, tree, placed, filters), put_back_class),
+    )
 
 
-def _cap_batch(runner: apply.Runner, tree: Device, header: str, cmds: list[plan.Argv]) -> None:
+def _class_now(tree: Device, minor: int) -> dict[int, int | None]:
+    """One cap class's rate now (None: not there), as apply.put_back_classes takes it."""
+    found = apply.read_class(tree.name, minor)
+    return {minor: found.ceil if found else None}
+
+
+def _cap_batch(runner: apply.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:
     try:
-        runner.tc_batch(header, cmds)
+        runner.tc_batch(f"{tree.name}: the class of {host}", cmds)
     except CommandFailed:
         # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
         apply.require_shapekit_tree(runner, tree.name)
@@ -582,7 +615,7 @@ def _put_set_entry(
     )
 
 
-def _put_back_cap_filter(runner: apply.Runner, tree: Device, placed: PlacedCap, before: CapFilterState) -> None:
+def _put_back_cap_filter(runner: apply.Runner, tree: Device, placed: PlacedCap, before: CapFilterBefore) -> None:
     """One cap's u32 filter as it was: its hash node, or its prefix length's whole pref."""
     mine = plan_ingress.cap_filter(placed)
     if mine.handle is None:
@@ -624,7 +657,7 @@ def limit_remove(options: Options, host_text: str, dev: str | None, direction: s
         device = config.devices.get(matches[0].dev)
         if device is not None:
             apply.require_devices([device.name])
-        with apply.transaction() as journal:
+        with apply.transaction(runner) as journal:
             for removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress
                 if tree is not None:
@@ -653,44 +686,54 @@ def _lift(
     if after is not None:
         _put_cap(runner, journal, tree, after, rest, before, now)
         return
-    host, minor = removed.host, before.minor
-    old_class = {minor: (c.ceil if (c := apply.read_class(tree.name, minor)) else None)}
-    cmds: list[plan.Argv] = []
     if tree.direction == "out":
-        # The entry first: no packet is sent to a class that is going.
-        journal.change(
-            f"the set entry of {host}",
-            partial(
-                apply.ipset_restore,
-                runner,
-                f"{tree.name}: {host} uncapped",
-                plan_limits.plan_set_removal(tree.name, host),
-            ),
-            partial(
-                apply.ipset_restore,
-                runner,
-                f"{tree.name}: {host}'s set entry put back",
-                plan_limits.plan_set_entry(tree.name, before, now),
-            ),
-            atomic=True,
-        )
+        _lift_out(runner, journal, tree, before, now)
     else:
-        filters = _cap_filters_now(runner, tree, before)
-        cmds += plan_ingress.cap_removal(tree, before, rest, filters.present, filters.nodes)
-    if old_class[minor] is not None:  # gone already after a flush or re-init
-        cmds += plan_limits.remove_cap_class(tree.name, minor)
-    put_back = [partial(apply.put_back_classes, runner, tree, old_class)]
-    if tree.direction == "in":
-        put_back.insert(0, partial(_put_back_cap_filter, runner, tree, before, filters))
+        _lift_in(runner, journal, tree, before, rest)
+
+
+def _lift_out(runner: apply.Runner, journal: apply.Journal, tree: Device, before: PlacedCap, now: float) -> None:
+    """The host's set entry first (no packet is sent to a class that is going), then its class."""
+    host = before.cap.host
+    journal.change(
+        f"the set entry of {host}",
+        partial(apply.ipset_restore, runner, f"{tree.name}: {host} uncapped", plan_limits.plan_set_removal(tree.name, host)),
+        partial(apply.ipset_restore, runner, f"{tree.name}: {host}'s entry back", plan_limits.plan_set_entry(tree.name, before, now)),
+        atomic=True,
+    )  # fmt: skip
+    old_class = _class_now(tree, before.minor)
+    cmds = (
+        plan_limits.remove_cap_class(tree.name, before.minor) if old_class[before.minor] else []
+    )  # gone after a re-init
     journal.change(
         f"the class of {host}",
         partial(runner.tc_batch, f"{tree.name}: {host} uncapped", cmds),
-        lambda: [step() for step in reversed(put_back)],  # the class first: a filter put back points to it
+        partial(apply.put_back_classes, runner, tree, old_class),
+    )
+
+
+def _lift_in(
+    runner: apply.Runner, journal: apply.Journal, tree: Device, before: PlacedCap, rest: list[PlacedCap]
+) -> None:
+    """The host's u32 filter and then its class, in one batch (HTB keeps a class that a filter points to)."""
+    filters = _cap_filter_before(runner, tree, before)
+    cmds = plan_ingress.cap_removal(tree, before, rest, filters.present, filters.nodes)
+    old_class = _class_now(tree, before.minor)
+    if old_class[before.minor] is not None:  # gone already after a re-init
+        cmds += plan_limits.remove_cap_class(tree.name, before.minor)
+    journal.change(
+        f"the class and filter of {before.cap.host}",
+        partial(runner.tc_batch, f"{tree.name}: {before.cap.host} uncapped", cmds),
+        # The class first: the filter put back points to it.
+        apply.in_order(
+            partial(apply.put_back_classes, runner, tree, old_class),
+            partial(_put_back_cap_filter, runner, tree, before, filters),
+        ),
     )
 
 
 @dataclass(frozen=True)
-class CapFilterState:
+class CapFilterBefore:
     """What changing one cap's filter needs of the kernel, read before the change."""
 
     present: set[int]  # the prefs in use (read for a network's cap only)
@@ -698,18 +741,18 @@ class CapFilterState:
     listed: list[U32Filter]  # a network cap's pref: its filters now
 
 
-def _cap_filters_now(runner: apply.Runner, tree: Device, placed: PlacedCap) -> CapFilterState:
+def _cap_filter_before(runner: apply.Runner, tree: Device, placed: PlacedCap) -> CapFilterBefore:
     """One cap's hash node (one small query), or for a network its prefs and its pref's filters."""
     mine = plan_ingress.cap_filter(placed)
     if mine.handle is not None:
-        return CapFilterState(set(), apply.read_node(runner, tree.name, mine.handle), [])
+        return CapFilterBefore(set(), apply.read_node(runner, tree.name, mine.handle), [])
     present, entries = apply.read_u32_filters(runner, tree.name)
     listed = [
         U32Filter.from_entry(e)
         for e in entries
         if e.pref == mine.pref and e.protocol == plan_ingress.PROTOCOL[mine.family]
     ]
-    return CapFilterState(present, plan_ingress.hash_nodes(entries), listed)
+    return CapFilterBefore(present, plan_ingress.hash_nodes(entries), listed)
 
 
 @dataclass(frozen=True)

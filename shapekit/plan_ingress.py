@@ -34,7 +34,7 @@ from shapekit.config import IFB_ALIAS, Config, Device
 from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
 from shapekit.errors import UsageError
 from shapekit.plan import Argv, classid, root_handle
-from shapekit.plan_limits import PlacedCap, class_rates, sync_classes, u32_slot
+from shapekit.plan_limits import PlacedCap, class_rates, exactly, sync_classes, u32_slot
 
 REDIRECT_PREF = 92  # shapekit's one filter on the device's own ingress hook
 IFB_TXQUEUELEN = "1000"  # an IFB starts at 32 packets: too short a default queue for a line
@@ -242,10 +242,10 @@ def _rule_keys(rule: MarkRule, family: int) -> list[tuple[U32Key, ...]]:
 def ingress_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[U32Filter]:
     """Every classifying filter of an ingress tree, in the order a packet meets them."""
     by_pref = sorted(caps, key=lambda p: (cap_pref(p.cap.host), p.minor))
-    return _listable([cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks))
+    return listable([cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks))
 
 
-def _listable(filters: list[U32Filter]) -> list[U32Filter]:
+def listable(filters: list[U32Filter]) -> list[U32Filter]:
     """Refuse a list u32 cannot keep in order: past 2047 filters in one pref its node ids wrap around."""
     counts = Counter(f.pref for f in filters if f.handle is None)
     crowded = [pref for pref, n in counts.items() if n > U32_LIST_MAX]
@@ -292,7 +292,7 @@ def sync_caps(
     tree: Device, placed: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry], classes: dict[int, int]
 ) -> list[Argv]:
     """Make an ingress tree's caps `placed`, given its prefs, its hash nodes (by handle) and cap classes now."""
-    wanted = {minor: None for minor in sorted(set(classes) - {p.minor for p in placed})} | class_rates(placed)
+    wanted = exactly(class_rates(placed), classes)
     return sync_cap_filters(tree, CapFilters.of(placed), wanted, present, nodes, classes)
 
 
@@ -389,7 +389,7 @@ def replace_prefs(
 ) -> list[Argv]:
     """Delete whole prefs (those there now) and add `filters` back: how bypass and rule filters change."""
     cmds = [_filter(dev, "del", family, pref, "u32") for family, pref in prefs if pref in present]
-    return cmds + [f.argv(dev) for f in _listable(filters)]
+    return cmds + [f.argv(dev) for f in listable(filters)]
 
 
 # --- the device and its IFB -----------------------------------------------------------

@@ -22,7 +22,7 @@ entry's ipset timeout: the kernel drops it when it lapses, with no daemon.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from shapekit.addresses import Network
@@ -175,17 +175,22 @@ def parse_cap_classes(text: str) -> dict[int, int]:
     return {minor: ceil for minor, ceil in caps.items() if minor in CAP_MINORS}
 
 
-def class_rates(placed: Sequence[PlacedCap]) -> dict[int, int | None]:
+def class_rates(placed: Sequence[PlacedCap]) -> dict[int, int]:
     return {p.minor: p.cap.rate for p in placed}
 
 
-def sync_cap_classes(device: Device, placed: Sequence[PlacedCap], current: dict[int, int]) -> list[Argv]:
-    """The changes that make the device's cap classes exactly `placed`: only what differs."""
-    stale: dict[int, int | None] = {minor: None for minor in sorted(set(current) - {p.minor for p in placed})}
-    return sync_classes(device, stale | class_rates(placed), current)
+def stale(current: dict[int, int], placed: Sequence[PlacedCap]) -> dict[int, int | None]:
+    """The cap classes there now that no cap in `placed` lives in, to go (None)."""
+    return {minor: None for minor in sorted(set(current) - {p.minor for p in placed})}
 
 
-def sync_classes(tree: Device, wanted: dict[int, int | None], current: dict[int, int]) -> list[Argv]:
+def exactly(wanted: dict[int, int], current: dict[int, int]) -> dict[int, int | None]:
+    """`wanted`, and every other class there now marked to go: for sync_classes to make exactly these."""
+    gone: dict[int, int | None] = {minor: None for minor in sorted(set(current) - set(wanted))}
+    return gone | dict(wanted)
+
+
+def sync_classes(tree: Device, wanted: Mapping[int, int | None], current: dict[int, int]) -> list[Argv]:
     """The changes that give each cap class named in `wanted` its rate (None: no class); others stay.
 
     The same changes put classes back as they were after a failure.
@@ -227,29 +232,26 @@ def plan_sets(dev: str, placed: Sequence[PlacedCap], now: float) -> str:
     return fill_sets(dev, entries)
 
 
-def fill_sets(dev: str, entries: dict[int, list[str]]) -> str:
-    """Both families' sets of a device made to hold exactly `entries`: filled aside, then swapped in.
+def fill_sets(dev: str, entries: Mapping[int, list[str]]) -> str:
+    """A device's sets (of the families in `entries`) made to hold exactly `entries`: filled aside, then swapped in.
 
-    Both swaps come after both fills, so a failure before them leaves both
-    sets as they were; the same text puts sets back after a failure.
+    The swaps come after every fill, so a failure before them leaves the sets
+    as they were; the same text puts sets back after a failure.
     """
     lines = []
-    for family in (4, 6):
+    for family, listed in entries.items():
         name, scratch = set_name(dev, family), set_name(dev, family) + "~"
         lines += [_create(name, family), _create(scratch, family), f"flush {scratch}"]
-        lines += [f"add {scratch} {entry}" for entry in entries[family]]
-    lines += [f"swap {set_name(dev, f)}~ {set_name(dev, f)}" for f in (4, 6)]
-    lines += [f"destroy {set_name(dev, f)}~" for f in (4, 6)]
+        lines += [f"add {scratch} {entry}" for entry in listed]
+    lines += [f"swap {set_name(dev, f)}~ {set_name(dev, f)}" for f in entries]
+    lines += [f"destroy {set_name(dev, f)}~" for f in entries]
     return "\n".join(lines) + "\n"
 
 
-def parse_set_save(text: str, dev: str) -> dict[int, list[str]]:
-    """A device's set entries in `ipset save` text, as `fill_sets` takes them (what follows `add SET `)."""
-    entries: dict[int, list[str]] = {4: [], 6: []}
-    for family in (4, 6):
-        prefix = f"add {set_name(dev, family)} "
-        entries[family] = [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
-    return entries
+def parse_set_save(text: str, name: str) -> list[str]:
+    """A set's entries in `ipset save` text, as `fill_sets` takes them (what follows `add SET `)."""
+    prefix = f"add {name} "
+    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
 
 
 def plan_set_entry(dev: str, placed: PlacedCap, now: float) -> str:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
 from shapekit.config_rules import CAP_MINORS, DIRECTIONS, Cap
-from shapekit.errors import UsageError
+from shapekit.errors import CommandFailed, UsageError
 from shapekit.units import UnitError, format_rate, parse_rate
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
@@ -102,7 +102,18 @@ def _one_line(exc: Exception) -> str:
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
-    """Replace a state file atomically: readers see the old file or the new one, never half."""
+    """Replace a state file atomically: readers see the old file or the new one, never half.
+
+    A write that fails (a full disk, a read-only /var) fails like a command:
+    exit 1, and the run's changes to the kernel are put back.
+    """
+    try:
+        _replace(path, data)
+    except OSError as exc:
+        raise CommandFailed(f"writing {path}", exc.strerror or str(exc)) from None
+
+
+def _replace(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -19,6 +19,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLM_F_ECHO = 0x8
+NLM_F_ACK = 0x4
 AF_UNSPEC = 0
 
 TCA_KIND = 1
@@ -65,9 +66,10 @@ def dump_request(ifindex: int, seq: int = 1) -> bytes:
 
 
 def get_request(ifindex: int, handle: int, seq: int = 1) -> bytes:
-    """One class by handle. NLM_F_ECHO: the kernel answers a class get only as a notification."""
+    """One class by handle. NLM_F_ECHO: the kernel answers a class get only as a notification; NLM_F_ACK: and
+    then says it is done."""
     body = _TCMSG.pack(AF_UNSPEC, ifindex, handle, 0, 0)
-    flags = NLM_F_REQUEST | NLM_F_ECHO
+    flags = NLM_F_REQUEST | NLM_F_ECHO | NLM_F_ACK
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETTCLASS, flags, seq, 0) + body
 
 
@@ -95,6 +97,7 @@ def parse_messages(data: bytes) -> tuple[list[ClassStats], bool]:
             (error,) = struct.unpack_from("=i", body)
             if error:
                 raise OSError(-error, "the kernel refused to list the classes")
+            done = True  # the acknowledgement that ends a get
         elif kind == RTM_NEWTCLASS:
             classes.append(_parse_class(body))
         offset += (length + 3) & ~3

@@ -130,7 +130,7 @@ def _ipset_state(save: str) -> str:
     lines = []
     for line in save.splitlines():
         if line.startswith("add "):
-            line = re.sub(r" timeout \d+", " timeout *", line)
+            line = re.sub(r" timeout [1-9]\d*", " timeout *", line)  # counting down; 0 (for good) stays
         elif line.startswith("create "):
             line = re.sub(r" initval 0x[0-9a-f]+", "", line)
         lines.append(line)

@@ -94,6 +94,24 @@ SCENARIOS = [
     Scenario("limit add, a new host", ("shape-limit-ip", "add", "198.18.0.102", "1mbit", "--for", "1h")),
     Scenario("limit add, a config host re-rated", ("shape-limit-ip", "add", "198.18.0.101", "5mbit")),
     Scenario("limit add, an IPv6 host", ("shape-limit-ip", "add", "fd00:5c::102", "1mbit")),
+    Scenario(
+        "limit add, a cap --for a while re-rated",
+        ("shape-limit-ip", "add", "198.18.0.102", "2mbit", "--for", "2h"),
+        prepare=(("shape-limit-ip", "add", "198.18.0.102", "1mbit", "--for", "1h"),),
+    ),
+    Scenario(
+        "limit add, the first since a flush, with the IPv6 set missing",
+        ("shape-limit-ip", "add", "198.18.0.103", "1mbit"),
+        # remove after a flush makes the IPv4 set alone; the boot sequence without shape-limit-ip then
+        prepare=(
+            ("shape-limit-ip", "add", "198.18.0.102", "1mbit"),
+            ("shape-flush",),
+            ("shape-limit-ip", "remove", "198.18.0.102"),
+            ("shape-init",),
+            ("shape-bypass",),
+            ("shape-mark",),
+        ),
+    ),
     Scenario("limit add --in, a host", ("shape-limit-ip", "add", "198.18.0.104", "1mbit", "--in")),
     Scenario("limit add --in, a network", ("shape-limit-ip", "add", "198.18.2.0/24", "1mbit", "--in")),
     Scenario(

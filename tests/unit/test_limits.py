@@ -92,10 +92,10 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
         (CAP_PROBE, ""),  # a set with skbinfo and the SET target, tried in a throwaway namespace
         (READ_ROOT, None),
         (CLASSES, None),
-        (BATCH, SEED_002_CLASSES),
         (("ipset", "list", "-n"), None),  # the sets as they were, to put back if a later step fails
         (("ipset", "save", "SHAPEKIT-eth0-4"), None),
         (("ipset", "save", "SHAPEKIT-eth0-6"), None),
+        (BATCH, SEED_002_CLASSES),
         (IPSET, SEED_002_SETS),
         (("iptables-save", "-t", "mangle"), None),
         (("ip6tables-save", "-t", "mangle"), None),
@@ -118,8 +118,8 @@ def test_installing_again_touches_only_classes_that_differ(booted, cli):
     assert (
         booted.batches()
         == [
-            "class del dev eth0 classid 5c:8007\n"  # a cap that is gone
-            "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"  # 1mbit → 512kbit
+            "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n",  # 1mbit → 512kbit
+            "class del dev eth0 classid 5c:8007\n",  # a cap that is gone: once the sets no longer point to it
         ]
     )
 

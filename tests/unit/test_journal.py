@@ -1,0 +1,102 @@
+"""The undo journal: what is recorded when, what is put back in which order, and what the one line says."""
+
+from __future__ import annotations
+
+import pytest
+
+from shapekit import tc_netlink
+from shapekit.apply import Journal, Runner, in_order, transaction
+from shapekit.errors import CommandFailed, UsageError
+
+
+def failing(command: str):
+    def run():
+        raise CommandFailed(command, "boom")
+
+    return run
+
+
+def test_steps_are_put_back_newest_first_and_named():
+    done = []
+    with pytest.raises(CommandFailed) as failed, transaction(Runner()) as journal:
+        journal.change("a", lambda: done.append("a"), lambda: done.append("undo a"))
+        journal.change("b", lambda: done.append("b"), lambda: done.append("undo b"), atomic=True)
+        journal.change("c", failing("tc -batch -"), lambda: done.append("undo c"))
+
+    assert done == ["a", "b", "undo c", "undo b", "undo a"]  # c failed part-way: put back too
+    assert str(failed.value) == "`tc -batch -` failed: boom; put back as before: a, b, c"
+
+
+def test_an_atomic_step_that_fails_is_not_put_back():
+    done = []
+    with pytest.raises(CommandFailed) as failed, transaction(Runner()) as journal:
+        journal.change("a", lambda: None, lambda: done.append("undo a"))
+        journal.change("rules", failing("iptables-restore"), lambda: done.append("undo rules"), atomic=True)
+
+    assert done == ["undo a"]
+    assert str(failed.value).endswith("; put back as before: a")
+
+
+def test_a_failing_put_back_says_what_is_left_changed():
+    with pytest.raises(CommandFailed) as failed, transaction(Runner()) as journal:
+        journal.change("a", lambda: None, lambda: None)
+        journal.change("b", lambda: None, failing("ipset restore"))
+        journal.change("c", failing("tc -batch -"), lambda: None)
+
+    assert str(failed.value) == (
+        "`tc -batch -` failed: boom; putting back b failed too: `ipset restore` failed: boom; left changed: b, a"
+    )
+
+
+def test_a_failure_before_any_change_says_nothing_was_changed():
+    with pytest.raises(CommandFailed) as failed, transaction(Runner()) as journal:
+        journal.change("a", failing("tc -batch -"), lambda: None, atomic=True)
+
+    assert str(failed.value) == "`tc -batch -` failed: boom; nothing was changed"
+
+
+def test_a_late_bad_input_or_ctrl_c_is_put_back_first():
+    done = []
+    with pytest.raises(UsageError) as refused, transaction(Runner()) as journal:
+        journal.change("a", lambda: None, lambda: done.append("undo a"))
+        raise UsageError("too many filters")
+    assert str(refused.value) == "too many filters; put back as before: a"
+    assert refused.value.exit_code == 2
+
+    with pytest.raises(KeyboardInterrupt), transaction(Runner()) as journal:
+        journal.change("b", lambda: None, lambda: done.append("undo b"))
+        raise KeyboardInterrupt
+    assert done == ["undo a", "undo b"]
+
+
+def test_a_dry_run_records_nothing():
+    journal = Journal(dry_run=True)
+    journal.change("a", lambda: None, lambda: None)
+    assert journal.steps == [] and journal.roll_back() == "nothing was changed"
+
+
+def test_in_order_runs_each_step_in_turn():
+    done = []
+    in_order(lambda: done.append(1), lambda: done.append(2))()
+    assert done == [1, 2]
+
+
+def test_a_class_get_asks_for_one_handle_with_echo_and_ack():
+    request = tc_netlink.get_request(7, 0x5C8003)
+    length, kind, flags, _, _ = tc_netlink._NLMSGHDR.unpack_from(request)
+    _, ifindex, handle, parent, _ = tc_netlink._TCMSG.unpack_from(request, tc_netlink._NLMSGHDR.size)
+    assert (length, kind, ifindex, handle, parent) == (len(request), tc_netlink.RTM_GETTCLASS, 7, 0x5C8003, 0)
+    assert flags == tc_netlink.NLM_F_REQUEST | tc_netlink.NLM_F_ECHO | tc_netlink.NLM_F_ACK  # no dump
+
+
+def test_an_acknowledgement_ends_a_get_and_an_error_is_raised():
+    ack = tc_netlink._NLMSGHDR.pack(36, tc_netlink.NLMSG_ERROR, 0, 1, 0) + bytes(20)
+    assert tc_netlink.parse_messages(ack) == ([], True)
+    missing = (
+        tc_netlink._NLMSGHDR.pack(36, tc_netlink.NLMSG_ERROR, 0, 1, 0)
+        + (-2).to_bytes(4, "little", signed=True)
+        + bytes(16)
+    )
+    with pytest.raises(OSError) as raised:
+        tc_netlink.parse_messages(missing)
+    assert raised.value.errno == 2
