@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from typing import TextIO
 
 from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
 from shapekit.config import IFB_ALIAS, Device, device_name_problem
-from shapekit.errors import CommandFailed, ShapekitError, UsageError
+from shapekit.errors import CommandFailed, Interrupted, ShapekitError, UsageError
 from shapekit.plan import (
     KERNEL_DEFAULT,
     Argv,
@@ -88,14 +89,24 @@ class Journal:
 
     dry_run: bool = False
     steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    signals: list[int] = field(default_factory=list)  # caught while the run changes things
 
     def change(self, what: str, do: Callable[[], None], put_back: Callable[[], None], atomic: bool = False) -> None:
         """Run one step. An atomic one (iptables-restore) is put back only once it has happened."""
+        if self.signals:
+            raise Interrupted(self.signals[0], "")
         if not atomic and not self.dry_run:
             self.steps.append((what, put_back))
-        do()
+        try:
+            do()
+        except UsageError:  # the step itself found bad input, before changing anything
+            if not atomic and not self.dry_run:
+                self.steps.pop()
+            raise
         if atomic and not self.dry_run:
             self.steps.append((what, put_back))
+        if self.signals:
+            raise Interrupted(self.signals[0], "")
 
     def roll_back(self) -> str:
         """Put back every step, newest first; how that went, as words for the error's one line."""
@@ -110,25 +121,40 @@ class Journal:
         return "put back as before: " + ", ".join(w for w, _ in self.steps)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def transaction(runner: Runner) -> Iterator[Journal]:
     """A run that completes, or whose every change is put back: never half-applied.
 
     Every bad input is found before the first change; should one still come
-    late, what was changed is put back first and the line says so.
+    late, what was changed is put back first and the line says so. A signal
+    (Ctrl-C, systemd's or `timeout`'s SIGTERM) stops the run between two
+    steps, never inside one, and what it changed is put back, a second
+    signal not stopping that.
     """
     journal = Journal(dry_run=runner.dry_run)
+    previous = {s: signal.signal(s, lambda signum, _: journal.signals.append(signum)) for s in STOP_SIGNALS}
     try:
         yield journal
     except CommandFailed as exc:
-        raise exc.then(journal.roll_back()) from None
+        outcome = journal.roll_back()
+        if journal.signals:  # the signal reached the running tool too
+            raise Interrupted(journal.signals[0], outcome) from None
+        raise exc.then(outcome) from None
+    except Interrupted as exc:
+        raise Interrupted(exc.exit_code - 128, journal.roll_back()) from None
     except ShapekitError as exc:
         if journal.steps:
             exc.args = (f"{exc}; {journal.roll_back()}",)
         raise
-    except BaseException:  # Ctrl-C, or a bug: nothing may stay half-done either
+    except BaseException:  # a bug: nothing may stay half-done either
         journal.roll_back()
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def in_order(*steps: Callable[[], None]) -> Callable[[], None]:

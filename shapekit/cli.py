@@ -393,10 +393,13 @@ def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOpt
     _run("shape-limit-ip", show)
 
 
+MAX_INTERVAL = 86400  # a day: longer than anyone watches, and within what time.sleep takes
+
+
 def _interval(value: float) -> float:
     # click's float takes "nan" and "inf", which no sleep can use.
-    if not math.isfinite(value) or value < 0.1:
-        raise typer.BadParameter(f"{value} is not a number of seconds from 0.1 up")
+    if not math.isfinite(value) or not 0.1 <= value <= MAX_INTERVAL:
+        raise typer.BadParameter(f"{value} is not a number of seconds from 0.1 to {MAX_INTERVAL}")
     return value
 
 
@@ -413,7 +416,7 @@ def shape_status(
             "-i",
             metavar="S",
             callback=_interval,
-            help="Seconds the current rate is measured over (0.1 or more).",
+            help="Seconds the current rate is measured over (0.1 to 86400).",
         ),
     ] = 1.0,
     watch: Annotated[
@@ -464,6 +467,9 @@ def _main(app: typer.Typer, prog: str) -> None:
     except typer.Abort:
         sys.stderr.write(f"{prog}: interrupted\n")
         sys.exit(130)
+    except OSError as exc:  # the output cannot be written: a full disk, a closed pipe
+        sys.stderr.write(f"{prog}: cannot write the output: {exc.strerror or exc}\n")
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -44,6 +44,13 @@ class Options:
         return nullcontext() if self.dry_run else change_lock(state_dir())
 
 
+def _saved_caps(config: Config) -> list[Cap]:
+    """The run-time caps in limits.json (lapsed ones too), each checked against its tree's line rate."""
+    return load_caps(
+        state_dir(), {(t.configured, t.direction): t.rate for d in config.devices.values() for t in d.trees}
+    )
+
+
 def select_devices(config: Config, names: list[str]) -> list[Device]:
     """The configured devices named by --dev (all of them when none is named)."""
     unknown = [n for n in names if n not in config.devices]
@@ -72,7 +79,7 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
     apply.probe_ingress([tree.key for tree in ingress])
     apply.require_own_ifbs(runner, ingress)
     with options.lock():
-        runtime, now = load_caps(state_dir()), time.time()
+        runtime, now = _saved_caps(config), time.time()
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
         ifbs = {owner: ifb for ifb, owner in apply.shapekit_ifbs(runner).items()}
         # Every plan first: a cap that cannot be placed is refused before anything changes.
@@ -113,7 +120,7 @@ def check(options: Options, devs: list[str]) -> list[str]:
     apply.require_devices([d.name for d in devices])
     runner = options.runner()
     now = time.time()
-    saved = load_caps(state_dir())
+    saved = _saved_caps(config)
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
     placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
     differences = []
@@ -186,7 +193,14 @@ def flush(options: Options, devs: list[str], forget: bool) -> None:
                 )
         if forget and not options.dry_run:
             for name in (BYPASS_FILE, LIMITS_FILE):
-                (state_dir() / name).unlink(missing_ok=True)
+                _forget(state_dir() / name)
+
+
+def _forget(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CommandFailed(f"removing {path}", exc.strerror or str(exc), "the kernel's shaping is removed") from None
 
 
 def _check_mangle(options: Options, command: str, config: Config) -> None:
@@ -362,7 +376,7 @@ def limit_ip(options: Options) -> None:
     _check_limits(options)
     with options.lock():
         now = time.time()
-        _install_limits(options, config, _live(load_caps(state_dir()), now), now)
+        _install_limits(options, config, _live(_saved_caps(config), now), now)
 
 
 def _install_limits(options: Options, config: Config, runtime: list[Cap], now: float) -> None:
@@ -493,7 +507,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
         if options.dry_run or tree.direction == "in":
             apply.require_shapekit_tree(runner, tree.name)
         now = time.time()
-        saved = load_caps(state_dir())  # lapsed ones too: their classes still hold their minors
+        saved = _saved_caps(config)  # lapsed ones too: their classes still hold their minors
         mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
         others = [c for c in saved if c is not mine]
         expires = now + seconds if seconds else None
@@ -643,7 +657,9 @@ def limit_remove(options: Options, host_text: str, dev: str | None, direction: s
     runner = options.runner()
     with options.lock():
         now = time.time()
-        saved = load_caps(state_dir())
+        if dev is not None:
+            pick_device(config, dev)  # a --dev the config does not shape: say so, not "not capped"
+        saved = _saved_caps(config)
         matches = [
             c
             for c in _live(saved, now)
@@ -770,7 +786,7 @@ class CapRow:
 def limit_list(options: Options) -> list[CapRow]:
     config = options.load()
     now = time.time()
-    runtime = _live(load_caps(state_dir()), now)
+    runtime = _live(_saved_caps(config), now)
     rows = []
     for tree in (t for d in config.devices.values() for t in d.trees):
         rows += [_row(p) for p in place_caps(tree, runtime, now)]
@@ -798,7 +814,7 @@ def status_sample(options: Options, devs: list[str], interval: float) -> dict:
     # Ingress trees are listed under their IFB device, when it is there.
     trees = [t for d in devices for t in d.trees if t.direction == "out" or apply.device_exists(t.name)]
     now = time.time()
-    saved = load_caps(state_dir())
+    saved = _saved_caps(config)
     names = {t.name: status.class_names(t, place_caps(t, saved, now), _lapsed(t, saved, now)) for t in trees}
     start = time.monotonic()
     before = {t.name: apply.read_classes(t.name) for t in trees}

@@ -146,6 +146,11 @@ def device_name_problem(name: str) -> str | None:
     """Why `name` cannot be a device shapekit shapes, or None."""
     if not _IFNAME.match(name):
         return f"{name!r} is not a network interface name (1-15 characters, no spaces, '/' or ':')"
+    if name.endswith("+"):  # iptables -o eth+ matches every device whose name starts eth
+        return (
+            f"device name {name!r} ends in '+', which iptables reads as every device whose name starts "
+            f"{name[:-1]!r}: rename the device (ip link set {shlex.quote(name)} name NEWNAME)"
+        )
     return batch_safe_name_problem(name)
 
 
@@ -231,12 +236,22 @@ def open_input(path: Path) -> int:
     """A read-only fd on `path`, refused before opening when it is no regular file.
 
     Opening a device can do things (a tape rewinds, a watchdog starts), and a
-    FIFO blocks: so stat first, and open non-blocking in case it changed since.
+    FIFO blocks. So the path is first taken hold of without opening what it
+    names (O_PATH), that very file is checked, and only then opened, through
+    /proc/self/fd: a symlink swapped in between cannot lead the open elsewhere.
     """
-    kind = _kind(os.stat(path).st_mode)
-    if kind:
-        raise InputProblem(f"not a regular file ({kind})")
-    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    held = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        kind = _kind(os.fstat(held).st_mode)
+        if kind:
+            raise InputProblem(f"not a regular file ({kind})")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            return os.open(f"/proc/self/fd/{held}", flags)
+        except FileNotFoundError:  # no /proc: the path again, non-blocking, checked again after
+            return os.open(path, flags)
+    finally:
+        os.close(held)
 
 
 def input_problem(opened: os.stat_result, most: int) -> str | None:

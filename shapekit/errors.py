@@ -38,3 +38,13 @@ class CommandFailed(ShapekitError):
     def then(self, outcome: str) -> CommandFailed:
         """The same failure, with what was done about it after."""
         return CommandFailed(self.command, self.stderr, "; ".join(o for o in (self.outcome, outcome) if o))
+
+
+class Interrupted(ShapekitError):
+    """A signal (Ctrl-C, SIGTERM from systemd or `timeout`) stopped a run between two of its steps."""
+
+    def __init__(self, signum: int, outcome: str) -> None:
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {outcome}")
+        self.exit_code = 128 + signum

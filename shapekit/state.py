@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
-from shapekit.config_rules import CAP_MINORS, DIRECTIONS, Cap
+from shapekit.config_rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.units import UnitError, format_rate, parse_rate
 
@@ -188,12 +188,27 @@ class RuntimeBypass:
 _CAP_KEYS = ("host", "rate", "dev", "expires", "comment", "minor", "direction")
 
 
-def load_caps(directory: Path) -> list[Cap]:
-    """Caps added with `shape-limit-ip add`, kept in limits.json (lapsed ones included)."""
+def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None = None) -> list[Cap]:
+    """Caps added with `shape-limit-ip add`, kept in limits.json (lapsed ones included).
+
+    Each is held to what `add` would take: a cap on a configured tree
+    ((device, direction) in `line_rates`) no faster than its line rate.
+    """
     path = directory / LIMITS_FILE
     data = read_state(path)
     _known_keys(path, "", data, ("caps",))
-    return [_cap(path, f"caps[{n}]", item) for n, item in enumerate(_list(path, data, "caps"))]
+    caps = [_cap(path, f"caps[{n}]", item) for n, item in enumerate(_list(path, data, "caps"))]
+    seen: set[tuple[str, str, Network]] = set()
+    for n, cap in enumerate(caps):
+        if cap.key in seen:
+            raise state_problem(path, f"caps[{n}]", f"{cap.host} is capped twice on {cap.dev} ({cap.direction})")
+        seen.add(cap.key)
+        problem = check_cap(cap.host, cap.rate, (line_rates or {}).get((cap.dev, cap.direction), cap.rate))
+        if cap.expires is not None and cap.direction == "in":
+            problem = "a cap on arriving traffic has no expiry (its u32 filter has no timeout)"
+        if problem:
+            raise state_problem(path, f"caps[{n}]", problem)
+    return caps
 
 
 def _cap(path: Path, where: str, item: Any) -> Cap:

@@ -131,7 +131,7 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$", re.ASCII)  # 0-9 only, as tc
 
 
 def parse_duration(text: str) -> int:

@@ -47,8 +47,12 @@ class Faults:
             "SHAPEKIT_FAULT_NETNS": netns,
         }
 
-    def arm(self, n: int | None) -> None:
-        """Start counting from zero; step n (1-based) will fail once, or none (n None: count only)."""
+    def arm(self, n: int | None, signum: int = 0) -> None:
+        """Start counting from zero; step n (1-based) will fail once, or none (n None: count only).
+
+        With `signum`, step n does not fail: the caller gets that signal as it starts, and it runs whole.
+        """
+        (self.dir / "signal").write_text(f"{signum}\n")
         (self.dir / "count").write_text("0")
         for name in ("fired", "log"):
             (self.dir / name).unlink(missing_ok=True)

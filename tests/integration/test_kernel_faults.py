@@ -11,6 +11,7 @@ files exactly as before — foreign rules and sets included.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,32 +206,9 @@ def faults(tmp_path) -> Faults:
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_every_step_failing_leaves_the_kernel_and_state_as_before(netpair, faults, scenario):
-    env = faults.env(netpair.env, netpair.left.name)
-    plain_env = netpair.env
-
-    def run_once(fail_at: int | None):
-        reset(netpair)
-        config, changed = boot(netpair, scenario.prepare)
-        before = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
-        faults.arm(fail_at)
-        netpair.env = env
-        try:
-            result = netpair.shapekit(
-                *scenario.command, "--config", changed if scenario.changed_config else config, check=False
-            )
-        finally:
-            netpair.env = plain_env
-        after = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
-        return result, before, after
-
-    result, _, _ = run_once(None)
-    assert result.returncode == 0, result.stderr
-    steps = faults.steps
-    assert steps >= 2, faults.log
-    print(f"{scenario.name}: {steps} steps")
-
+    steps = _count_steps(netpair, faults, scenario)
     for n in range(1, steps + 1):
-        result, before, after = run_once(n)
+        result, before, after = _run_once(netpair, faults, scenario, n)
         what = faults.step(n)
         assert faults.fired, f"step {n} never came: {faults.log}"
         assert result.returncode == 1, f"{what}: exit {result.returncode}: {result.stderr}"
@@ -240,9 +218,47 @@ def test_every_step_failing_leaves_the_kernel_and_state_as_before(netpair, fault
         assert after[1] == before[1], f"{what}: the state files changed: {result.stderr}"
 
 
-def _faulted(netpair: NetPair, faults: Faults, fail_at: int | None, *argv: str):
+SIGNALLED = [s for s in SCENARIOS if s.name in ("shape-limit-ip, a cap inserted before the others", "bypass add")]
+
+
+@pytest.mark.parametrize("scenario", SIGNALLED, ids=[s.name for s in SIGNALLED])
+def test_sigterm_at_any_step_stops_the_run_and_puts_it_back(netpair, faults, scenario):
+    """systemd stopping a unit, or `timeout`, sends SIGTERM: the run stops after the step under way."""
+    steps = _count_steps(netpair, faults, scenario)
+    for n in range(1, steps + 1):
+        result, before, after = _run_once(netpair, faults, scenario, n, signal.SIGTERM)
+        what = f"SIGTERM at {faults.step(n)}"
+        assert result.returncode == 128 + signal.SIGTERM, f"{what}: exit {result.returncode}: {result.stderr}"
+        assert result.stderr.count("\n") == 1, f"{what}: {result.stderr}"
+        assert "interrupted by SIGTERM; put back as before: " in result.stderr, f"{what}: {result.stderr}"
+        assert after[0] == before[0], f"{what}: {result.stderr}\n{state_diff(before[0], after[0])}"
+        assert after[1] == before[1], f"{what}: the state files changed: {result.stderr}"
+
+
+def _count_steps(netpair: NetPair, faults: Faults, scenario: Scenario) -> int:
+    """How many steps a good run of the scenario takes."""
+    result, _, _ = _run_once(netpair, faults, scenario, None)
+    assert result.returncode == 0, result.stderr
+    assert faults.steps >= 2, faults.log
+    print(f"{scenario.name}: {faults.steps} steps")
+    return faults.steps
+
+
+def _run_once(netpair: NetPair, faults: Faults, scenario: Scenario, fail_at: int | None, signum: int = 0):
+    """Boot afresh, run the scenario's command with step `fail_at` failing (or signalled); the result, and
+    the kernel state and state files before and after."""
+    reset(netpair)
+    config, changed = boot(netpair, scenario.prepare)
+    before = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
+    config_used = changed if scenario.changed_config else config
+    result = _faulted(netpair, faults, fail_at, *scenario.command, "--config", config_used, signum=signum)
+    after = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
+    return result, before, after
+
+
+def _faulted(netpair: NetPair, faults: Faults, fail_at: int | None, *argv: str, signum: int = 0):
     plain = netpair.env
-    faults.arm(fail_at)
+    faults.arm(fail_at, signum)
     netpair.env = faults.env(plain, netpair.left.name)
     try:
         return netpair.shapekit(*argv, check=False)

@@ -33,6 +33,10 @@ BAD_CONFIGS = {
     "unknown section": (GOOD + "[shaping]\nx = 1\n", "shaping: unknown section"),
     "device not a table": ('device = "eth0"\n', "device: no devices"),
     "bad interface name": ('[device."eth 0"]\nrate = "1mbit"\n', "not a network interface name"),
+    "an iptables wildcard as a name": (
+        '[device."eth+"]\nrate = "1mbit"\n',
+        "device name 'eth+' ends in '+', which iptables reads as every device whose name starts 'eth'",
+    ),
     "interface name too long": ('[device.abcdefghijklmnop]\nrate = "1mbit"\n', "1-15 characters"),
     "missing line rate": ("[device.eth0]\n", "device.eth0.rate: missing"),
     "ambiguous kb": (
@@ -431,11 +435,12 @@ USAGE_ERRORS = {
     ),
     "bypass add without an entry": (bypass_main, ["add"], "shape-bypass: missing argument 'PORT/PROTO|HOST...'"),
     "unknown verb": (bypass_main, ["frobnicate"], "shape-bypass: no such command 'frobnicate'"),
-    "interval 0": (status_main, ["--interval", "0"], "0.0 is not a number of seconds from 0.1 up"),
-    "interval nan": (status_main, ["--interval", "nan"], "nan is not a number of seconds from 0.1 up"),
-    "interval inf": (status_main, ["-i", "inf"], "inf is not a number of seconds from 0.1 up"),
-    "interval negative": (status_main, ["--interval=-1"], "-1.0 is not a number of seconds from 0.1 up"),
+    "interval 0": (status_main, ["--interval", "0"], "0.0 is not a number of seconds from 0.1 to 86400"),
+    "interval nan": (status_main, ["--interval", "nan"], "nan is not a number of seconds from 0.1 to 86400"),
+    "interval inf": (status_main, ["-i", "inf"], "inf is not a number of seconds from 0.1 to 86400"),
+    "interval negative": (status_main, ["--interval=-1"], "-1.0 is not a number of seconds from 0.1 to 86400"),
     "interval not a number": (status_main, ["--interval", "soon"], "'soon' is not a valid float"),
+    "interval past a day": (status_main, ["--interval", "1e10"], "10000000000.0 is not a number of seconds from 0.1"),
 }
 
 
@@ -480,7 +485,7 @@ def cli_runner_limit(cli, write_config):
     return lambda *args: cli(limit_ip_app, *args, "--config", config)
 
 
-@pytest.mark.parametrize("name", ["adv#1", "a'b", 'a"b', "a\\b", "a b", "a/b", "sixteen-chars-xx"])
+@pytest.mark.parametrize("name", ["adv#1", "a'b", 'a"b', "a\\b", "a b", "a/b", "sixteen-chars-xx", "eth+"])
 def test_flush_dev_refuses_a_name_tc_batch_cannot_carry(system, cli, name):
     result = cli(flush_app, "--dev", name)
 

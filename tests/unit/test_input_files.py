@@ -388,11 +388,33 @@ def test_a_state_file_above_256_mib_is_refused(tmp_path):
 def test_saved_caps_load_back(tmp_path):
     caps = [
         Cap(parse_host("198.51.100.7"), 128_000, "eth0", "run-time", None, "imap", 0x8003),
-        Cap(parse_host("2001:db8::/64"), 1_000_000, "eth0", "run-time", 1.8e9, "", None, "in"),
+        Cap(parse_host("2001:db8::/64"), 1_000_000, "eth0", "run-time", None, "", None, "in"),
+        Cap(parse_host("2001:db8::/64"), 1_000_000, "eth0", "run-time", 1.8e9, "", None, "out"),
     ]
     state.save_caps(tmp_path, caps)
 
     assert state.load_caps(tmp_path) == caps
+
+
+@pytest.mark.parametrize(
+    ("caps", "reason"),
+    [
+        ([("0.0.0.0/0", "1mbit", "out", None)], "caps[0]: 0.0.0.0/0 would cap every host"),
+        ([("198.51.100.7", "5gbit", "out", None)], "caps[0]: 5gbit is above the device's line rate 1gbit"),
+        ([("198.51.100.7", "1mbit", "in", 1.8e9)], "caps[0]: a cap on arriving traffic has no expiry"),
+        (
+            [("198.51.100.7", "1mbit", "out", None), ("198.51.100.7/32", "2mbit", "out", None)],
+            "caps[1]: 198.51.100.7/32 is capped twice on eth0 (out)",
+        ),
+    ],
+)
+def test_a_saved_cap_add_would_refuse_is_refused(tmp_path, caps, reason):
+    items = [{"host": h, "rate": r, "dev": "eth0", "direction": d, "expires": e} for h, r, d, e in caps]
+    (tmp_path / state.LIMITS_FILE).write_text(json.dumps({"caps": items}))
+
+    message = refusal(state.load_caps, tmp_path, {("eth0", "out"): 1_000_000_000, ("eth0", "in"): 1_000_000_000})
+
+    assert reason in message, message
 
 
 @pytest.mark.parametrize(

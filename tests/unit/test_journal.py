@@ -100,3 +100,21 @@ def test_an_acknowledgement_ends_a_get_and_an_error_is_raised():
     with pytest.raises(OSError) as raised:
         tc_netlink.parse_messages(missing)
     assert raised.value.errno == 2
+
+
+def test_a_signal_during_a_step_stops_the_run_after_it_and_puts_it_back():
+    import os
+    import signal
+
+    from shapekit.errors import Interrupted
+
+    done = []
+    with pytest.raises(Interrupted) as stopped, transaction(Runner()) as journal:
+        journal.change("a", lambda: done.append("a"), lambda: done.append("undo a"))
+        journal.change("b", lambda: os.kill(os.getpid(), signal.SIGTERM), lambda: done.append("undo b"))
+        journal.change("c", lambda: done.append("c"), lambda: done.append("undo c"))
+
+    assert done == ["a", "undo b", "undo a"]  # b ran whole (the signal waited for it); c never started
+    assert str(stopped.value) == "interrupted by SIGTERM; put back as before: a, b"
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
