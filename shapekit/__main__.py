@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shapekit import cli
+from shapekit.commands import common as cli
 
 MAINS = {
     "shape-init": cli.init_main,

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
-from shapekit.config_rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
+from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
+from shapekit.config.load import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
+from shapekit.config.rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
+from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.units import UnitError, format_rate, parse_rate
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"

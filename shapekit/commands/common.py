@@ -14,10 +14,10 @@ import typer
 
 from shapekit import __version__
 from shapekit.errors import ShapekitError
-from shapekit.status import table
+from shapekit.plan.status import table
 
 if TYPE_CHECKING:
-    from shapekit.commands import Options
+    from shapekit.commands.limit_ip import Options
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -70,7 +70,7 @@ def _run(prog: str, action: Callable[[], None]) -> None:
 
 
 def _options(config: Path | None, dry_run: bool, verbose: bool) -> Options:
-    from shapekit.commands import Options
+    from shapekit.commands.limit_ip import Options
 
     return Options(config=config, dry_run=dry_run, verbose=verbose)
 
@@ -127,7 +127,7 @@ def shape_init(
     options, missing device or kernel feature, not root), nothing changed; 1 a
     system command failed (--check: the kernel differs, as printed).
     """
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     options = _options(config, dry_run, verbose)
     if check:
@@ -169,7 +169,7 @@ def shape_flush(
 
     Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
     """
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     _run("shape-flush", lambda: commands.flush(_options(config, dry_run, verbose), dev or [], forget))
 
@@ -195,7 +195,7 @@ def shape_mark(
     Exit status: 0 done; 2 bad input (config, a match this machine lacks,
     not root), nothing changed; 1 a system command failed (nothing left half-applied).
     """
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     _run("shape-mark", lambda: commands.mark(_options(config, dry_run, verbose)))
 
@@ -229,7 +229,7 @@ def shape_bypass(
     """
     ctx.obj = _options(config, dry_run, verbose)
     if ctx.invoked_subcommand is None:
-        from shapekit import commands
+        from shapekit.commands import limit_ip as commands
 
         _run("shape-bypass", lambda: commands.bypass(ctx.obj))
 
@@ -246,7 +246,7 @@ def bypass_add(
     verbose: VerboseOption = False,
 ) -> None:
     """Bypass ports (22/tcp, 6000:6100/udp) or hosts (198.51.100.7, 2001:db8::/64) now, and at every boot."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     _run("shape-bypass", lambda: commands.bypass_edit(_inherit(ctx, config, dry_run, verbose), entries, add=True))
 
@@ -260,7 +260,7 @@ def bypass_remove(
     verbose: VerboseOption = False,
 ) -> None:
     """Shape run-time bypass entries again (entries from the config are removed there)."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     _run("shape-bypass", lambda: commands.bypass_edit(_inherit(ctx, config, dry_run, verbose), entries, add=False))
 
@@ -271,7 +271,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 @bypass_app.command("list")
 def bypass_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the bypass entries: port or host, and whether from the config or added at run time."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     def show() -> None:
         rows = commands.bypass_list(_inherit(ctx, config, False, False))
@@ -310,7 +310,7 @@ def shape_limit_ip(
     """
     ctx.obj = _options(config, dry_run, verbose)
     if ctx.invoked_subcommand is None:
-        from shapekit import commands
+        from shapekit.commands import limit_ip as commands
 
         _run("shape-limit-ip", lambda: commands.limit_ip(ctx.obj))
 
@@ -345,7 +345,7 @@ def limit_add(
     """Cap traffic to HOST (with --in: from HOST) at RATE now, touching only that
     host's class and its set entry (or, --in, its u32 filter). A host capped
     already gets the new rate in place."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     request = commands.CapRequest(host, rate, dev, duration, comment, force, inbound)
     _run("shape-limit-ip", lambda: commands.limit_add(_inherit(ctx, config, dry_run, verbose), request))
@@ -366,7 +366,7 @@ def limit_remove(
 ) -> None:
     """Lift a host's run-time caps, both ways unless --in or --out (a cap from the
     config takes over again; config caps are removed there)."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     direction = None if inbound == outbound else ("in" if inbound else "out")
     _run(
@@ -379,7 +379,7 @@ def limit_remove(
 def limit_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the caps in force: host, rate, device, direction (out: to the host, in: from it),
     source (config or run-time), expiry, comment, class."""
-    from shapekit import commands
+    from shapekit.commands import limit_ip as commands
 
     def show() -> None:
         rows = commands.limit_list(_inherit(ctx, config, False, False))
@@ -436,7 +436,8 @@ def shape_status(
 
     Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input.
     """
-    from shapekit import commands, status
+    from shapekit.commands import limit_ip as commands
+    from shapekit.plan import status
 
     options = _options(config, False, False)
 

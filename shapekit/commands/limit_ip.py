@@ -13,16 +13,21 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from shapekit import apply, drift, plan, plan_ingress, plan_limits, plan_mangle, status
-from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config import Config, Device, config_path, load_config
-from shapekit.config_rules import Bypass, Cap, check_cap, parse_bypass_host
+from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
+from shapekit.config.load import Config, Device, config_path, load_config
+from shapekit.config.rules import Bypass, Cap, check_cap, parse_bypass_host
+from shapekit.config.units import UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.plan_ingress import CapFilters, U32Filter
-from shapekit.plan_limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
-from shapekit.plan_mangle import FAMILIES, MARK, Chains
+from shapekit.kernel import run as apply
+from shapekit.plan import drift, status
+from shapekit.plan import ingress as plan_ingress
+from shapekit.plan import limits as plan_limits
+from shapekit.plan import mangle as plan_mangle
+from shapekit.plan import tree as plan
+from shapekit.plan.ingress import CapFilters, U32Filter
+from shapekit.plan.limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
+from shapekit.plan.mangle import FAMILIES, MARK, Chains
 from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
-from shapekit.units import UnitError, format_rate, parse_duration, parse_rate
 
 
 @dataclass(frozen=True)

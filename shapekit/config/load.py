@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from shapekit.config_rules import Bypass, Cap, MarkRule, check_bypass_mark, parse_bypass, parse_limits, parse_marks
+from shapekit.config.rules import Bypass, Cap, MarkRule, check_bypass_mark, parse_bypass, parse_limits, parse_marks
+from shapekit.config.units import UnitError, format_rate, parse_rate, parse_size
 from shapekit.errors import ConfigError
-from shapekit.units import UnitError, format_rate, parse_rate, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shapekit.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto, parse_ports
+from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto, parse_ports
+from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import ConfigError
-from shapekit.units import UnitError, format_rate, parse_rate
 
 if TYPE_CHECKING:
-    from shapekit.config import Device
+    from shapekit.config.load import Device
 
 DEFAULT_BYPASS_MARK = 1001
 BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class

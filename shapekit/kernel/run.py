@@ -26,10 +26,16 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-from shapekit import drift, plan_ingress, plan_limits, plan_mangle, tc_netlink
-from shapekit.config import IFB_ALIAS, Device, device_name_problem
+from shapekit.config.load import IFB_ALIAS, Device, device_name_problem
 from shapekit.errors import CommandFailed, Interrupted, ShapekitError, UsageError
-from shapekit.plan import (
+from shapekit.kernel import netlink as tc_netlink
+from shapekit.plan import drift
+from shapekit.plan import ingress as plan_ingress
+from shapekit.plan import limits as plan_limits
+from shapekit.plan import mangle as plan_mangle
+from shapekit.plan.ingress import U32Filter
+from shapekit.plan.mangle import FAMILIES, TOOLS, Chains, MangleState
+from shapekit.plan.tree import (
     KERNEL_DEFAULT,
     Argv,
     KernelFeature,
@@ -40,8 +46,6 @@ from shapekit.plan import (
     root_handle,
     shell_script,
 )
-from shapekit.plan_ingress import U32Filter
-from shapekit.plan_mangle import FAMILIES, TOOLS, Chains, MangleState
 
 # The Debian package that ships each binary shapekit runs.
 PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux", "ipset": "ipset"} | {

@@ -13,11 +13,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shapekit.plan import Argv
-from shapekit.plan_ingress import U32Entry
-from shapekit.plan_mangle import MangleState
-from shapekit.tc_text import TcClass, parse_tc_classes
-from shapekit.units import format_rate, parse_rate
+from shapekit.config.units import format_rate, parse_rate
+from shapekit.plan.ingress import U32Entry
+from shapekit.plan.mangle import MangleState
+from shapekit.plan.tc_text import TcClass, parse_tc_classes
+from shapekit.plan.tree import Argv
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from shapekit.addresses import Network
-from shapekit.config import IFB_ALIAS, Config, Device
-from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.config.addresses import Network
+from shapekit.config.load import IFB_ALIAS, Config, Device
+from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
 from shapekit.errors import UsageError
-from shapekit.plan import Argv, classid, root_handle
-from shapekit.plan_limits import PlacedCap, class_rates, exactly, sync_classes, u32_slot
+from shapekit.plan.limits import PlacedCap, class_rates, exactly, sync_classes, u32_slot
+from shapekit.plan.tree import Argv, classid, root_handle
 
 REDIRECT_PREF = 92  # shapekit's one filter on the device's own ingress hook
 IFB_TXQUEUELEN = "1000"  # an IFB starts at 32 packets: too short a default queue for a line

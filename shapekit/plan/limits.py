@@ -25,12 +25,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from shapekit.addresses import Network
-from shapekit.config import TOP_MINOR, Device
-from shapekit.config_rules import CAP_MINORS, Cap
+from shapekit.config.addresses import Network
+from shapekit.config.load import TOP_MINOR, Device
+from shapekit.config.rules import CAP_MINORS, Cap
 from shapekit.errors import UsageError
-from shapekit.plan import Argv, classid, leaf_qdisc, rate_options
-from shapekit.tc_text import parse_tc_classes
+from shapekit.plan.tc_text import parse_tc_classes
+from shapekit.plan.tree import Argv, classid, leaf_qdisc, rate_options
 
 LIMIT = "SHAPEKIT-LIMIT"
 SET_PREFIX = "SHAPEKIT-"

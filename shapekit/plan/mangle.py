@@ -31,9 +31,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shapekit.config import Config
-from shapekit.config_rules import BYPASS_MINOR, Bypass, MarkRule
-from shapekit.plan_limits import LIMIT, limit_chain
+from shapekit.config.load import Config
+from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.plan.limits import LIMIT, limit_chain
 
 HOOK = "POSTROUTING"
 MAIN = "SHAPEKIT"

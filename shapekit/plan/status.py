@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from shapekit.config import TOP_MINOR, Device
-from shapekit.config_rules import BYPASS_MINOR
-from shapekit.plan import classid
-from shapekit.plan_limits import PlacedCap
-from shapekit.tc_netlink import ClassStats
+from shapekit.config.load import TOP_MINOR, Device
+from shapekit.config.rules import BYPASS_MINOR
+from shapekit.kernel.netlink import ClassStats
+from shapekit.plan.limits import PlacedCap
+from shapekit.plan.tree import classid
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shapekit.config import ROOT_MAJOR, TOP_MINOR, Device, HtbClass, Leaf
-from shapekit.config_rules import BYPASS_MINOR, Bypass
-from shapekit.units import format_rate
+from shapekit.config.load import ROOT_MAJOR, TOP_MINOR, Device, HtbClass, Leaf
+from shapekit.config.rules import BYPASS_MINOR, Bypass
+from shapekit.config.units import format_rate
 
 Argv = tuple[str, ...]
 

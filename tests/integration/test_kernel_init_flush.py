@@ -8,7 +8,7 @@ import stat
 import pytest
 from netns import sh
 
-from shapekit.tc_text import tc_rate
+from shapekit.plan.tc_text import tc_rate
 
 # The test kernel lacks sch_sfq and cls_fw: classes are picked by iptables
 # CLASSIFY (classifier = "classify") and leaves are pfifo.

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from netns import parse_classes
 
-from shapekit.plan import quantum
-from shapekit.units import parse_rate
+from shapekit.config.units import parse_rate
+from shapekit.plan.tree import quantum
 
 LINES = ("64kbit", "1mbit", "10mbit", "100mbit", "1gbit", "10gbit")
 RATES = ("64kbit", "100kbit", "512kbit", "1mbit", "3mbit", "10mbit", "50mbit", "100mbit", "1gbit", "4gbit", "10gbit")

@@ -11,7 +11,7 @@ from unittest.mock import MagicMock
 import pytest
 from typer.testing import CliRunner
 
-from shapekit.plan_limits import parse_cap_classes
+from shapekit.plan.limits import parse_cap_classes
 
 
 @dataclass
@@ -56,10 +56,10 @@ def system(mocker, tmp_path, monkeypatch) -> System:
     """A root shell on a machine with eth0 and eth1 and every tool, where nothing really runs."""
     monkeypatch.setenv("SHAPEKIT_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("SHAPEKIT_CONFIG", raising=False)
-    run = mocker.patch("shapekit.apply.run_command")
+    run = mocker.patch("shapekit.kernel.run.run_command")
     fake = System(run=run)
     run.side_effect = fake.answer
-    mocker.patch("shapekit.apply.read_class", side_effect=fake.read_class)
+    mocker.patch("shapekit.kernel.run.read_class", side_effect=fake.read_class)
     mocker.patch("os.geteuid", return_value=0)
     mocker.patch("shutil.which", side_effect=lambda name: f"/usr/sbin/{name}")
 
@@ -69,7 +69,7 @@ def system(mocker, tmp_path, monkeypatch) -> System:
         return 2
 
     mocker.patch("socket.if_nametoindex", side_effect=if_nametoindex)
-    mocker.patch("shapekit.config._check_not_writable_by_others")
+    mocker.patch("shapekit.config.load._check_not_writable_by_others")
     return fake
 
 

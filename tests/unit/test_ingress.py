@@ -7,9 +7,11 @@ import json
 import pytest
 from paths import DOWNLOAD_CONFIG
 
-from shapekit import apply, drift, plan_ingress
-from shapekit.cli import bypass_app, flush_app, init_app, limit_ip_app, mark_app
-from shapekit.config import ifb_name
+from shapekit.commands.common import bypass_app, flush_app, init_app, limit_ip_app, mark_app
+from shapekit.config.load import ifb_name
+from shapekit.kernel import run as apply
+from shapekit.plan import drift
+from shapekit.plan import ingress as plan_ingress
 
 NOW = 1_800_000_000.0
 BATCH = ("tc", "-batch", "-")

@@ -18,10 +18,10 @@ import pytest
 from paths import INCIDENT_CONFIG
 
 from shapekit import state
-from shapekit.addresses import parse_host
-from shapekit.cli import limit_ip_app
-from shapekit.config import batch_safe_name_problem, load_config
-from shapekit.config_rules import Cap
+from shapekit.commands.common import limit_ip_app
+from shapekit.config.addresses import parse_host
+from shapekit.config.load import batch_safe_name_problem, load_config
+from shapekit.config.rules import Cap
 from shapekit.errors import UsageError
 
 GOOD = '[device.eth0]\nrate = "100mbit"\n'

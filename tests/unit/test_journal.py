@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shapekit import tc_netlink
-from shapekit.apply import Journal, Runner, in_order, transaction
 from shapekit.errors import CommandFailed, UsageError
+from shapekit.kernel import netlink as tc_netlink
+from shapekit.kernel.run import Journal, Runner, in_order, transaction
 
 
 def failing(command: str):

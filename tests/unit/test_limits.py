@@ -7,9 +7,9 @@ import json
 import pytest
 from paths import INCIDENT_CONFIG
 
-from shapekit import apply
-from shapekit.cli import init_app, limit_ip_app
+from shapekit.commands.common import init_app, limit_ip_app
 from shapekit.errors import CommandFailed
+from shapekit.kernel import run as apply
 
 NOW = 1_800_000_000.0
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")

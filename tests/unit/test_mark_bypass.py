@@ -7,7 +7,7 @@ import json
 import pytest
 from paths import SEED_CONFIG
 
-from shapekit.cli import bypass_app, flush_app, mark_app
+from shapekit.commands.common import bypass_app, flush_app, mark_app
 from shapekit.errors import CommandFailed
 
 SKELETON = """\

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from paths import INCIDENT_CONFIG, SEED_CONFIG
 
-from shapekit import plan
-from shapekit.cli import init_app, limit_ip_app
-from shapekit.units import parse_rate
+from shapekit.commands.common import init_app, limit_ip_app
+from shapekit.config.units import parse_rate
+from shapekit.plan import tree as plan
 
 NOW = 1_800_000_000.0
 BATCH = ("tc", "-batch", "-")

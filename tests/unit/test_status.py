@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from shapekit import status, tc_netlink
-from shapekit.cli import status_app
-from shapekit.config import parse_config
-from shapekit.plan_limits import place_caps
+from shapekit.commands.common import status_app
+from shapekit.config.load import parse_config
+from shapekit.kernel import netlink as tc_netlink
+from shapekit.plan import status
+from shapekit.plan.limits import place_caps
 
 # One RTM_GETTCLASS dump, recorded from a veth with shapekit's tree after 2 s of iperf3
 # through the default class b (rate 1mbit, ceil 2mbit); `tc -s class show` said the same.
@@ -136,7 +137,7 @@ def sampled(mocker):
         except StopIteration:
             raise KeyboardInterrupt from None
 
-    return mocker.patch("shapekit.commands.status_sample", side_effect=sample)
+    return mocker.patch("shapekit.commands.limit_ip.status_sample", side_effect=sample)
 
 
 def test_json_prints_one_document_per_sample_and_ctrl_c_ends_watch_cleanly(sampled, cli):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shapekit.units import UnitError, format_rate, parse_rate, parse_size
+from shapekit.config.units import UnitError, format_rate, parse_rate, parse_size
 
 
 @pytest.mark.parametrize(
