@@ -18,7 +18,7 @@ from shapekit.config.load import Config, Device, config_path, load_config
 from shapekit.config.rules import Bypass, Cap, check_cap, parse_bypass_host
 from shapekit.config.units import UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
-from shapekit.kernel import run as apply
+from shapekit.kernel import change, probe, read, run
 from shapekit.plan import drift, status
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
@@ -38,8 +38,8 @@ class Options:
     dry_run: bool = False
     verbose: bool = False
 
-    def runner(self) -> apply.Runner:
-        return apply.Runner(dry_run=self.dry_run, verbose=self.verbose)
+    def runner(self) -> run.Runner:
+        return run.Runner(dry_run=self.dry_run, verbose=self.verbose)
 
     def load(self) -> Config:
         # A config run as root drives root commands: refuse one others can write.
@@ -74,39 +74,39 @@ def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_abs
             return
     devices = select_devices(config, devs)
     if skip_absent:  # at boot: a USB, PPP or VPN device that is not there yet gets its tree when it comes
-        devices = [d for d in devices if apply.device_exists(d.name)]
+        devices = [d for d in devices if read.device_exists(d.name)]
     ingress = [d.ingress for d in devices if d.ingress is not None]
-    apply.require_root(options.dry_run, "shape-init")
-    apply.require_binaries(["tc", "ip"])
-    apply.require_devices([d.name for d in devices])
+    probe.require_root(options.dry_run, "shape-init")
+    probe.require_binaries(["tc", "ip"])
+    probe.require_devices([d.name for d in devices])
     runner = options.runner()
-    apply.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
-    apply.probe_ingress([tree.key for tree in ingress])
-    apply.require_own_ifbs(runner, ingress)
+    probe.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
+    probe.probe_ingress([tree.key for tree in ingress])
+    probe.require_own_ifbs(runner, ingress)
     with options.lock():
         runtime, now = _saved_caps(config), time.time()
         bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        ifbs = {owner: ifb for ifb, owner in apply.shapekit_ifbs(runner).items()}
+        ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
         # Every plan first: a cap that cannot be placed is refused before anything changes.
         plans = []
         for device in devices:
-            current = apply.read_root(runner, device.name)
+            current = read.read_root(runner, device.name)
             caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
             inbound = _ingress_tree(runner, config, device.ingress, bypass, runtime, now) if device.ingress else []
             plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
         for device, egress, inbound in plans:
-            apply.apply_tree(runner, device.name, egress)
+            change.apply_tree(runner, device.name, egress)
             if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
-                apply.remove_ingress(runner, device.name, ifbs[device.name])
+                change.remove_ingress(runner, device.name, ifbs[device.name])
             if device.ingress is not None:
-                apply.apply_ingress(runner, device.ingress, inbound)
+                change.apply_ingress(runner, device.ingress, inbound)
 
 
 def _ingress_tree(
-    runner: apply.Runner, config: Config, tree: Device, bypass: Bypass, runtime: list[Cap], now: float
+    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, runtime: list[Cap], now: float
 ) -> list[plan.Argv]:
     """An ingress tree's whole build on its IFB: the HTB tree, the caps' classes, the u32 filters."""
-    current = apply.read_root(runner, tree.name) if apply.device_exists(tree.name) else plan.KERNEL_DEFAULT
+    current = read.read_root(runner, tree.name) if read.device_exists(tree.name) else plan.KERNEL_DEFAULT
     placed = place_caps(tree, runtime, now)
     return (
         plan.plan_init(tree, config.bypass, current)
@@ -121,15 +121,15 @@ def check(options: Options, devs: list[str]) -> list[str]:
     devices = select_devices(config, devs)
     if os.geteuid() != 0:
         raise UsageError("--check reads the kernel's netfilter and ipset state: run it as root")
-    apply.require_binaries(["tc", "ip", "ipset", "unshare", *apply.MANGLE_TOOLS])
-    apply.require_devices([d.name for d in devices])
+    probe.require_binaries(["tc", "ip", "ipset", "unshare", *probe.MANGLE_TOOLS])
+    probe.require_devices([d.name for d in devices])
     runner = options.runner()
     now = time.time()
     saved = _saved_caps(config)
     bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
     placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
     differences = []
-    ifbs = {owner: ifb for ifb, owner in apply.shapekit_ifbs(runner).items()}
+    ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
     for device in devices:
         differences += _tree_drift(runner, device, placed[device.name], saved, now)
         if device.ingress is None and device.name in ifbs:
@@ -144,57 +144,57 @@ def check(options: Options, devs: list[str]) -> list[str]:
     sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in egress.items())
     for family in FAMILIES:
         chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
-        want = apply.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
-        differences += drift.diff_chains(family, want, apply.read_mangle(runner, family))
+        want = probe.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
+        differences += drift.diff_chains(family, want, read.read_mangle(runner, family))
     want_entries = {
         (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
         for name, caps in egress.items()
         for p in caps
     }
-    return differences + drift.diff_sets(want_entries, apply.read_set_entries(runner))
+    return differences + drift.diff_sets(want_entries, read.read_set_entries(runner))
 
 
-def _tree_drift(runner: apply.Runner, tree: Device, placed: list[PlacedCap], saved: list[Cap], now: float) -> list[str]:
+def _tree_drift(runner: run.Runner, tree: Device, placed: list[PlacedCap], saved: list[Cap], now: float) -> list[str]:
     cmds = plan.plan_tree(tree, Bypass()) + plan_limits.cap_tree(tree, placed)
-    have = apply.read_tree(runner, tree.name, plan.root_handle())
+    have = read.read_tree(runner, tree.name, plan.root_handle())
     # A lapsed cap's class stays until the next full install: neither wanted nor drift.
     have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(tree, saved, now)})
     return drift.diff_tree(tree.name, drift.planned_tree(cmds), have)
 
 
 def _ingress_drift(
-    runner: apply.Runner, config: Config, tree: Device, bypass: Bypass, placed: list[PlacedCap]
+    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, placed: list[PlacedCap]
 ) -> list[str]:
     dev, ifb = tree.configured, tree.name
-    if not plan_ingress.is_shapekit_ifb(apply.ifb_alias(runner, ifb), dev):
+    if not plan_ingress.is_shapekit_ifb(read.ifb_alias(runner, ifb), dev):
         return [f"{dev}: its IFB device {ifb} for arriving traffic is missing (run shape-init)"]
     out = _tree_drift(runner, tree, placed, [], 0)
-    if apply.read_ingress_hook(runner, dev).redirect_to != ifb:
+    if read.read_ingress_hook(runner, dev).redirect_to != ifb:
         out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
     want = [f.entry() for f in plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed)]
-    return out + drift.diff_filters(ifb, want, apply.read_u32_filters(runner, ifb)[1])
+    return out + drift.diff_filters(ifb, want, read.read_u32_filters(runner, ifb)[1])
 
 
 def flush(options: Options, devs: list[str], forget: bool) -> None:
     """shape-flush: remove shapekit's trees, IFBs, chains and jumps (only the named devices' trees with --dev)."""
-    apply.require_root(options.dry_run, "shape-flush")
-    apply.require_binaries(["tc", "ip"] if devs else ["tc", "ip", *apply.MANGLE_TOOLS])
-    apply.require_devices(devs)
+    probe.require_root(options.dry_run, "shape-flush")
+    probe.require_binaries(["tc", "ip"] if devs else ["tc", "ip", *probe.MANGLE_TOOLS])
+    probe.require_devices(devs)
     runner = options.runner()
     with options.lock():
-        ifbs = apply.shapekit_ifbs(runner)
-        names = devs or apply.devices_with_root(runner, plan.root_handle(), "htb")
+        ifbs = read.shapekit_ifbs(runner)
+        names = devs or read.devices_with_root(runner, plan.root_handle(), "htb")
         for dev in names:
             if dev not in ifbs:  # an IFB goes whole, below
-                runner.tc_batch(f"{dev}: remove shapekit's tree", plan.plan_flush(dev, apply.read_root(runner, dev)))
+                runner.tc_batch(f"{dev}: remove shapekit's tree", plan.plan_flush(dev, read.read_root(runner, dev)))
         for ifb, owner in ifbs.items():
             if not devs or owner in devs:
-                apply.remove_ingress(runner, owner, ifb)
+                change.remove_ingress(runner, owner, ifb)
         if not devs:
-            apply.flush_mangle(runner)
+            change.flush_mangle(runner)
             if shutil.which("ipset"):  # sets go after the rules that use them
-                apply.ipset_restore(
-                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(apply.list_sets(runner))
+                change.ipset_restore(
+                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(read.list_sets(runner))
                 )
         if forget and not options.dry_run:
             for name in (BYPASS_FILE, LIMITS_FILE):
@@ -209,9 +209,9 @@ def _forget(path: Path) -> None:
 
 
 def _check_mangle(options: Options, command: str, config: Config) -> None:
-    apply.require_root(options.dry_run, command)
+    probe.require_root(options.dry_run, command)
     ingress = any(d.ingress for d in config.devices.values())
-    apply.require_binaries([*apply.MANGLE_TOOLS, "tc"] if ingress else apply.MANGLE_TOOLS)
+    probe.require_binaries([*probe.MANGLE_TOOLS, "tc"] if ingress else probe.MANGLE_TOOLS)
 
 
 def _ingress_filters(
@@ -223,8 +223,8 @@ def _ingress_filters(
 
 
 def _refresh_ingress(
-    runner: apply.Runner,
-    journal: apply.Journal,
+    runner: run.Runner,
+    journal: run.Journal,
     what: str,
     prefs: dict[int, int],
     planned: list[tuple[Device, list[U32Filter]]],
@@ -234,20 +234,20 @@ def _refresh_ingress(
     A tree not built yet gets them from shape-init.
     """
     for tree, filters in planned:
-        if apply.device_exists(tree.name) and apply.read_root(runner, tree.name).is_shapekit:
-            present, entries = apply.read_u32_filters(runner, tree.name)
+        if read.device_exists(tree.name) and read.read_root(runner, tree.name).is_shapekit:
+            present, entries = read.read_u32_filters(runner, tree.name)
             cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters)
             before = [U32Filter.from_entry(e) for e in entries if e.pref in prefs.values()]
             journal.change(
                 f"{tree.configured}'s {what} filters",
                 partial(runner.tc_batch, f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds),
-                partial(apply.put_back_prefs, runner, tree.name, list(prefs.items()), before),
+                partial(change.put_back_prefs, runner, tree.name, list(prefs.items()), before),
             )
 
 
 def _probe_mangle(plans: dict[int, Chains], own: str | None) -> None:
     """Load the chains into a throwaway namespace: refuse what this machine cannot load, before any change."""
-    apply.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
+    probe.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
 
 
 def mark(options: Options) -> None:
@@ -260,8 +260,8 @@ def mark(options: Options) -> None:
         plans = {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}
         inbound = _ingress_filters(config, partial(plan_ingress.rule_filters, rules=config.marks))
         _probe_mangle(plans, MARK)
-        with apply.transaction(runner) as journal:
-            apply.apply_mangle(runner, plans, MARK, journal)
+        with run.transaction(runner) as journal:
+            change.apply_mangle(runner, plans, MARK, journal)
             _refresh_ingress(runner, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, inbound)
 
 
@@ -280,8 +280,8 @@ def _install_bypass(
     bypassed = plan_ingress.bypass_filters(merged)
     inbound = _ingress_filters(config, lambda _: bypassed)
     _probe_mangle(plans, None)
-    with apply.transaction(runner) as journal:
-        apply.apply_mangle(runner, plans, None, journal)
+    with run.transaction(runner) as journal:
+        change.apply_mangle(runner, plans, None, journal)
         _refresh_ingress(runner, journal, "bypass", plan_ingress.BYPASS_PREF, inbound)
         if then is not None and not options.dry_run:
             then()  # last: a failure before it leaves the file as the kernel is again
@@ -363,8 +363,8 @@ def bypass_list(options: Options) -> list[BypassEntry]:
 
 
 def _check_limits(options: Options) -> None:
-    apply.require_root(options.dry_run, "shape-limit-ip")
-    apply.require_binaries(["tc", "ip", "ipset", *apply.MANGLE_TOOLS])
+    probe.require_root(options.dry_run, "shape-limit-ip")
+    probe.require_binaries(["tc", "ip", "ipset", *probe.MANGLE_TOOLS])
 
 
 def _live(caps: list[Cap], now: float) -> list[Cap]:
@@ -386,11 +386,11 @@ def limit_ip(options: Options) -> None:
 
 def _install_limits(options: Options, config: Config, runtime: list[Cap], now: float) -> None:
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
-    apply.probe_caps()
+    probe.probe_caps()
     runner = options.runner()
-    present = [d for d in config.devices.values() if apply.device_exists(d.name)]  # a hotplug device may be away
+    present = [d for d in config.devices.values() if read.device_exists(d.name)]  # a hotplug device may be away
     for tree in (t for d in present for t in d.trees):
-        apply.require_shapekit_tree(runner, tree.name)
+        probe.require_shapekit_tree(runner, tree.name)
     # Every plan first: a cap that cannot be placed is refused before anything changes.
     placed = {t.name: place_caps(t, runtime, now) for d in present for t in d.trees}
     for tree in (d.ingress for d in present if d.ingress is not None):
@@ -399,22 +399,22 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
     saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
     saved += [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
-    with apply.transaction(runner) as journal:
+    with run.transaction(runner) as journal:
         for device in present:
             _sync_caps_out(runner, journal, device, placed[device.name], now)
             if device.ingress is not None:
                 _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
-        apply.apply_mangle(runner, rules, LIMIT, journal)
+        change.apply_mangle(runner, rules, LIMIT, journal)
         if not options.dry_run:
             save_caps(state_dir(), saved)  # last: a failure before it leaves the file as the kernel is again
 
 
 def _sync_caps_out(
-    runner: apply.Runner, journal: apply.Journal, device: Device, placed: list[PlacedCap], now: float
+    runner: run.Runner, journal: run.Journal, device: Device, placed: list[PlacedCap], now: float
 ) -> None:
     """A device's new and re-rated cap classes, then its sets swapped in, then the classes no entry points to go."""
-    classes, sets = apply.read_cap_classes(runner, device.name), apply.read_sets(runner, device.name)
-    put_back_classes = partial(apply.put_back_all_classes, runner, device, classes)
+    classes, sets = read.read_cap_classes(runner, device.name), read.read_sets(runner, device.name)
+    put_back_classes = partial(change.put_back_all_classes, runner, device, classes)
     new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
     journal.change(
         f"{device.name}'s cap classes",
@@ -424,8 +424,8 @@ def _sync_caps_out(
     text = plan_limits.plan_sets(device.name, placed, now)
     journal.change(
         f"{device.name}'s cap sets",
-        partial(apply.ipset_restore, runner, f"{device.name}: per-IP cap sets", text),
-        partial(apply.put_back_sets, runner, device.name, sets),
+        partial(change.ipset_restore, runner, f"{device.name}: per-IP cap sets", text),
+        partial(change.put_back_sets, runner, device.name, sets),
     )
     stale = plan_limits.sync_classes(device, plan_limits.stale(classes, placed), classes)
     journal.change(
@@ -435,15 +435,15 @@ def _sync_caps_out(
     )
 
 
-def _sync_caps_in(runner: apply.Runner, journal: apply.Journal, tree: Device, placed: list[PlacedCap]) -> None:
+def _sync_caps_in(runner: run.Runner, journal: run.Journal, tree: Device, placed: list[PlacedCap]) -> None:
     """An ingress tree's cap classes and u32 filters, in one batch (filters go before the classes they point to)."""
-    present, entries = apply.read_u32_filters(runner, tree.name)
-    classes = apply.read_cap_classes(runner, tree.name)
+    present, entries = read.read_u32_filters(runner, tree.name)
+    classes = read.read_cap_classes(runner, tree.name)
     cmds = plan_ingress.sync_caps(tree, placed, present, plan_ingress.hash_nodes(entries), classes)
     journal.change(
         f"{tree.configured}'s caps on arriving traffic",
         partial(runner.tc_batch, f"{tree.configured}: per-IP caps on arriving traffic ({tree.name})", cmds),
-        partial(apply.put_back_ingress_caps, runner, tree, CapFilters.in_kernel(present, entries), classes),
+        partial(change.put_back_ingress_caps, runner, tree, CapFilters.in_kernel(present, entries), classes),
     )
 
 
@@ -504,13 +504,13 @@ def limit_add(options: Options, request: CapRequest) -> None:
         raise UsageError(f"--for: {exc}") from None
     _check_request(config, tree, request, host, rate, seconds)
     _check_limits(options)
-    apply.require_devices([device.name])
+    probe.require_devices([device.name])
     runner = options.runner()
     if not request.force:
         _refuse_own_addresses(runner, host)
     with options.lock():
         if options.dry_run or tree.direction == "in":
-            apply.require_shapekit_tree(runner, tree.name)
+            probe.require_shapekit_tree(runner, tree.name)
         now = time.time()
         saved = _saved_caps(config)  # lapsed ones too: their classes still hold their minors
         mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
@@ -521,7 +521,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
             host, rate, device.name, "run-time", expires, request.comment, mine.minor if mine else None, tree.direction
         )
         if tree.direction == "out" and not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(
-            apply.list_sets(runner)
+            read.list_sets(runner)
         ):
             # Never installed since boot: install everything, this cap included.
             _install_limits(options, config, _live([*others, cap], now), now)
@@ -529,7 +529,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
         before = _cap_until_now(tree, host, mine, placed.minor, now)
-        with apply.transaction(runner) as journal:
+        with run.transaction(runner) as journal:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
                 save_caps(state_dir(), [*others, with_minor(placed)])  # last: see _install_limits
@@ -569,8 +569,8 @@ def _check_request(
 
 
 def _put_cap(
-    runner: apply.Runner,
-    journal: apply.Journal,
+    runner: run.Runner,
+    journal: run.Journal,
     tree: Device,
     placed: PlacedCap,
     every: list[PlacedCap],
@@ -583,7 +583,7 @@ def _put_cap(
     """
     host = placed.cap.host
     cmds = plan_limits.cap_class(tree, placed.minor, placed.cap.rate, "replace")
-    put_back_class = partial(apply.put_back_classes, runner, tree, _class_now(tree, placed.minor))
+    put_back_class = partial(change.put_back_classes, runner, tree, _class_now(tree, placed.minor))
     if tree.direction == "out":
         journal.change(f"the class of {host}", partial(_cap_batch, runner, tree, host, cmds), put_back_class)
         _put_set_entry(runner, journal, tree, placed, before, now)
@@ -594,27 +594,27 @@ def _put_cap(
         f"the class and filter of {host}",
         partial(_cap_batch, runner, tree, host, cmds),
         # The filter first: HTB keeps a class that a filter points to.
-        apply.in_order(partial(_put_back_cap_filter, runner, tree, placed, filters), put_back_class),
+        run.in_order(partial(_put_back_cap_filter, runner, tree, placed, filters), put_back_class),
     )
 
 
 def _class_now(tree: Device, minor: int) -> dict[int, int | None]:
-    """One cap class's rate now (None: not there), as apply.put_back_classes takes it."""
-    found = apply.read_class(tree.name, minor)
+    """One cap class's rate now (None: not there), as change.put_back_classes takes it."""
+    found = read.read_class(tree.name, minor)
     return {minor: found.ceil if found else None}
 
 
-def _cap_batch(runner: apply.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:
+def _cap_batch(runner: run.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:
     try:
         runner.tc_batch(f"{tree.name}: the class of {host}", cmds)
     except CommandFailed:
         # Asked only now: reading the root dumps every qdisc, 20 ms with 10,000 caps.
-        apply.require_shapekit_tree(runner, tree.name)
+        probe.require_shapekit_tree(runner, tree.name)
         raise
 
 
 def _put_set_entry(
-    runner: apply.Runner, journal: apply.Journal, tree: Device, placed: PlacedCap, before: PlacedCap | None, now: float
+    runner: run.Runner, journal: run.Journal, tree: Device, placed: PlacedCap, before: PlacedCap | None, now: float
 ) -> None:
     """A host's set entry made `placed`'s, in one atomic `add -exist`; put back as `before` had it."""
     host = placed.cap.host
@@ -624,30 +624,30 @@ def _put_set_entry(
     journal.change(
         f"the set entry of {host}",
         partial(
-            apply.ipset_restore,
+            change.ipset_restore,
             runner,
             f"{tree.name}: {host} to its class",
             plan_limits.plan_set_entry(tree.name, placed, now),
         ),
-        partial(apply.ipset_restore, runner, f"{tree.name}: {host}'s set entry put back", undo),
+        partial(change.ipset_restore, runner, f"{tree.name}: {host}'s set entry put back", undo),
         atomic=True,
     )
 
 
-def _put_back_cap_filter(runner: apply.Runner, tree: Device, placed: PlacedCap, before: CapFilterBefore) -> None:
+def _put_back_cap_filter(runner: run.Runner, tree: Device, placed: PlacedCap, before: CapFilterBefore) -> None:
     """One cap's u32 filter as it was: its hash node, or its prefix length's whole pref."""
     mine = plan_ingress.cap_filter(placed)
     if mine.handle is None:
-        apply.put_back_prefs(runner, tree.name, [(mine.family, mine.pref)], before.listed)
+        change.put_back_prefs(runner, tree.name, [(mine.family, mine.pref)], before.listed)
         return
     old = before.nodes.get(mine.handle)
-    now = apply.read_node(runner, tree.name, mine.handle)
+    now = read.read_node(runner, tree.name, mine.handle)
     cmds = plan_ingress.put_node(tree.name, mine.handle, U32Filter.from_entry(old) if old else None, now)
     runner.tc_batch(f"{tree.name}: put the filter of {placed.cap.host} back", cmds)
 
 
-def _refuse_own_addresses(runner: apply.Runner, host: Network) -> None:
-    own = [a for a in apply.local_addresses(runner) if a.version == host.version and a in host]
+def _refuse_own_addresses(runner: run.Runner, host: Network) -> None:
+    own = [a for a in read.local_addresses(runner) if a.version == host.version and a in host]
     if own:
         raise UsageError(
             f"{host} holds this machine's own address {own[0]}: capping it would throttle the machine itself (use --force if you mean it)"
@@ -677,8 +677,8 @@ def limit_remove(options: Options, host_text: str, dev: str | None, direction: s
         kept = [c for c in saved if c not in matches]
         device = config.devices.get(matches[0].dev)
         if device is not None:
-            apply.require_devices([device.name])
-        with apply.transaction(runner) as journal:
+            probe.require_devices([device.name])
+        with run.transaction(runner) as journal:
             for removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress
                 if tree is not None:
@@ -695,11 +695,9 @@ def _not_capped(config: Config, host: Network, direction: str | None) -> str:
     return "not capped" + (f" on {direction}-bound traffic" if direction else "") + " (see shape-limit-ip list)"
 
 
-def _lift(
-    runner: apply.Runner, journal: apply.Journal, tree: Device, removed: Cap, kept: list[Cap], now: float
-) -> None:
+def _lift(runner: run.Runner, journal: run.Journal, tree: Device, removed: Cap, kept: list[Cap], now: float) -> None:
     """Take one cap off: back to the config's cap in the same class, or its entry (or filter) and then its class go."""
-    if tree.direction == "in" and not apply.device_exists(tree.name):
+    if tree.direction == "in" and not read.device_exists(tree.name):
         return  # its IFB is gone (a flush): so is the cap; shape-init builds the tree from the state
     before = next(p for p in place_caps(tree, [*kept, removed], now) if p.cap.host == removed.host)
     rest = place_caps(tree, kept, now)
@@ -713,13 +711,13 @@ def _lift(
         _lift_in(runner, journal, tree, before, rest)
 
 
-def _lift_out(runner: apply.Runner, journal: apply.Journal, tree: Device, before: PlacedCap, now: float) -> None:
+def _lift_out(runner: run.Runner, journal: run.Journal, tree: Device, before: PlacedCap, now: float) -> None:
     """The host's set entry first (no packet is sent to a class that is going), then its class."""
     host = before.cap.host
     journal.change(
         f"the set entry of {host}",
-        partial(apply.ipset_restore, runner, f"{tree.name}: {host} uncapped", plan_limits.plan_set_removal(tree.name, host)),
-        partial(apply.ipset_restore, runner, f"{tree.name}: {host}'s entry back", plan_limits.plan_set_entry(tree.name, before, now)),
+        partial(change.ipset_restore, runner, f"{tree.name}: {host} uncapped", plan_limits.plan_set_removal(tree.name, host)),
+        partial(change.ipset_restore, runner, f"{tree.name}: {host}'s entry back", plan_limits.plan_set_entry(tree.name, before, now)),
         atomic=True,
     )  # fmt: skip
     old_class = _class_now(tree, before.minor)
@@ -729,13 +727,11 @@ def _lift_out(runner: apply.Runner, journal: apply.Journal, tree: Device, before
     journal.change(
         f"the class of {host}",
         partial(runner.tc_batch, f"{tree.name}: {host} uncapped", cmds),
-        partial(apply.put_back_classes, runner, tree, old_class),
+        partial(change.put_back_classes, runner, tree, old_class),
     )
 
 
-def _lift_in(
-    runner: apply.Runner, journal: apply.Journal, tree: Device, before: PlacedCap, rest: list[PlacedCap]
-) -> None:
+def _lift_in(runner: run.Runner, journal: run.Journal, tree: Device, before: PlacedCap, rest: list[PlacedCap]) -> None:
     """The host's u32 filter and then its class, in one batch (HTB keeps a class that a filter points to)."""
     filters = _cap_filter_before(runner, tree, before)
     cmds = plan_ingress.cap_removal(tree, before, rest, filters.present, filters.nodes)
@@ -746,8 +742,8 @@ def _lift_in(
         f"the class and filter of {before.cap.host}",
         partial(runner.tc_batch, f"{tree.name}: {before.cap.host} uncapped", cmds),
         # The class first: the filter put back points to it.
-        apply.in_order(
-            partial(apply.put_back_classes, runner, tree, old_class),
+        run.in_order(
+            partial(change.put_back_classes, runner, tree, old_class),
             partial(_put_back_cap_filter, runner, tree, before, filters),
         ),
     )
@@ -762,12 +758,12 @@ class CapFilterBefore:
     listed: list[U32Filter]  # a network cap's pref: its filters now
 
 
-def _cap_filter_before(runner: apply.Runner, tree: Device, placed: PlacedCap) -> CapFilterBefore:
+def _cap_filter_before(runner: run.Runner, tree: Device, placed: PlacedCap) -> CapFilterBefore:
     """One cap's hash node (one small query), or for a network its prefs and its pref's filters."""
     mine = plan_ingress.cap_filter(placed)
     if mine.handle is not None:
-        return CapFilterBefore(set(), apply.read_node(runner, tree.name, mine.handle), [])
-    present, entries = apply.read_u32_filters(runner, tree.name)
+        return CapFilterBefore(set(), read.read_node(runner, tree.name, mine.handle), [])
+    present, entries = read.read_u32_filters(runner, tree.name)
     listed = [
         U32Filter.from_entry(e)
         for e in entries
@@ -815,19 +811,19 @@ def status_sample(options: Options, devs: list[str], interval: float) -> dict:
     """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
     config = options.load()
     devices = select_devices(config, devs)
-    apply.require_devices([d.name for d in devices])
+    probe.require_devices([d.name for d in devices])
     # Ingress trees are listed under their IFB device, when it is there.
-    trees = [t for d in devices for t in d.trees if t.direction == "out" or apply.device_exists(t.name)]
+    trees = [t for d in devices for t in d.trees if t.direction == "out" or read.device_exists(t.name)]
     now = time.time()
     saved = _saved_caps(config)
     names = {t.name: status.class_names(t, place_caps(t, saved, now), _lapsed(t, saved, now)) for t in trees}
     start = time.monotonic()
-    before = {t.name: apply.read_classes(t.name) for t in trees}
+    before = {t.name: read.read_classes(t.name) for t in trees}
     time.sleep(interval)
-    after = {t.name: apply.read_classes(t.name) for t in trees}
+    after = {t.name: read.read_classes(t.name) for t in trees}
     seconds = time.monotonic() - start
     rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds) for t in trees}
-    counters = apply.read_rule_counters(options.runner())
+    counters = read.read_rule_counters(options.runner())
     rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return status.sample_document(when, round(seconds, 3), rows, rules)

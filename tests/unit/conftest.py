@@ -36,7 +36,7 @@ class System:
         return ""
 
     def read_class(self, dev: str, minor: int):
-        """apply.read_class (an rtnetlink get, not a process): from the answer given for `tc class show`."""
+        """read.read_class (an rtnetlink get, not a process): from the answer given for `tc class show`."""
         ceil = parse_cap_classes(self.answers.get(("tc", "class", "show", "dev", dev), "")).get(minor)
         return None if ceil is None else SimpleNamespace(ceil=ceil)
 
@@ -59,7 +59,7 @@ def system(mocker, tmp_path, monkeypatch) -> System:
     run = mocker.patch("shapekit.kernel.run.run_command")
     fake = System(run=run)
     run.side_effect = fake.answer
-    mocker.patch("shapekit.kernel.run.read_class", side_effect=fake.read_class)
+    mocker.patch("shapekit.kernel.read.read_class", side_effect=fake.read_class)
     mocker.patch("os.geteuid", return_value=0)
     mocker.patch("shutil.which", side_effect=lambda name: f"/usr/sbin/{name}")
 

@@ -9,15 +9,15 @@ from paths import DOWNLOAD_CONFIG
 
 from shapekit.commands.common import bypass_app, flush_app, init_app, limit_ip_app, mark_app
 from shapekit.config.load import ifb_name
-from shapekit.kernel import run as apply
+from shapekit.kernel import probe
 from shapekit.plan import drift
 from shapekit.plan import ingress as plan_ingress
 
 NOW = 1_800_000_000.0
 BATCH = ("tc", "-batch", "-")
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
-IFB_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._INGRESS_PROBE)
-CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._CAP_PROBE)
+IFB_PROBE = ("unshare", "--net", "--", "sh", "-c", probe._INGRESS_PROBE)
+CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", probe._CAP_PROBE)
 IFB_FILTERS = ("tc", "filter", "show", "dev", "ifb-eth0", "parent", "5c:")
 
 

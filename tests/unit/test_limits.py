@@ -9,7 +9,7 @@ from paths import INCIDENT_CONFIG
 
 from shapekit.commands.common import init_app, limit_ip_app
 from shapekit.errors import CommandFailed
-from shapekit.kernel import run as apply
+from shapekit.kernel import probe
 
 NOW = 1_800_000_000.0
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
@@ -17,7 +17,7 @@ CLASSES = ("tc", "class", "show", "dev", "eth0")
 BATCH = ("tc", "-batch", "-")
 IPSET = ("ipset", "restore")
 V4, V6 = ("iptables-restore", "--noflush"), ("ip6tables-restore", "--noflush")
-CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", apply._CAP_PROBE)
+CAP_PROBE = ("unshare", "--net", "--", "sh", "-c", probe._CAP_PROBE)
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
 ADDRESSES = [
     {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1"}, {"family": "inet6", "local": "::1"}]},

@@ -1,0 +1,196 @@
+"""What the kernel holds now: qdiscs, classes, filters, links, chains, sets; read, never changed.
+
+Read-only commands run under --dry-run too; classes come from rtnetlink itself (no process).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import socket
+from collections.abc import Callable
+
+from shapekit.config.load import IFB_ALIAS
+from shapekit.errors import CommandFailed, UsageError
+from shapekit.kernel import netlink as tc_netlink
+from shapekit.kernel import run
+from shapekit.plan import drift
+from shapekit.plan import ingress as plan_ingress
+from shapekit.plan import limits as plan_limits
+from shapekit.plan import mangle as plan_mangle
+from shapekit.plan.mangle import FAMILIES, TOOLS, MangleState
+from shapekit.plan.tree import (
+    KERNEL_DEFAULT,
+    RootQdisc,
+    classid,
+    root_handle,
+)
+
+
+def device_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def read_mangle(runner: run.Runner, family: int) -> MangleState:
+    if not runner.privileged:
+        runner.note(f"not root: IPv{family} chains unread; planned as a first install")
+        return plan_mangle.EMPTY
+    return plan_mangle.parse_mangle_save(runner.query((TOOLS[family][0], "-t", "mangle")))
+
+
+def read_sets(runner: run.Runner, dev: str) -> dict[int, list[str] | None]:
+    """A device's cap set entries now, per family, as `plan_limits.fill_sets` takes them; None: no such set."""
+    present = set(list_sets(runner))
+    sets: dict[int, list[str] | None] = {}
+    for family in FAMILIES:
+        name = plan_limits.set_name(dev, family)
+        sets[family] = (
+            plan_limits.parse_set_save(runner.query(("ipset", "save", name)), name) if name in present else None
+        )
+    return sets
+
+
+def list_sets(runner: run.Runner) -> list[str]:
+    if not runner.privileged:
+        runner.note("not root: ipsets unread; planned as a first install")
+        return []
+    return runner.query(("ipset", "list", "-n")).split()
+
+
+def local_addresses(runner: run.Runner) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of this machine (this network namespace)."""
+    links = json.loads(runner.query(("ip", "-j", "addr", "show")) or "[]")
+    return [ipaddress.ip_address(a["local"]) for link in links for a in link.get("addr_info", []) if "local" in a]
+
+
+def read_cap_classes(runner: run.Runner, dev: str) -> dict[int, int]:
+    return plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", dev)))
+
+
+def read_tree(runner: run.Runner, dev: str, root_handle: str) -> drift.Tree:
+    qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
+    return drift.kernel_tree(qdiscs, runner.query(("tc", "class", "show", "dev", dev)), root_handle)
+
+
+def read_set_entries(runner: run.Runner) -> set[tuple[str, str, str]]:
+    return drift.parse_set_entries(runner.query(("ipset", "save")), plan_limits.SET_PREFIX)
+
+
+def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
+    """Every tc class of `dev` with its counters, from one rtnetlink dump (no process, no root)."""
+    try:
+        classes = _rtnetlink(lambda index: tc_netlink.dump_request(index), dev)
+    except OSError as exc:
+        if not device_exists(dev):
+            raise UsageError(f"device {dev!r} is gone: check it with `ip link`, or leave it out with --dev") from None
+        raise CommandFailed(f"rtnetlink dump of {dev}'s classes", exc.strerror or str(exc)) from None
+    return [c for c in classes if c.kind == "htb"]  # sfq and fq_codel list a class per flow: not shapekit's
+
+
+def read_class(dev: str, minor: int) -> tc_netlink.ClassStats | None:
+    """One class of shapekit's tree, by minor (None: not there): one rtnetlink get, however many classes.
+
+    The kernel answers a class get as a notification: a `tc monitor` running
+    meanwhile sees the class go by, unchanged.
+    """
+    handle = int(root_handle().rstrip(":"), 16) << 16 | minor
+    try:
+        classes = _rtnetlink(lambda index: tc_netlink.get_request(index, handle), dev)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise CommandFailed(f"rtnetlink get of {dev}'s class {classid(minor)}", exc.strerror or str(exc)) from None
+    return classes[0] if classes else None
+
+
+def _rtnetlink(request: Callable[[int], bytes], dev: str) -> list[tc_netlink.ClassStats]:
+    """Send one request about `dev`'s classes; the classes in the replies, until the kernel says it is done."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)  # the kernel answers at once: never wait for ever
+        sock.bind((0, 0))
+        sock.send(request(socket.if_nametoindex(dev)))
+        classes: list[tc_netlink.ClassStats] = []
+        done = False
+        while not done:
+            batch, done = tc_netlink.parse_messages(sock.recv(1 << 20))
+            classes += batch
+    return classes
+
+
+def read_rule_counters(runner: run.Runner) -> dict[int, str] | None:
+    """Both families' mangle tables with packet counters; None when only root may read them."""
+    if os.geteuid() != 0:
+        return None
+    return {family: runner.query((TOOLS[family][0], "-c", "-t", "mangle")) for family in FAMILIES}
+
+
+def shapekit_ifbs(runner: run.Runner) -> dict[str, str]:
+    """shapekit's IFB devices here (IFB name → the device whose ingress it shapes), known by their alias."""
+    links = json.loads(runner.query(("ip", "-j", "link", "show", "type", "ifb")) or "[]")
+    return {
+        link["ifname"]: link["ifalias"][len(IFB_ALIAS) :]
+        for link in links
+        if plan_ingress.is_shapekit_ifb(link.get("ifalias"))
+    }
+
+
+def ifb_alias(runner: run.Runner, name: str) -> str | None:
+    """The alias of link `name`; "" when it has none; None when there is no such link."""
+    if not device_exists(name):
+        return None
+    links = json.loads(runner.query(("ip", "-j", "link", "show", "dev", name)) or "[]")
+    return links[0].get("ifalias", "") if links else None
+
+
+def read_ingress_hook(runner: run.Runner, dev: str) -> plan_ingress.IngressHook:
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev)) or "[]")
+    qdisc = next((q["kind"] for q in qdiscs if q.get("kind") in ("ingress", "clsact")), None)
+    if qdisc is None:
+        return plan_ingress.IngressHook(qdisc=None, redirect_to=None)
+    filters = json.loads(runner.query(("tc", "-j", "filter", "show", "dev", dev, "ingress")) or "[]")
+    ours = [f for f in filters if f.get("pref") == plan_ingress.REDIRECT_PREF]
+    targets = [a.get("to_dev") for f in ours for a in f.get("options", {}).get("actions", [])]
+    return plan_ingress.IngressHook(
+        qdisc=qdisc,
+        redirect_to=next((t for t in targets if t), "") if ours else None,
+        other_filters=any(f.get("pref") != plan_ingress.REDIRECT_PREF for f in filters),
+    )
+
+
+def read_node(runner: run.Runner, dev: str, handle: str) -> dict[str, plan_ingress.U32Entry]:
+    """One cap's hash node, by handle ({} when it is not there): one small query however many caps there are."""
+    family = plan_ingress.node_family(handle)
+    argv = ("tc", "filter", "get", "dev", dev, "parent", "5c:", "protocol", plan_ingress.PROTOCOL[family],
+            "pref", str(plan_ingress.CAP_PREF[family]), "handle", handle, "u32")  # fmt: skip
+    try:
+        text = runner.query(argv)
+    except CommandFailed:
+        return {}
+    return plan_ingress.hash_nodes(drift.parse_u32_filters(text))
+
+
+def read_u32_filters(runner: run.Runner, dev: str) -> tuple[set[int], list[plan_ingress.U32Entry]]:
+    """The prefs in use on shapekit's root qdisc of `dev`, and its classifying u32 filters."""
+    text = runner.query(("tc", "filter", "show", "dev", dev, "parent", "5c:"))
+    return drift.parse_prefs(text), drift.parse_u32_filters(text)
+
+
+def read_root(runner: run.Runner, dev: str) -> RootQdisc:
+    """The root qdisc of `dev` now."""
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev, "root")) or "[]")
+    root = next((q for q in qdiscs if q.get("root")), None)
+    if root is None:
+        return KERNEL_DEFAULT
+    return RootQdisc(kind=root["kind"], handle=root["handle"])
+
+
+def devices_with_root(runner: run.Runner, handle: str, kind: str) -> list[str]:
+    """Every device here whose root qdisc is `kind` with `handle`."""
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
+    return [q["dev"] for q in qdiscs if q.get("root") and q.get("handle") == handle and q.get("kind") == kind]
