@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from shapekit.commands import common as cli
+from shapekit.commands import bypass, flush, init, limit_ip, mark, status
 
 MAINS = {
-    "shape-init": cli.init_main,
-    "shape-mark": cli.mark_main,
-    "shape-bypass": cli.bypass_main,
-    "shape-limit-ip": cli.limit_ip_main,
-    "shape-flush": cli.flush_main,
-    "shape-status": cli.status_main,
+    "shape-init": init.init_main,
+    "shape-mark": mark.mark_main,
+    "shape-bypass": bypass.bypass_main,
+    "shape-limit-ip": limit_ip.limit_ip_main,
+    "shape-flush": flush.flush_main,
+    "shape-status": status.status_main,
 }
 
 

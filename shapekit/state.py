@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config.load import TOO_BIG, InputProblem, device_name_problem, input_problem, open_input, read_at_most
+from shapekit.config.files import TOO_BIG, InputProblem, input_problem, open_input, read_at_most
+from shapekit.config.model import device_name_problem
 from shapekit.config.rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import CommandFailed, UsageError

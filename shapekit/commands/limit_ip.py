@@ -1,390 +1,53 @@
-"""What each command does: config → plan → apply, wired together once."""
+"""shape-limit-ip: per-IP caps (seed 002): install them all, or add, remove and list one.
+
+Longer than the other commands, and kept whole: its four verbs share how a
+cap is placed in a class and how each of its steps is put back on a failure
+(README, "Never half-applied"), and each verb's order of steps reads best
+beside the others'.
+"""
 
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, Optional
 
-from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config.load import Config, Device, config_path, load_config
-from shapekit.config.rules import Bypass, Cap, check_cap, parse_bypass_host
+import typer
+
+from shapekit.commands import common
+from shapekit.config.addresses import Network, ValueProblem, parse_host
+from shapekit.config.model import Config, Device
+from shapekit.config.rules import Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
-from shapekit.plan import drift, status
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan import tree as plan
 from shapekit.plan.ingress import CapFilters, U32Filter
 from shapekit.plan.limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
-from shapekit.plan.mangle import FAMILIES, MARK, Chains
-from shapekit.state import BYPASS_FILE, LIMITS_FILE, RuntimeBypass, change_lock, load_caps, save_caps, state_dir
+from shapekit.plan.mangle import FAMILIES
+from shapekit.state import RuntimeBypass, save_caps, state_dir
 
 
-@dataclass(frozen=True)
-class Options:
-    """The options every command takes."""
-
-    config: Path | None = None
-    dry_run: bool = False
-    verbose: bool = False
-
-    def runner(self) -> run.Runner:
-        return run.Runner(dry_run=self.dry_run, verbose=self.verbose)
-
-    def load(self) -> Config:
-        # A config run as root drives root commands: refuse one others can write.
-        return load_config(config_path(self.config), check_owner=os.geteuid() == 0)
-
-    def lock(self) -> AbstractContextManager[None]:
-        return nullcontext() if self.dry_run else change_lock(state_dir())
-
-
-def _saved_caps(config: Config) -> list[Cap]:
-    """The run-time caps in limits.json (lapsed ones too), each checked against its tree's line rate."""
-    return load_caps(
-        state_dir(), {(t.configured, t.direction): t.rate for d in config.devices.values() for t in d.trees}
-    )
-
-
-def select_devices(config: Config, names: list[str]) -> list[Device]:
-    """The configured devices named by --dev (all of them when none is named)."""
-    unknown = [n for n in names if n not in config.devices]
-    if unknown:
-        configured = ", ".join(config.devices)
-        raise UsageError(f"--dev {unknown[0]}: not a device in {config.path} (configured: {configured})")
-    return [config.devices[n] for n in dict.fromkeys(names)] if names else list(config.devices.values())
-
-
-def init(options: Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
-    """shape-init: replace shapekit's trees (egress, and ingress on an IFB) on each selected device."""
-    config = options.load()
-    if skip_unknown and devs:
-        devs = [d for d in devs if d in config.devices]
-        if not devs:
-            return
-    devices = select_devices(config, devs)
-    if skip_absent:  # at boot: a USB, PPP or VPN device that is not there yet gets its tree when it comes
-        devices = [d for d in devices if read.device_exists(d.name)]
-    ingress = [d.ingress for d in devices if d.ingress is not None]
-    probe.require_root(options.dry_run, "shape-init")
-    probe.require_binaries(["tc", "ip"])
-    probe.require_devices([d.name for d in devices])
-    runner = options.runner()
-    probe.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
-    probe.probe_ingress([tree.key for tree in ingress])
-    probe.require_own_ifbs(runner, ingress)
-    with options.lock():
-        runtime, now = _saved_caps(config), time.time()
-        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
-        # Every plan first: a cap that cannot be placed is refused before anything changes.
-        plans = []
-        for device in devices:
-            current = read.read_root(runner, device.name)
-            caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
-            inbound = _ingress_tree(runner, config, device.ingress, bypass, runtime, now) if device.ingress else []
-            plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
-        for device, egress, inbound in plans:
-            change.apply_tree(runner, device.name, egress)
-            if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
-                change.remove_ingress(runner, device.name, ifbs[device.name])
-            if device.ingress is not None:
-                change.apply_ingress(runner, device.ingress, inbound)
-
-
-def _ingress_tree(
-    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, runtime: list[Cap], now: float
-) -> list[plan.Argv]:
-    """An ingress tree's whole build on its IFB: the HTB tree, the caps' classes, the u32 filters."""
-    current = read.read_root(runner, tree.name) if read.device_exists(tree.name) else plan.KERNEL_DEFAULT
-    placed = place_caps(tree, runtime, now)
-    return (
-        plan.plan_init(tree, config.bypass, current)
-        + plan_limits.cap_tree(tree, placed)
-        + plan_ingress.plan_filters(tree, config, bypass, placed)
-    )
-
-
-def check(options: Options, devs: list[str]) -> list[str]:
-    """shape-init --check: every way the kernel differs from the config and saved state; changes nothing."""
-    config = options.load()
-    devices = select_devices(config, devs)
-    if os.geteuid() != 0:
-        raise UsageError("--check reads the kernel's netfilter and ipset state: run it as root")
-    probe.require_binaries(["tc", "ip", "ipset", "unshare", *probe.MANGLE_TOOLS])
-    probe.require_devices([d.name for d in devices])
-    runner = options.runner()
-    now = time.time()
-    saved = _saved_caps(config)
-    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-    placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
-    differences = []
-    ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
-    for device in devices:
-        differences += _tree_drift(runner, device, placed[device.name], saved, now)
-        if device.ingress is None and device.name in ifbs:
-            differences.append(
-                f"{device.name}: arriving traffic is shaped through {ifbs[device.name]}, which the config does not ask for"
-            )
-        if device.ingress is not None:
-            differences += _ingress_drift(runner, config, device.ingress, bypass, placed[device.ingress.name])
-    if devs:
-        return differences  # a device's own check: its trees
-    egress = {d.name: placed[d.name] for d in config.devices.values()}
-    sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in egress.items())
-    for family in FAMILIES:
-        chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
-        want = probe.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
-        differences += drift.diff_chains(family, want, read.read_mangle(runner, family))
-    want_entries = {
-        (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
-        for name, caps in egress.items()
-        for p in caps
-    }
-    return differences + drift.diff_sets(want_entries, read.read_set_entries(runner))
-
-
-def _tree_drift(runner: run.Runner, tree: Device, placed: list[PlacedCap], saved: list[Cap], now: float) -> list[str]:
-    cmds = plan.plan_tree(tree, Bypass()) + plan_limits.cap_tree(tree, placed)
-    have = read.read_tree(runner, tree.name, plan.root_handle())
-    # A lapsed cap's class stays until the next full install: neither wanted nor drift.
-    have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(tree, saved, now)})
-    return drift.diff_tree(tree.name, drift.planned_tree(cmds), have)
-
-
-def _ingress_drift(
-    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, placed: list[PlacedCap]
-) -> list[str]:
-    dev, ifb = tree.configured, tree.name
-    if not plan_ingress.is_shapekit_ifb(read.ifb_alias(runner, ifb), dev):
-        return [f"{dev}: its IFB device {ifb} for arriving traffic is missing (run shape-init)"]
-    out = _tree_drift(runner, tree, placed, [], 0)
-    if read.read_ingress_hook(runner, dev).redirect_to != ifb:
-        out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
-    want = [f.entry() for f in plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed)]
-    return out + drift.diff_filters(ifb, want, read.read_u32_filters(runner, ifb)[1])
-
-
-def flush(options: Options, devs: list[str], forget: bool) -> None:
-    """shape-flush: remove shapekit's trees, IFBs, chains and jumps (only the named devices' trees with --dev)."""
-    probe.require_root(options.dry_run, "shape-flush")
-    probe.require_binaries(["tc", "ip"] if devs else ["tc", "ip", *probe.MANGLE_TOOLS])
-    probe.require_devices(devs)
-    runner = options.runner()
-    with options.lock():
-        ifbs = read.shapekit_ifbs(runner)
-        names = devs or read.devices_with_root(runner, plan.root_handle(), "htb")
-        for dev in names:
-            if dev not in ifbs:  # an IFB goes whole, below
-                runner.tc_batch(f"{dev}: remove shapekit's tree", plan.plan_flush(dev, read.read_root(runner, dev)))
-        for ifb, owner in ifbs.items():
-            if not devs or owner in devs:
-                change.remove_ingress(runner, owner, ifb)
-        if not devs:
-            change.flush_mangle(runner)
-            if shutil.which("ipset"):  # sets go after the rules that use them
-                change.ipset_restore(
-                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(read.list_sets(runner))
-                )
-        if forget and not options.dry_run:
-            for name in (BYPASS_FILE, LIMITS_FILE):
-                _forget(state_dir() / name)
-
-
-def _forget(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        raise CommandFailed(f"removing {path}", exc.strerror or str(exc), "the kernel's shaping is removed") from None
-
-
-def _check_mangle(options: Options, command: str, config: Config) -> None:
-    probe.require_root(options.dry_run, command)
-    ingress = any(d.ingress for d in config.devices.values())
-    probe.require_binaries([*probe.MANGLE_TOOLS, "tc"] if ingress else probe.MANGLE_TOOLS)
-
-
-def _ingress_filters(
-    config: Config, filters: Callable[[Device], list[U32Filter]]
-) -> list[tuple[Device, list[U32Filter]]]:
-    """One kind of filter for each ingress tree, refused before anything changes if u32 cannot keep it."""
-    trees = [d.ingress for d in config.devices.values() if d.ingress is not None]
-    return [(tree, plan_ingress.listable(filters(tree))) for tree in trees]
-
-
-def _refresh_ingress(
-    runner: run.Runner,
-    journal: run.Journal,
-    what: str,
-    prefs: dict[int, int],
-    planned: list[tuple[Device, list[U32Filter]]],
-) -> None:
-    """Rewrite one kind of filter (bypass, or direction = "in" rules) on every ingress tree that is built.
-
-    A tree not built yet gets them from shape-init.
-    """
-    for tree, filters in planned:
-        if read.device_exists(tree.name) and read.read_root(runner, tree.name).is_shapekit:
-            present, entries = read.read_u32_filters(runner, tree.name)
-            cmds = plan_ingress.replace_prefs(tree.name, list(prefs.items()), present, filters)
-            before = [U32Filter.from_entry(e) for e in entries if e.pref in prefs.values()]
-            journal.change(
-                f"{tree.configured}'s {what} filters",
-                partial(runner.tc_batch, f"{tree.configured}: {what} on arriving traffic ({tree.name})", cmds),
-                partial(change.put_back_prefs, runner, tree.name, list(prefs.items()), before),
-            )
-
-
-def _probe_mangle(plans: dict[int, Chains], own: str | None) -> None:
-    """Load the chains into a throwaway namespace: refuse what this machine cannot load, before any change."""
-    probe.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
-
-
-def mark(options: Options) -> None:
-    """shape-mark: the [[mark]] rules into shapekit's mangle chains."""
-    config = options.load()
-    _check_mangle(options, "shape-mark", config)
-    runner = options.runner()
-    with options.lock():
-        bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
-        plans = {f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}
-        inbound = _ingress_filters(config, partial(plan_ingress.rule_filters, rules=config.marks))
-        _probe_mangle(plans, MARK)
-        with run.transaction(runner) as journal:
-            change.apply_mangle(runner, plans, MARK, journal)
-            _refresh_ingress(runner, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, inbound)
-
-
-def _merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:
-    """The config's bypass and the run-time entries: every command writes the bypass chain."""
-    return config.bypass.with_entries(runtime.ports, runtime.hosts)
-
-
-def _install_bypass(
-    options: Options, config: Config, runtime: RuntimeBypass, then: Callable[[], None] | None = None
-) -> None:
-    """The bypass chain and the ingress bypass filters, as one transaction; `then` (saving the file) last in it."""
-    runner = options.runner()
-    merged = _merged_bypass(config, runtime)
-    plans = {f: plan_mangle.bypass_plan(config, merged, f) for f in FAMILIES}
-    bypassed = plan_ingress.bypass_filters(merged)
-    inbound = _ingress_filters(config, lambda _: bypassed)
-    _probe_mangle(plans, None)
-    with run.transaction(runner) as journal:
-        change.apply_mangle(runner, plans, None, journal)
-        _refresh_ingress(runner, journal, "bypass", plan_ingress.BYPASS_PREF, inbound)
-        if then is not None and not options.dry_run:
-            then()  # last: a failure before it leaves the file as the kernel is again
-
-
-def bypass(options: Options) -> None:
-    """shape-bypass: the config's bypass plus the run-time entries."""
-    config = options.load()
-    _check_mangle(options, "shape-bypass", config)
-    with options.lock():
-        _install_bypass(options, config, RuntimeBypass.load(state_dir()))
-
-
-def parse_bypass_entry(text: str) -> PortProto | Network:
-    """`22/tcp`, `6000:6100/udp`, or a host/CIDR."""
-    try:
-        if "/" in text and text.rsplit("/", 1)[1][:1].isalpha():
-            return parse_port_proto(text)
-        return parse_bypass_host(text)
-    except ValueProblem as exc:
-        raise UsageError(str(exc)) from None
-
-
-Entry = TypeVar("Entry", PortProto, Network)
-
-
-def _edited(
-    saved: tuple[Entry, ...], configured: tuple[Entry, ...], entries: list[Entry], add: bool, path: Path
-) -> tuple[Entry, ...]:
-    kept = list(saved)
-    for entry in entries:
-        if add and entry not in kept and entry not in configured:
-            kept.append(entry)
-        elif not add:
-            if entry in configured:
-                raise UsageError(f"{entry} is bypassed by {path} ([bypass]): remove it there")
-            if entry not in kept:
-                raise UsageError(f"{entry} is not a run-time bypass entry (see shape-bypass list)")
-            kept.remove(entry)
-    return tuple(kept)
-
-
-def bypass_edit(options: Options, entries: list[str], *, add: bool) -> None:
-    """shape-bypass add|remove: change the run-time entries and apply them at once."""
-    config = options.load()
-    parsed = list(dict.fromkeys(parse_bypass_entry(e) for e in entries))
-    if not parsed:
-        raise UsageError(f"name what to {'add' if add else 'remove'}: PORT/PROTO (22/tcp) or a host (198.51.100.7)")
-    _check_mangle(options, "shape-bypass", config)
-    ports = [e for e in parsed if isinstance(e, PortProto)]
-    hosts = [e for e in parsed if not isinstance(e, PortProto)]
-    with options.lock():
-        runtime = RuntimeBypass.load(state_dir())
-        updated = RuntimeBypass(
-            ports=_edited(runtime.ports, config.bypass.ports, ports, add, config.path),
-            hosts=_edited(runtime.hosts, config.bypass.hosts, hosts, add, config.path),
-        )
-        _install_bypass(options, config, updated, partial(updated.save, state_dir()))
-
-
-@dataclass(frozen=True)
-class BypassEntry:
-    entry: str
-    kind: str  # "port" | "host"
-    source: str  # "config" | "run-time"
-
-
-def bypass_list(options: Options) -> list[BypassEntry]:
-    config = options.load()
-    runtime = RuntimeBypass.load(state_dir())
-    rows = []
-    for source, entries in (("config", config.bypass), ("run-time", runtime)):
-        rows += [BypassEntry(str(p), "port", source) for p in entries.ports]
-        rows += [BypassEntry(str(h), "host", source) for h in entries.hosts]
-    return rows
-
-
-# --- shape-limit-ip --------------------------------------------------------------
-
-
-def _check_limits(options: Options) -> None:
+def _check_limits(options: common.Options) -> None:
     probe.require_root(options.dry_run, "shape-limit-ip")
     probe.require_binaries(["tc", "ip", "ipset", *probe.MANGLE_TOOLS])
 
 
-def _live(caps: list[Cap], now: float) -> list[Cap]:
-    return [c for c in caps if not lapsed(c, now)]
-
-
-def _lapsed(device: Device, caps: list[Cap], now: float) -> list[PlacedCap]:
-    return [PlacedCap(c, c.minor) for c in caps if device.holds(c) and lapsed(c, now) and c.minor is not None]
-
-
-def limit_ip(options: Options) -> None:
+def limit_ip(options: common.Options) -> None:
     """shape-limit-ip: every device's caps (config plus run-time) into classes, sets and one rule each."""
     config = options.load()
     _check_limits(options)
     with options.lock():
         now = time.time()
-        _install_limits(options, config, _live(_saved_caps(config), now), now)
+        _install_limits(options, config, common.live_caps(common.saved_caps(config), now), now)
 
 
-def _install_limits(options: Options, config: Config, runtime: list[Cap], now: float) -> None:
+def _install_limits(options: common.Options, config: Config, runtime: list[Cap], now: float) -> None:
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
     probe.probe_caps()
     runner = options.runner()
@@ -395,7 +58,7 @@ def _install_limits(options: Options, config: Config, runtime: list[Cap], now: f
     placed = {t.name: place_caps(t, runtime, now) for d in present for t in d.trees}
     for tree in (d.ingress for d in present if d.ingress is not None):
         plan_ingress.listable(list(CapFilters.of(placed[tree.name]).listed))
-    bypass = _merged_bypass(config, RuntimeBypass.load(state_dir()))
+    bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
     rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
     saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
     saved += [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
@@ -447,16 +110,6 @@ def _sync_caps_in(runner: run.Runner, journal: run.Journal, tree: Device, placed
     )
 
 
-def pick_device(config: Config, dev: str | None) -> Device:
-    if dev is not None:
-        if dev not in config.devices:
-            raise UsageError(f"--dev {dev}: not a device in {config.path} (configured: {', '.join(config.devices)})")
-        return config.devices[dev]
-    if len(config.devices) > 1:
-        raise UsageError(f"{config.path} shapes several devices ({', '.join(config.devices)}): pass --dev")
-    return next(iter(config.devices.values()))
-
-
 def _host(text: str) -> Network:
     try:
         return parse_host(text)
@@ -488,10 +141,10 @@ def cap_tree(device: Device, inbound: bool) -> Device:
     return device.ingress
 
 
-def limit_add(options: Options, request: CapRequest) -> None:
+def limit_add(options: common.Options, request: CapRequest) -> None:
     """shape-limit-ip add: cap one host now, touching only its own class and set entry (or filter)."""
     config = options.load()
-    device = pick_device(config, request.dev)
+    device = common.pick_device(config, request.dev)
     tree = cap_tree(device, request.inbound)
     host = _host(request.host)
     try:
@@ -512,7 +165,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
         if options.dry_run or tree.direction == "in":
             probe.require_shapekit_tree(runner, tree.name)
         now = time.time()
-        saved = _saved_caps(config)  # lapsed ones too: their classes still hold their minors
+        saved = common.saved_caps(config)  # lapsed ones too: their classes still hold their minors
         mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
         others = [c for c in saved if c is not mine]
         expires = now + seconds if seconds else None
@@ -524,7 +177,7 @@ def limit_add(options: Options, request: CapRequest) -> None:
             read.list_sets(runner)
         ):
             # Never installed since boot: install everything, this cap included.
-            _install_limits(options, config, _live([*others, cap], now), now)
+            _install_limits(options, config, common.live_caps([*others, cap], now), now)
             return
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
@@ -654,7 +307,7 @@ def _refuse_own_addresses(runner: run.Runner, host: Network) -> None:
         )
 
 
-def limit_remove(options: Options, host_text: str, dev: str | None, direction: str | None = None) -> None:
+def limit_remove(options: common.Options, host_text: str, dev: str | None, direction: str | None = None) -> None:
     """shape-limit-ip remove: lift a host's run-time caps (a config cap takes over again if there is one)."""
     config = options.load()
     host = _host(host_text)
@@ -663,11 +316,11 @@ def limit_remove(options: Options, host_text: str, dev: str | None, direction: s
     with options.lock():
         now = time.time()
         if dev is not None:
-            pick_device(config, dev)  # a --dev the config does not shape: say so, not "not capped"
-        saved = _saved_caps(config)
+            common.pick_device(config, dev)  # a --dev the config does not shape: say so, not "not capped"
+        saved = common.saved_caps(config)
         matches = [
             c
-            for c in _live(saved, now)
+            for c in common.live_caps(saved, now)
             if c.host == host and (dev is None or c.dev == dev) and direction in (None, c.direction)
         ]
         if not matches:
@@ -784,10 +437,10 @@ class CapRow:
     classid: str
 
 
-def limit_list(options: Options) -> list[CapRow]:
+def limit_list(options: common.Options) -> list[CapRow]:
     config = options.load()
     now = time.time()
-    runtime = _live(_saved_caps(config), now)
+    runtime = common.live_caps(common.saved_caps(config), now)
     rows = []
     for tree in (t for d in config.devices.values() for t in d.trees):
         rows += [_row(p) for p in place_caps(tree, runtime, now)]
@@ -804,26 +457,111 @@ def _row(placed: PlacedCap) -> CapRow:
     return CapRow(host, rate, cap.dev, cap.direction, cap.source, expires, cap.comment, cid)
 
 
-# --- shape-status ---------------------------------------------------------------
+limit_ip_app = common.new_app()
 
 
-def status_sample(options: Options, devs: list[str], interval: float) -> dict:
-    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
-    config = options.load()
-    devices = select_devices(config, devs)
-    probe.require_devices([d.name for d in devices])
-    # Ingress trees are listed under their IFB device, when it is there.
-    trees = [t for d in devices for t in d.trees if t.direction == "out" or read.device_exists(t.name)]
-    now = time.time()
-    saved = _saved_caps(config)
-    names = {t.name: status.class_names(t, place_caps(t, saved, now), _lapsed(t, saved, now)) for t in trees}
-    start = time.monotonic()
-    before = {t.name: read.read_classes(t.name) for t in trees}
-    time.sleep(interval)
-    after = {t.name: read.read_classes(t.name) for t in trees}
-    seconds = time.monotonic() - start
-    rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds) for t in trees}
-    counters = read.read_rule_counters(options.runner())
-    rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return status.sample_document(when, round(seconds, 3), rows, rules)
+@limit_ip_app.callback(invoke_without_command=True)
+def shape_limit_ip(
+    ctx: typer.Context,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+    version: common.VersionOption = False,
+) -> None:
+    """Per-IP caps: traffic sent to a host (address or CIDR) through a device is held to a rate.
+
+    Without a verb: install the caps of [device.X.limits] plus the run-time
+    ones — a class per host (rate = ceil) under the top class, the host's
+    entry in the device's ipset, and one iptables rule per device that picks
+    the class from that set. Classification is one hash lookup per packet,
+    however many hosts are capped. Run after shape-init (the boot sequence is
+    shape-init, shape-bypass, shape-mark, shape-limit-ip).
+
+    Run-time caps (add/remove) are saved in $SHAPEKIT_STATE_DIR (default
+    /var/lib/shapekit) and come back at boot until removed or lapsed.
+
+    Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
+    """
+    ctx.obj = common.make_options(config, dry_run, verbose)
+    if ctx.invoked_subcommand is None:
+        common.reported("shape-limit-ip", lambda: limit_ip(ctx.obj))
+
+
+@limit_ip_app.command("add")
+def add_cap(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="IPv4/IPv6 address or CIDR block.", show_default=False)],
+    rate: Annotated[str, typer.Argument(help="tc rate: 128kbit, 2mbit, 64kbps (bytes/s).", show_default=False)],
+    dev: Annotated[
+        Optional[str],
+        typer.Option("--dev", "-d", metavar="DEV", help="Device (needed when the config shapes several)."),
+    ] = None,
+    duration: Annotated[
+        Optional[str], typer.Option("--for", metavar="DURATION", help="Lapse by itself after 90s, 30m, 2h, 1d...")
+    ] = None,
+    comment: Annotated[str, typer.Option("--comment", metavar="TEXT", help="Why: shown by list.")] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow a block that holds this machine's own addresses.")
+    ] = False,
+    inbound: Annotated[
+        bool,
+        typer.Option(
+            "--in",
+            help="Cap traffic arriving from HOST (downloads), on the device's [device.X.ingress] tree. No --for.",
+        ),
+    ] = False,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+) -> None:
+    """Cap traffic to HOST (with --in: from HOST) at RATE now, touching only that
+    host's class and its set entry (or, --in, its u32 filter). A host capped
+    already gets the new rate in place."""
+
+    request = CapRequest(host, rate, dev, duration, comment, force, inbound)
+    common.reported("shape-limit-ip", lambda: limit_add(common.inherit_options(ctx, config, dry_run, verbose), request))
+
+
+@limit_ip_app.command("remove")
+def remove_cap(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="The capped address or CIDR block.", show_default=False)],
+    dev: Annotated[
+        Optional[str], typer.Option("--dev", "-d", metavar="DEV", help="Device, when the host is capped on several.")
+    ] = None,
+    inbound: Annotated[bool, typer.Option("--in", help="Only the cap on traffic arriving from HOST.")] = False,
+    outbound: Annotated[bool, typer.Option("--out", help="Only the cap on traffic sent to HOST.")] = False,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+) -> None:
+    """Lift a host's run-time caps, both ways unless --in or --out (a cap from the
+    config takes over again; config caps are removed there)."""
+
+    direction = None if inbound == outbound else ("in" if inbound else "out")
+    common.reported(
+        "shape-limit-ip",
+        lambda: limit_remove(common.inherit_options(ctx, config, dry_run, verbose), host, dev, direction),
+    )
+
+
+@limit_ip_app.command("list")
+def list_caps(ctx: typer.Context, config: common.ConfigOption = None, as_json: common.JsonOption = False) -> None:
+    """List the caps in force: host, rate, device, direction (out: to the host, in: from it),
+    source (config or run-time), expiry, comment, class."""
+
+    def show() -> None:
+        rows = limit_list(common.inherit_options(ctx, config, False, False))
+        header = ["HOST", "RATE", "DEV", "DIR", "SOURCE", "EXPIRES", "CLASS", "COMMENT"]
+        common.print_rows(
+            rows,
+            as_json,
+            header,
+            lambda r: [r.host, r.rate, r.dev, r.direction, r.source, r.expires or "-", r.classid, r.comment],
+        )
+
+    common.reported("shape-limit-ip", show)
+
+
+def limit_ip_main() -> None:
+    common.console(limit_ip_app, "shape-limit-ip")

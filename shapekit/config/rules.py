@@ -12,7 +12,7 @@ from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from shapekit.config.load import Device
+    from shapekit.config.model import Device
 
 DEFAULT_BYPASS_MARK = 1001
 BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class

@@ -8,7 +8,7 @@ import re
 import shlex
 from functools import partial
 
-from shapekit.config.load import Device
+from shapekit.config.model import Device
 from shapekit.errors import CommandFailed
 from shapekit.kernel import read, run
 from shapekit.plan import ingress as plan_ingress

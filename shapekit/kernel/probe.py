@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from shapekit.config.load import Device, device_name_problem
+from shapekit.config.model import Device, device_name_problem
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import read, run
 from shapekit.plan import ingress as plan_ingress

@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from shapekit.config.load import IFB_ALIAS
+from shapekit.config.model import IFB_ALIAS
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.kernel import run

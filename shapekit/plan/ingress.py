@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from shapekit.config.addresses import Network
-from shapekit.config.load import IFB_ALIAS, Config, Device
+from shapekit.config.model import IFB_ALIAS, Config, Device
 from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
 from shapekit.errors import UsageError
 from shapekit.plan.limits import PlacedCap, class_rates, exactly, sync_classes, u32_slot

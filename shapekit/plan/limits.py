@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from shapekit.config.addresses import Network
-from shapekit.config.load import TOP_MINOR, Device
+from shapekit.config.model import TOP_MINOR, Device
 from shapekit.config.rules import CAP_MINORS, Cap
 from shapekit.errors import UsageError
 from shapekit.plan.tc_text import parse_tc_classes

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shapekit.config.load import Config
+from shapekit.config.model import Config
 from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
 from shapekit.plan.limits import LIMIT, limit_chain
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from shapekit.config.load import TOP_MINOR, Device
+from shapekit.config.model import TOP_MINOR, Device
 from shapekit.config.rules import BYPASS_MINOR
-from shapekit.kernel.netlink import ClassStats
 from shapekit.plan.limits import PlacedCap
 from shapekit.plan.tree import classid
+
+if TYPE_CHECKING:  # the kernel's classes come in as data: the plan layer never reads the kernel
+    from shapekit.kernel.netlink import ClassStats
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shapekit.config.load import ROOT_MAJOR, TOP_MINOR, Device, HtbClass, Leaf
+from shapekit.config.model import ROOT_MAJOR, TOP_MINOR, Device, HtbClass, Leaf
 from shapekit.config.rules import BYPASS_MINOR, Bypass
 from shapekit.config.units import format_rate
 

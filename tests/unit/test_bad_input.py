@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 from paths import SEED_CONFIG
 
-from shapekit.commands.common import bypass_main, flush_app, init_app, init_main, limit_ip_main, status_main
+from shapekit.commands.bypass import bypass_main
+from shapekit.commands.flush import flush_app
+from shapekit.commands.init import init_app, init_main
+from shapekit.commands.limit_ip import limit_ip_main
+from shapekit.commands.status import status_main
 from shapekit.config.load import load_config
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.plan import tree as plan
@@ -479,7 +483,7 @@ def test_a_duration_that_is_empty_or_no_time_is_refused(system, cli_runner_limit
 
 @pytest.fixture
 def cli_runner_limit(cli, write_config):
-    from shapekit.commands.common import limit_ip_app
+    from shapekit.commands.limit_ip import limit_ip_app
 
     config = str(write_config(GOOD))
     return lambda *args: cli(limit_ip_app, *args, "--config", config)

@@ -6,7 +6,7 @@ import json
 
 from paths import SEED_CONFIG
 
-from shapekit.commands.common import init_app
+from shapekit.commands.init import init_app
 from shapekit.config.load import load_config
 from shapekit.plan import drift
 from shapekit.plan import tree as plan
@@ -89,7 +89,7 @@ def test_chains_and_sets():
 
 
 def test_check_exit_codes(system, cli, mocker):
-    check = mocker.patch("shapekit.commands.limit_ip.check", return_value=[])
+    check = mocker.patch("shapekit.commands.init.check_drift", return_value=[])
     matched = cli(init_app, "--check", "--config", str(SEED_CONFIG))
     check.return_value = ["eth0: class 5c:1030 is missing"]
     drifted = cli(init_app, "--check", "--config", str(SEED_CONFIG))
@@ -120,7 +120,7 @@ def test_python_m_shapekit_runs_a_command_by_name(mocker):
 
     from shapekit.__main__ import main
 
-    init_main = mocker.patch("shapekit.commands.common.init_main")
+    init_main = mocker.patch("shapekit.commands.init.init_main")
     mocker.patch.object(sys, "argv", ["shapekit", "shape-init", "--dry-run"])
     mocker.patch.dict("shapekit.__main__.MAINS", {"shape-init": init_main})
 

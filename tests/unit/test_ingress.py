@@ -7,8 +7,12 @@ import json
 import pytest
 from paths import DOWNLOAD_CONFIG
 
-from shapekit.commands.common import bypass_app, flush_app, init_app, limit_ip_app, mark_app
-from shapekit.config.load import ifb_name
+from shapekit.commands.bypass import bypass_app
+from shapekit.commands.flush import flush_app
+from shapekit.commands.init import init_app
+from shapekit.commands.limit_ip import limit_ip_app
+from shapekit.commands.mark import mark_app
+from shapekit.config.model import ifb_name
 from shapekit.kernel import probe
 from shapekit.plan import drift
 from shapekit.plan import ingress as plan_ingress

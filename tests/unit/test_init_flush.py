@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from paths import INCIDENT_CONFIG, SEED_CONFIG
 
-from shapekit.commands.common import flush_app, init_app
+from shapekit.commands.flush import flush_app
+from shapekit.commands.init import init_app
 from shapekit.errors import CommandFailed
 
 # Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml:

@@ -18,9 +18,10 @@ import pytest
 from paths import INCIDENT_CONFIG
 
 from shapekit import state
-from shapekit.commands.common import limit_ip_app
+from shapekit.commands.limit_ip import limit_ip_app
 from shapekit.config.addresses import parse_host
-from shapekit.config.load import batch_safe_name_problem, load_config
+from shapekit.config.load import load_config
+from shapekit.config.model import batch_safe_name_problem
 from shapekit.config.rules import Cap
 from shapekit.errors import UsageError
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from paths import INCIDENT_CONFIG
 
-from shapekit.commands.common import init_app, limit_ip_app
+from shapekit.commands.init import init_app
+from shapekit.commands.limit_ip import limit_ip_app
 from shapekit.errors import CommandFailed
 from shapekit.kernel import probe
 

@@ -7,7 +7,9 @@ import json
 import pytest
 from paths import SEED_CONFIG
 
-from shapekit.commands.common import bypass_app, flush_app, mark_app
+from shapekit.commands.bypass import bypass_app
+from shapekit.commands.flush import flush_app
+from shapekit.commands.mark import mark_app
 from shapekit.errors import CommandFailed
 
 SKELETON = """\

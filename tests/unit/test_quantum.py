@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from paths import INCIDENT_CONFIG, SEED_CONFIG
 
-from shapekit.commands.common import init_app, limit_ip_app
+from shapekit.commands.init import init_app
+from shapekit.commands.limit_ip import limit_ip_app
 from shapekit.config.units import parse_rate
 from shapekit.plan import tree as plan
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shapekit.commands.common import status_app
+from shapekit.commands.status import status_app
 from shapekit.config.load import parse_config
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.plan import status
@@ -137,7 +137,7 @@ def sampled(mocker):
         except StopIteration:
             raise KeyboardInterrupt from None
 
-    return mocker.patch("shapekit.commands.limit_ip.status_sample", side_effect=sample)
+    return mocker.patch("shapekit.commands.status.status_sample", side_effect=sample)
 
 
 def test_json_prints_one_document_per_sample_and_ctrl_c_ends_watch_cleanly(sampled, cli):

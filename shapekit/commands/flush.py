@@ -1,0 +1,81 @@
+"""shape-flush: remove everything shapekit installed, and nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shapekit.commands import common
+from shapekit.errors import CommandFailed
+from shapekit.kernel import change, probe, read
+from shapekit.plan import limits as plan_limits
+from shapekit.plan import tree as plan
+from shapekit.state import BYPASS_FILE, LIMITS_FILE, state_dir
+
+
+def flush(options: common.Options, devs: list[str], forget: bool) -> None:
+    """shape-flush: remove shapekit's trees, IFBs, chains and jumps (only the named devices' trees with --dev)."""
+    probe.require_root(options.dry_run, "shape-flush")
+    probe.require_binaries(["tc", "ip"] if devs else ["tc", "ip", *probe.MANGLE_TOOLS])
+    probe.require_devices(devs)
+    runner = options.runner()
+    with options.lock():
+        ifbs = read.shapekit_ifbs(runner)
+        names = devs or read.devices_with_root(runner, plan.root_handle(), "htb")
+        for dev in names:
+            if dev not in ifbs:  # an IFB goes whole, below
+                runner.tc_batch(f"{dev}: remove shapekit's tree", plan.plan_flush(dev, read.read_root(runner, dev)))
+        for ifb, owner in ifbs.items():
+            if not devs or owner in devs:
+                change.remove_ingress(runner, owner, ifb)
+        if not devs:
+            change.flush_mangle(runner)
+            if shutil.which("ipset"):  # sets go after the rules that use them
+                change.ipset_restore(
+                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(read.list_sets(runner))
+                )
+        if forget and not options.dry_run:
+            for name in (BYPASS_FILE, LIMITS_FILE):
+                _forget(state_dir() / name)
+
+
+def _forget(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CommandFailed(f"removing {path}", exc.strerror or str(exc), "the kernel's shaping is removed") from None
+
+
+flush_app = common.new_app()
+
+
+@flush_app.command()
+def shape_flush(
+    dev: common.DevOption = None,
+    forget: Annotated[bool, typer.Option("--forget", help="Also delete the saved run-time entries (bypass).")] = False,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+    version: common.VersionOption = False,
+) -> None:
+    """Remove everything shapekit installed, and nothing else: its root qdisc (handle 5c:)
+    on every device that has one, its IFB devices (alias "shapekit ingress of X")
+    with their redirect from X (and X's ingress qdisc when no other filter is on
+    it), its mangle chains (SHAPEKIT*) and the jump to them, in iptables and
+    ip6tables, and its ipsets.
+
+    With --dev, only those devices' trees (and IFBs) go; the chains stay for the
+    other devices. Run-time entries stay saved (the boot sequence re-applies them)
+    unless --forget. Needs no config.
+
+    Exit status: 0 done; 2 bad input, nothing changed; 1 a system command failed.
+    """
+
+    common.reported("shape-flush", lambda: flush(common.make_options(config, dry_run, verbose), dev or [], forget))
+
+
+def flush_main() -> None:
+    common.console(flush_app, "shape-flush")

@@ -1,0 +1,206 @@
+"""shape-init: each device's HTB tree (egress, and ingress on an IFB); --check compares instead."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated
+
+import typer
+
+from shapekit.commands import common
+from shapekit.config.model import Config, Device
+from shapekit.config.rules import Bypass, Cap
+from shapekit.errors import UsageError
+from shapekit.kernel import change, probe, read, run
+from shapekit.plan import drift
+from shapekit.plan import ingress as plan_ingress
+from shapekit.plan import limits as plan_limits
+from shapekit.plan import mangle as plan_mangle
+from shapekit.plan import tree as plan
+from shapekit.plan.limits import PlacedCap, place_caps
+from shapekit.plan.mangle import FAMILIES
+from shapekit.state import RuntimeBypass, state_dir
+
+
+def init(options: common.Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
+    """shape-init: replace shapekit's trees (egress, and ingress on an IFB) on each selected device."""
+    config = options.load()
+    if skip_unknown and devs:
+        devs = [d for d in devs if d in config.devices]
+        if not devs:
+            return
+    devices = common.select_devices(config, devs)
+    if skip_absent:  # at boot: a USB, PPP or VPN device that is not there yet gets its tree when it comes
+        devices = [d for d in devices if read.device_exists(d.name)]
+    ingress = [d.ingress for d in devices if d.ingress is not None]
+    probe.require_root(options.dry_run, "shape-init")
+    probe.require_binaries(["tc", "ip"])
+    probe.require_devices([d.name for d in devices])
+    runner = options.runner()
+    probe.probe_kernel(plan.kernel_features([tree for d in devices for tree in d.trees]))
+    probe.probe_ingress([tree.key for tree in ingress])
+    probe.require_own_ifbs(runner, ingress)
+    with options.lock():
+        runtime, now = common.saved_caps(config), time.time()
+        bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
+        ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
+        # Every plan first: a cap that cannot be placed is refused before anything changes.
+        plans = []
+        for device in devices:
+            current = read.read_root(runner, device.name)
+            caps = plan_limits.cap_tree(device, place_caps(device, runtime, now))
+            inbound = _ingress_tree(runner, config, device.ingress, bypass, runtime, now) if device.ingress else []
+            plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
+        for device, egress, inbound in plans:
+            change.apply_tree(runner, device.name, egress)
+            if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
+                change.remove_ingress(runner, device.name, ifbs[device.name])
+            if device.ingress is not None:
+                change.apply_ingress(runner, device.ingress, inbound)
+
+
+def _ingress_tree(
+    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, runtime: list[Cap], now: float
+) -> list[plan.Argv]:
+    """An ingress tree's whole build on its IFB: the HTB tree, the caps' classes, the u32 filters."""
+    current = read.read_root(runner, tree.name) if read.device_exists(tree.name) else plan.KERNEL_DEFAULT
+    placed = place_caps(tree, runtime, now)
+    return (
+        plan.plan_init(tree, config.bypass, current)
+        + plan_limits.cap_tree(tree, placed)
+        + plan_ingress.plan_filters(tree, config, bypass, placed)
+    )
+
+
+def check_drift(options: common.Options, devs: list[str]) -> list[str]:
+    """shape-init --check: every way the kernel differs from the config and saved state; changes nothing."""
+    config = options.load()
+    devices = common.select_devices(config, devs)
+    if os.geteuid() != 0:
+        raise UsageError("--check reads the kernel's netfilter and ipset state: run it as root")
+    probe.require_binaries(["tc", "ip", "ipset", "unshare", *probe.MANGLE_TOOLS])
+    probe.require_devices([d.name for d in devices])
+    runner = options.runner()
+    now = time.time()
+    saved = common.saved_caps(config)
+    bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
+    placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
+    differences = []
+    ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
+    for device in devices:
+        differences += _tree_drift(runner, device, placed[device.name], saved, now)
+        if device.ingress is None and device.name in ifbs:
+            differences.append(
+                f"{device.name}: arriving traffic is shaped through {ifbs[device.name]}, which the config does not ask for"
+            )
+        if device.ingress is not None:
+            differences += _ingress_drift(runner, config, device.ingress, bypass, placed[device.ingress.name])
+    if devs:
+        return differences  # a device's own check: its trees
+    egress = {d.name: placed[d.name] for d in config.devices.values()}
+    sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in egress.items())
+    for family in FAMILIES:
+        chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
+        want = probe.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
+        differences += drift.diff_chains(family, want, read.read_mangle(runner, family))
+    want_entries = {
+        (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
+        for name, caps in egress.items()
+        for p in caps
+    }
+    return differences + drift.diff_sets(want_entries, read.read_set_entries(runner))
+
+
+def _tree_drift(runner: run.Runner, tree: Device, placed: list[PlacedCap], saved: list[Cap], now: float) -> list[str]:
+    cmds = plan.plan_tree(tree, Bypass()) + plan_limits.cap_tree(tree, placed)
+    have = read.read_tree(runner, tree.name, plan.root_handle())
+    # A lapsed cap's class stays until the next full install: neither wanted nor drift.
+    have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(tree, saved, now)})
+    return drift.diff_tree(tree.name, drift.planned_tree(cmds), have)
+
+
+def _ingress_drift(
+    runner: run.Runner, config: Config, tree: Device, bypass: Bypass, placed: list[PlacedCap]
+) -> list[str]:
+    dev, ifb = tree.configured, tree.name
+    if not plan_ingress.is_shapekit_ifb(read.ifb_alias(runner, ifb), dev):
+        return [f"{dev}: its IFB device {ifb} for arriving traffic is missing (run shape-init)"]
+    out = _tree_drift(runner, tree, placed, [], 0)
+    if read.read_ingress_hook(runner, dev).redirect_to != ifb:
+        out.append(f"{dev}: arriving traffic is not redirected to {ifb} (run shape-init)")
+    want = [f.entry() for f in plan_ingress.hash_links() + plan_ingress.ingress_filters(tree, config, bypass, placed)]
+    return out + drift.diff_filters(ifb, want, read.read_u32_filters(runner, ifb)[1])
+
+
+init_app = common.new_app()
+
+
+@init_app.command()
+def shape_init(
+    dev: common.DevOption = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Change nothing: exit 0 if the kernel matches the config and saved state, 1 and the differences if not.",
+        ),
+    ] = False,
+    skip_unknown: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unknown", help="With --dev: skip devices the config does not shape, silently (for hotplug hooks)."
+        ),
+    ] = False,
+    skip_absent: Annotated[
+        bool,
+        typer.Option(
+            "--skip-absent",
+            help="Skip configured devices that do not exist now (for boot: hotplug devices come later).",
+        ),
+    ] = False,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+    version: common.VersionOption = False,
+) -> None:
+    """Build each configured device's HTB tree: root qdisc, top class at the line rate,
+    the unshaped bypass class, the classes, their leaf qdiscs and filters, and a
+    class for each per-IP cap.
+
+    Replaces whatever root qdisc the device had (shapekit's earlier tree
+    included) in one `tc -batch`; running it twice gives the same kernel state.
+    If a command fails, the device is left unshaped, never half-shaped.
+
+    With [device.X.ingress], arriving traffic is shaped too: shapekit makes an
+    IFB device (ifb-X), builds the ingress tree there with u32 filters for the
+    caps, the bypass and the direction = "in" rules, and redirects what
+    arrives on X to it.
+
+    --check compares instead: the trees (ingress ones and their redirect and
+    filters too), shapekit's iptables/ip6tables chains and its cap sets (with
+    --dev: only those devices' trees), for monitoring.
+
+    Exit status: 0 done (--check: the kernel matches); 2 bad input (config,
+    options, missing device or kernel feature, not root), nothing changed; 1 a
+    system command failed (--check: the kernel differs, as printed).
+    """
+
+    options = common.make_options(config, dry_run, verbose)
+    if check:
+
+        def report() -> None:
+            differences = check_drift(options, dev or [])
+            for line in differences:
+                typer.echo(line)
+            if differences:
+                raise typer.Exit(1)
+            typer.echo("the kernel matches the config and saved state")
+
+        common.reported("shape-init", report)
+        return
+    common.reported("shape-init", lambda: init(options, dev or [], skip_unknown, skip_absent))
+
+
+def init_main() -> None:
+    common.console(init_app, "shape-init")
