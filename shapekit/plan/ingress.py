@@ -21,6 +21,10 @@ class. Filters run in this order (prefs), the first match wins:
     1001.., 2001.. per-IP caps on a network, longest prefix first (one pref per length)
     3000, 3001     [bypass] ports and hosts → the unshaped class
     4000, 4001     [[mark]] rules with direction = "in", in file order
+
+Longer than the other plans, and kept whole: every filter here is written
+in one encoding (u32 keys, port blocks, hash nodes), and what puts a filter
+back after a failure is the same code that wrote it.
 """
 
 from __future__ import annotations
