@@ -247,3 +247,20 @@ def test_the_benchmark_script_runs(tmp_path):
     for name in ("apply", "add", "packet", "tcconfig", "ingress"):
         assert json.loads((tmp_path / f"{name}.json").read_text())
     assert "seed/shapekit" in result.stdout
+
+
+def test_the_add_against_a_revision_script_runs():
+    """bench/add_against.py, at a tiny N against HEAD: it runs both, prints a ratio, and leaves no worktree."""
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "add_against.py"), "HEAD", "--caps", "5", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "5 caps, HEAD: median" in result.stdout and "ratio this checkout / HEAD: " in result.stdout
+    assert (
+        subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout == worktrees
+    )
