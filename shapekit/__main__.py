@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shapekit.commands import bypass, flush, init, limit_ip, mark, status
+from shapekit.commands import bypass, flush, import_, init, limit_ip, mark, status
 
 MAINS = {
     "shape-init": init.init_main,
@@ -13,6 +13,7 @@ MAINS = {
     "shape-limit-ip": limit_ip.limit_ip_main,
     "shape-flush": flush.flush_main,
     "shape-status": status.status_main,
+    "shape-import": import_.import_main,
 }
 
 

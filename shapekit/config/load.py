@@ -83,9 +83,16 @@ def load_config(path: Path, *, check_owner: bool) -> Config:
     """Read, parse and validate `path`; `check_owner` refuses files others can write."""
     raw = _read_config(path, check_owner)
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_config_text(text, path)
+
+
+def parse_config_text(text: str, path: Path) -> Config:
+    """A config's TOML text, parsed and validated; `path` names it in messages."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
     except RecursionError:  # tomllib recurses once per nesting level

@@ -1,0 +1,158 @@
+"""shape-import: read the shaping a hand-written script left in the kernel and write the config that rebuilds it.
+
+It only reads (tc, iptables-save, ip addr): it never changes the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shapekit.commands import common
+from shapekit.config.load import parse_config_text
+from shapekit.errors import ConfigError, ShapekitError, UsageError
+from shapekit.kernel import probe, read, run
+from shapekit.plan import adopt
+from shapekit.plan.mangle import FAMILIES, TOOLS
+
+EXPRESSED, LEFT_OUT = 0, 3
+
+
+def import_config(runner: run.Runner, devs: list[str]) -> adopt.Imported:
+    """Read the kernel and translate it; the config is checked as shape-init would check it."""
+    probe.require_binaries(["tc", "ip", *(TOOLS[f][0] for f in FAMILIES)])
+    if os.geteuid() != 0:
+        raise UsageError("reading the mangle tables (iptables-save) needs root: run shape-import as root")
+    trees = tuple(_device(runner, dev) for dev in (devs or _htb_devices(runner)))
+    reading = adopt.KernelReading(
+        devices=trees,
+        mangle={f: runner.query((TOOLS[f][0], "-t", "mangle")) for f in FAMILIES},
+        addresses=runner.query(("ip", "-j", "addr", "show")),
+    )
+    imported = adopt.adopt(reading)
+    try:
+        parse_config_text(imported.text, Path("<shape-import>"))
+    except ConfigError as exc:
+        raise ShapekitError(f"the config it wrote is one shapekit refuses, a bug in shape-import: {exc}") from None
+    return imported
+
+
+def _htb_devices(runner: run.Runner) -> list[str]:
+    """Every device whose root qdisc is HTB, but the IFBs others redirect to (they are read with their device)."""
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
+    htb = [q["dev"] for q in qdiscs if q.get("root") and q.get("kind") == "htb"]
+    ifbs = {read.redirect_target(runner, dev) for dev in htb}
+    found = [dev for dev in htb if dev not in ifbs]
+    if not found:
+        raise UsageError("no device here has an HTB root qdisc: nothing to import (name one with --dev)")
+    return found
+
+
+def _device(runner: run.Runner, dev: str) -> adopt.TreeReading:
+    probe.require_devices([dev])
+    root = read.read_root(runner, dev)
+    if root.kind != "htb":
+        raise UsageError(f"{dev} has no HTB root qdisc (its root is {root.kind}): shape-import reads HTB trees")
+    target = read.redirect_target(runner, dev)
+    ifb = None
+    if target and read.device_exists(target) and read.read_root(runner, target).kind == "htb":
+        ifb = read.read_hand_made_tree(runner, target)
+    return read.read_hand_made_tree(runner, dev, ifb)
+
+
+def write_output(text: str, output: Path | None, force: bool) -> None:
+    """The config on stdout, or in `output`, whole or not at all (a file there stays unless --force)."""
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists: choose another --output, or pass --force to replace it")
+    directory = output.parent if str(output.parent) else Path(".")
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=directory)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def _dry_run(devs: list[str]) -> None:
+    """What shape-import reads, as a script: it changes nothing whatever it is given."""
+    lines = ["# shape-import reads these and changes nothing:"]
+    for dev in devs or ["DEV"]:
+        lines += [f"tc -j qdisc show dev {shlex.quote(dev)}", f"tc -d class show dev {shlex.quote(dev)}"]
+        lines += [
+            f"tc filter show dev {shlex.quote(dev)} parent HANDLE:   # each HTB qdisc",
+            f"tc -j filter show dev {shlex.quote(dev)} ingress",
+        ]
+    lines += [f"{TOOLS[f][0]} -t mangle" for f in FAMILIES] + ["ip -j addr show"]
+    typer.echo("\n".join(lines))
+
+
+import_app = common.new_app()
+
+
+@import_app.command()
+def shape_import(
+    dev: common.DevOption = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write the config here (new file) instead of stdout.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+    version: common.VersionOption = False,
+) -> None:
+    """Read the shaping a hand-written script (tc, iptables) left in the kernel
+    and print the shapekit config that rebuilds it. It changes nothing.
+
+    Reads each device's HTB tree (all devices with an HTB root, or --dev):
+    classes with rate, ceil, prio, burst, cburst and quantum, nested HTB qdiscs
+    (flattened into one tree), leaf qdiscs, fw and u32 filters, an ingress
+    redirect to an IFB and its tree; and the MARK, CONNMARK and CLASSIFY rules
+    of the mangle tables. A mark that ends unshaped at the line rate becomes
+    [bypass]; a class one host's rule fills at rate = ceil, a cap in
+    [device.X.limits]; the rules, [[mark]] in first-match order. Whatever
+    shapekit cannot express is kept as a comment starting LEFT OUT, with the
+    script's line and why.
+
+    Then: shape-init --dry-run --config FILE, and the boot sequence.
+
+    Exit status: 0 everything expressed; 3 something left in comments;
+    2 bad input (no such device, no HTB root, not root); 1 a read failed.
+    """
+    devs = dev or []
+    if dry_run:
+        _dry_run(devs)
+        return
+    runner = common.make_options(None, False, verbose).runner()
+
+    def run_import() -> None:
+        imported = import_config(runner, devs)
+        write_output(imported.text, output, force)
+        if imported.left_out:
+            typer.echo(f"shape-import: {imported.left_out} thing(s) left in comments (LEFT OUT): review them", err=True)
+            raise typer.Exit(LEFT_OUT)
+
+    common.reported("shape-import", run_import)
+
+
+def import_main() -> None:
+    common.console(import_app, "shape-import")

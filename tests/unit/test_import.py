@@ -1,0 +1,206 @@
+"""shape-import on recorded kernel state: what seed 000's and seed 002's scripts left, read back as TOML.
+
+Each directory in data/import holds what the kernel printed after a script ran
+(tc -j qdisc show, tc -d class show, tc filter show per HTB qdisc, tc -j filter
+show ingress, iptables-save and ip6tables-save -t mangle, ip -j addr show) and
+the config shape-import must write from it:
+
+- this-kernel-000, this-kernel-002: tests/seeds/seed_00N.sh with THIS_KERNEL=1 on this
+  project's 6.18 kernel (pfifo and CLASSIFY for sfq and fw; u32 for fw);
+- published-000, published-002: the scripts as published, on Debian 12's 6.1 kernel
+  (the distro-kernel lane), where seed 000's own sfq replaces its nested qdisc;
+- mixed: data/import/mixed/script.sh, an ingress tree on an IFB and what shapekit cannot express.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shapekit.commands.import_ import import_app
+from shapekit.config.load import parse_config_text
+from shapekit.plan import adopt
+from shapekit.plan.adopt_mangle import parse_rule
+
+DATA = Path(__file__).parent / "data" / "import"
+SEED_000 = Path(__file__).resolve().parents[2].parent / "shared" / "seeds"
+
+
+def tree(case: Path, dev: str, suffix: str = "", ifb: adopt.TreeReading | None = None) -> adopt.TreeReading:
+    filters = {
+        p.stem.rsplit("-", 1)[1] + ":": p.read_text()
+        for p in case.glob(f"filter{suffix}-*.txt")
+        if suffix or "ifb" not in p.name
+    }
+    return adopt.TreeReading(
+        dev=dev,
+        qdiscs=(case / f"qdisc{suffix}.json").read_text(),
+        classes=(case / f"class{suffix}.txt").read_text(),
+        filters=filters,
+        ingress=(case / "ingress.json").read_text() if not suffix else "[]",
+        ifb=ifb,
+    )
+
+
+def reading(name: str) -> adopt.KernelReading:
+    case = DATA / name
+    ifb = tree(case, "ifb0", "-ifb0") if (case / "qdisc-ifb0.json").exists() else None
+    mangle = {4: (case / "iptables.txt").read_text(), 6: (case / "ip6tables.txt").read_text()}
+    return adopt.KernelReading((tree(case, "eth0", ifb=ifb),), mangle, (case / "addr.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "left_out"),
+    [("this-kernel-000", 0), ("this-kernel-002", 6), ("published-000", 4), ("published-002", 3), ("mixed", 3)],
+)
+def test_recorded_kernel_state_gives_exactly_the_expected_config(name, left_out):
+    imported = adopt.adopt(reading(name))
+    assert imported.text == (DATA / name / "expected.toml").read_text()
+    assert imported.left_out == left_out == imported.text.count("# LEFT OUT:")
+    parse_config_text(imported.text, Path(name))  # shape-init takes it
+
+
+def test_seed_000_nested_tree_is_flattened_with_its_bypass_marks_and_rules_in_first_match_order():
+    config = parse_config_text(adopt.adopt(reading("this-kernel-000")).text, Path("x"))
+    device = config.devices["eth0"]
+    assert device.rate == 100_000_000 and device.default == "c1030" and device.classifier == "classify"
+    assert [(c.name, c.parent, c.rate, c.ceil, c.prio, c.mark) for c in device.classes] == [
+        ("c1", None, 50_000_000, 50_000_000, None, None),
+        ("c10", "c1", 50_000_000, 50_000_000, None, None),
+        ("c1010", "c10", 10_000_000, 50_000_000, None, 11010),
+        ("c1030", "c10", 512_000, 50_000_000, 5, 11030),
+        ("c1090", "c10", 512_000, 2_048_000, 7, 11090),
+    ]
+    assert config.bypass.mark == 1001
+    assert [str(p) for p in config.bypass.ports] == ["22/tcp", "80/tcp"]
+    # The script's last match wins, shapekit's first: the rules come turned around, and
+    # the catch-all `-m connmark --mark 0x0 -j MARK 11030` is the default class.
+    assert [(m.class_name, m.proto, m.sport, m.tcp_syn) for m in config.marks] == [
+        ("c1090", "tcp", ("61000:63000",), False),
+        ("c1010", "icmp", (), False),
+        ("c1010", "tcp", (), True),
+    ]
+
+
+def test_seed_002_classes_that_hold_one_host_become_caps():
+    for name in ("published-002", "this-kernel-002"):
+        config = parse_config_text(adopt.adopt(reading(name)).text, Path(name))
+        device = config.devices["eth0"]
+        caps = {str(c.host): c.rate for c in device.limits}
+        assert caps == {"198.18.0.101/32": 128_000, "198.18.0.102/32": 512_000, "198.18.0.103/32": 32_000}
+        assert [(c.name, c.rate, c.burst) for c in device.classes] == [("c9999", 100_000_000, 5120)]
+        assert config.marks == ()
+
+
+def test_the_posts_own_iptables_save_reads_its_layer7_and_old_style_marks():
+    post = (SEED_000 / "000_6a65fdf12fe08ada.txt").read_text() if SEED_000.exists() else ""
+    lines = [line for line in post.splitlines() if line.startswith("-A POSTROUTING -m layer7 --l7proto dns")]
+    rule = parse_rule(lines[0] if lines else "-A POSTROUTING -m layer7 --l7proto dns -j MARK --set-mark 11010", 4)
+    assert (rule.selector.l7proto, rule.target, rule.value, rule.problem) == ("dns", "MARK", 11010, "")
+    syn = parse_rule("-A POSTROUTING -p tcp -m tcp --tcp-flags SYN,RST,ACK SYN -j MARK --set-mark 11010", 4)
+    assert (syn.selector.proto, syn.selector.tcp_syn, syn.value) == ("tcp", True, 11010)
+    ports = parse_rule("-A POSTROUTING -s 10.0.0.1 -p tcp -m multiport --sports 22,80 -j MARK --set-mark 1001", 4)
+    assert (ports.selector.src, ports.selector.sport, ports.value) == ("10.0.0.1", ("22", "80"), 1001)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("-A POSTROUTING ! -p tcp -j MARK --set-mark 5", "a negated match (`! -p`)"),
+        ("-A POSTROUTING -m dscp --dscp 46 -j MARK --set-mark 5", "-m dscp: shapekit has no such match"),
+        (
+            "-A POSTROUTING -p tcp --tcp-flags ACK ACK -j MARK --set-mark 5",
+            "--tcp-flags ACK ACK: shapekit matches SYN only",
+        ),
+        ("-A POSTROUTING -j MARK --set-xmark 0x5/0xff", "MARK --set-xmark 0x5/0xff: shapekit sets the whole mark"),
+    ],
+)
+def test_a_rule_shapekit_cannot_express_says_why(line, problem):
+    assert parse_rule(line, 4).problem == problem
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def answer_recorded(system, name: str) -> None:
+    case = DATA / name
+    system.roots["eth0"] = {"kind": "htb", "handle": "1:", "root": True}
+    system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = (case / "qdisc.json").read_text()
+    system.answers[("tc", "-d", "class", "show", "dev", "eth0")] = (case / "class.txt").read_text()
+    for path in case.glob("filter-*.txt"):
+        system.answers[("tc", "filter", "show", "dev", "eth0", "parent", path.stem.split("-")[1] + ":")] = (
+            path.read_text()
+        )
+    system.answers[("iptables-save", "-t", "mangle")] = (case / "iptables.txt").read_text()
+    system.answers[("ip6tables-save", "-t", "mangle")] = (case / "ip6tables.txt").read_text()
+    system.answers[("ip", "-j", "addr", "show")] = (case / "addr.json").read_text()
+
+
+def test_import_prints_the_config_and_exits_0_when_all_is_expressed(system, cli):
+    answer_recorded(system, "this-kernel-000")
+    result = cli(import_app, "--dev", "eth0")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (DATA / "this-kernel-000" / "expected.toml").read_text()
+    assert all(argv[0] in ("tc", "iptables-save", "ip6tables-save", "ip") for argv, _ in system.calls)
+    assert not [argv for argv, _ in system.calls if {"add", "del", "replace", "change", "-batch"} & set(argv)]
+
+
+def test_import_writes_the_file_and_exits_3_when_something_is_left_out(system, cli, tmp_path):
+    answer_recorded(system, "published-002")
+    target = tmp_path / "imported.toml"
+    result = cli(import_app, "--output", str(target))  # every device with an HTB root: eth0
+    assert result.exit_code == 3, result.output
+    assert target.read_text() == (DATA / "published-002" / "expected.toml").read_text()
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert "3 thing(s) left in comments (LEFT OUT)" in result.stderr
+
+
+def test_import_will_not_replace_a_file_unless_forced(system, cli, tmp_path):
+    answer_recorded(system, "this-kernel-000")
+    target = tmp_path / "shapekit.toml"
+    target.write_text("mine\n")
+    result = cli(import_app, "--dev", "eth0", "--output", str(target))
+    assert result.exit_code == 2
+    assert result.stderr == f"shape-import: {target} exists: choose another --output, or pass --force to replace it\n"
+    assert target.read_text() == "mine\n"
+    assert cli(import_app, "--dev", "eth0", "--output", str(target), "--force").exit_code == 0
+    assert target.read_text().startswith("# shapekit config written by shape-import")
+
+
+@pytest.mark.parametrize(
+    ("args", "setup", "message"),
+    [
+        (
+            ["--dev", "eth9"],
+            None,
+            "device 'eth9' does not exist: check the name against `ip link`, or pass --dev with the devices to shape",
+        ),
+        (["--dev", "eth1"], None, "eth1 has no HTB root qdisc (its root is noqueue): shape-import reads HTB trees"),
+        ([], None, "no device here has an HTB root qdisc: nothing to import (name one with --dev)"),
+        (
+            ["--dev", "eth0"],
+            "not root",
+            "reading the mangle tables (iptables-save) needs root: run shape-import as root",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(system, cli, mocker, args, setup, message):
+    if setup == "not root":
+        answer_recorded(system, "this-kernel-000")
+        mocker.patch("shapekit.commands.import_.os.geteuid", return_value=1000)
+    result = cli(import_app, *args)
+    assert result.exit_code == 2
+    assert result.stderr == f"shape-import: {message}\n"
+    assert not [argv for argv, _ in system.calls if argv[:1] == ("iptables-save",)] or setup is None
+
+
+def test_dry_run_lists_what_it_would_read(system, cli):
+    result = cli(import_app, "--dry-run", "--dev", "eth0")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[:3] == [
+        "# shape-import reads these and changes nothing:",
+        "tc -j qdisc show dev eth0",
+        "tc -d class show dev eth0",
+    ]
+    assert system.calls == []
