@@ -29,9 +29,11 @@ def import_config(runner: run.Runner, devs: list[str]) -> adopt.Imported:
     probe.require_binaries(["tc", "ip", *(TOOLS[f][0] for f in FAMILIES)])
     if os.geteuid() != 0:
         raise UsageError("reading the mangle tables (iptables-save) needs root: run shape-import as root")
-    trees = tuple(_device(runner, dev) for dev in (devs or _htb_devices(runner)))
+    unread: dict[str, str] = {}
+    trees = tuple(_device(runner, dev) for dev in (devs or _htb_devices(runner, _roots(runner), unread)))
     reading = adopt.KernelReading(
         devices=trees,
+        unread=unread,
         mangle={f: runner.query((TOOLS[f][0], "-t", "mangle")) for f in FAMILIES},
         addresses=runner.query(("ip", "-j", "addr", "show")),
     )
@@ -43,14 +45,28 @@ def import_config(runner: run.Runner, devs: list[str]) -> adopt.Imported:
     return imported
 
 
-def _htb_devices(runner: run.Runner) -> list[str]:
-    """Every device whose root qdisc is HTB, but the IFBs others redirect to (they are read with their device)."""
+def _roots(runner: run.Runner) -> dict[str, str]:
+    """Each device's root qdisc kind."""
     qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
-    htb = [q["dev"] for q in qdiscs if q.get("root") and q.get("kind") == "htb"]
-    ifbs = {read.redirect_target(runner, dev) for dev in htb}
-    found = [dev for dev in htb if dev not in ifbs]
+    return {q["dev"]: q["kind"] for q in qdiscs if q.get("root") and "dev" in q}
+
+
+def _htb_devices(runner: run.Runner, roots: dict[str, str], unread: dict[str, str]) -> list[str]:
+    """Every device whose root qdisc is HTB, but the IFBs others redirect to (read with their device); in
+    `unread`, the devices shaped some other way, and why."""
+    redirects = {read.redirect_target(runner, dev): dev for dev in roots}
+    found = [dev for dev, kind in roots.items() if kind == "htb" and dev not in redirects]
+    for dev, kind in roots.items():
+        if kind in adopt.SHAPING_ROOTS:
+            unread[dev] = f"its root qdisc is {kind}: shape-import reads HTB trees"
+    for ifb, dev in redirects.items():
+        if ifb is not None and roots.get(ifb) == "htb" and roots.get(dev) != "htb":
+            unread[dev] = (
+                f"only what arrives is shaped (on {ifb}); shapekit shapes what a device sends too: give {dev} an HTB root, then import again"
+            )
     if not found:
-        raise UsageError("no device here has an HTB root qdisc: nothing to import (name one with --dev)")
+        others = ", ".join(f"{d}: {why}" for d, why in unread.items())
+        raise UsageError(f"no device here has an HTB root qdisc to import ({others or 'name one with --dev'})")
     return found
 
 

@@ -8,7 +8,6 @@ the same file always gives the same ids.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from shapekit.config.files import (
     read_at_most,
 )
 from shapekit.config.model import (
+    CLASS_NAME,
     CLASSIFIERS,
     FIRST_MINOR,
     IMPLICIT_DEFAULT,
@@ -54,9 +54,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 
 DEFAULT_CONFIG = Path("/etc/shapekit/shapekit.toml")
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 _DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits", "ingress"}
@@ -250,7 +247,7 @@ def _parse_classes(
     for name, value in raw.items():
         key = f"{dev_key}.classes.{name}"
         tables[name] = _table(path, key, value)
-        if not _NAME.match(name):
+        if not CLASS_NAME.match(name):
             raise ConfigError(path, key, "a class name uses letters, digits, '_', '-' and '.'")
         if not with_marks and "mark" in tables[name]:
             raise ConfigError(

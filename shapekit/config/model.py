@@ -66,6 +66,9 @@ IMPLICIT_DEFAULT = "default"
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 
+CLASS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 # The IFB device that carries a device's ingress tree: "ifb-" and the name, or a digest of a long one.
 IFB_PREFIX = "ifb-"
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from dataclasses import dataclass, field, replace
 
+from shapekit.config.model import CLASS_NAME
 from shapekit.config.units import format_rate
 from shapekit.plan.adopt_mangle import Decisions, Marker, Remark, decide, parse_mangle
 from shapekit.plan.adopt_tc import (
@@ -58,6 +60,26 @@ class KernelReading:
     devices: tuple[TreeReading, ...]
     mangle: dict[int, str]  # family → iptables-save -t mangle
     addresses: str = "[]"  # ip -j addr show
+    unread: dict[str, str] = field(default_factory=dict)  # device → why its shaping is not read
+
+
+# Root qdiscs a script sets to shape (the kernel's own defaults, noqueue, pfifo_fast, fq_codel, mq, are not).
+SHAPING_ROOTS = (
+    "hfsc",
+    "cbq",
+    "drr",
+    "qfq",
+    "ets",
+    "prio",
+    "tbf",
+    "cake",
+    "netem",
+    "sfq",
+    "red",
+    "sfb",
+    "choke",
+    "multiq",
+)
 
 
 @dataclass(frozen=True)
@@ -70,11 +92,12 @@ class Imported:
 class Rule:
     """A [[mark]] rule to write, from a marker or a u32 filter."""
 
-    class_name: str
+    classid: str  # the script's class it sends to
     selector: Selector
     original: str
     direction: str = "out"
     families: set[int] = field(default_factory=set)
+    comment: str = ""  # the script rule's -m comment
 
 
 def adopt(reading: KernelReading) -> Imported:
@@ -83,6 +106,7 @@ def adopt(reading: KernelReading) -> Imported:
     header: list[Remark] = [r for d in decisions for r in d.remarks]
     classify = {m: c for d in decisions for m, c in d.classify.items()}
     devices = [_Device(t, classify, local, txqlen.get(t.dev, 1000), decisions) for t in reading.devices]
+    header += [Remark(f"{dev}: {why}", left_out=True) for dev, why in reading.unread.items()]
     header += _unread_devices(decisions, {d.dev for d in devices})
     header += _one_family_rules(devices, reading.mangle)
     bypass = _Bypass.of(devices)
@@ -144,7 +168,6 @@ class _Device:
         self.reading, self.dev, self.classify, self.local, self.txqlen = reading, reading.dev, classify, local, txqlen
         self.direction = direction
         self.tree = _tree(reading)
-        self.names = _class_names(self.tree)
         self.remarks: list[Remark] = []  # about the device and its classes
         self.ordered: list[Rule | Remark] = []  # rules, and rules left out or never deciding, in first-match order
         self.bypass_ports: list[str] = []
@@ -161,6 +184,7 @@ class _Device:
         self._filters()
         self._settle_default()
         self._find_caps()
+        self.names = _class_names(self.tree, self.rules)
         self.leaf, self.leaves = self._leaves()
         self._class_remarks()
         if direction == "out":
@@ -215,11 +239,11 @@ class _Device:
             self.defaults[family] = classid
         else:
             assert classid is not None
-            self._rule(Rule(self.names[classid], marker.selector, marker.rule.text, families={family}))
+            self._rule(Rule(classid, marker.selector, marker.rule.text, families={family}, comment=marker.rule.comment))
 
     def _rule(self, rule: Rule) -> None:
-        key = (rule.class_name, rule.selector, rule.direction)
-        same = next((r for r in self.rules if (r.class_name, r.selector, r.direction) == key), None)
+        key = (rule.classid, rule.selector, rule.direction)
+        same = next((r for r in self.rules if (r.classid, r.selector, r.direction) == key), None)
         if same is not None:  # the same rule in both families: one shapekit rule
             same.families |= rule.families
         else:
@@ -270,7 +294,7 @@ class _Device:
                     Remark("a u32 filter to the unshaped line: shapekit's bypass is [bypass]", f.text, left_out=True)
                 )
             else:
-                self._rule(Rule(self.names[end], f.selector, f.text, direction=self.direction, families={f.family}))
+                self._rule(Rule(end, f.selector, f.text, direction=self.direction, families={f.family}))
         for qdisc in self.tree.qdiscs:
             fw = [f.pref for f in self.tree.filters if f.qdisc == qdisc and f.kind == "fw"]
             u32 = [f.pref for f in self.tree.filters if f.qdisc == qdisc and f.kind == "u32"]
@@ -295,14 +319,14 @@ class _Device:
         leaves = [c for c in self.tree.classes if c.is_leaf]
         if self.default is None and leaves:
             self.default = max(leaves, key=lambda c: c.kernel.ceil).kernel.classid
-            why = f"{self.dev}: traffic no rule marks is not shaped by the script (HTB's direct queue); here it goes to the widest class, {self.names[self.default]}"
+            why = f"{self.dev}: traffic no rule marks is not shaped by the script (HTB's direct queue); here it goes to the widest class, {self.default}"
             self.remarks.append(Remark(why, left_out=True))
 
     def _find_caps(self) -> None:
         """A leaf class at rate = ceil that exactly one host's rule fills, and nothing else: a cap (seed 002's)."""
         side = "dst" if self.direction == "out" else "src"
         for flat in list(self.tree.classes):
-            feeding = [r for r in self.rules if r.class_name == self.names[flat.kernel.classid]]
+            feeding = [r for r in self.rules if r.classid == flat.kernel.classid]
             if len(feeding) != 1 or not flat.is_leaf or flat.kernel.classid == self.default:
                 continue
             host = feeding[0].selector.only_host
@@ -400,13 +424,19 @@ def redirect_target(ingress_json: str) -> str | None:
     return next((a["to_dev"] for a in actions if a.get("mirred_action") == "redirect" and a.get("to_dev")), None)
 
 
-def _class_names(tree: FlatTree) -> dict[str, str]:
-    """`c` and the class's minor, as tc shows it ("c1010"); with the major too where two qdiscs share a minor."""
+def _class_names(tree: FlatTree, rules: list[Rule]) -> dict[str, str]:
+    """Each class's name: the `-m comment` of the rules that send to it, when they agree on one; else `c` and
+    its minor as tc shows it ("c1010"), with the major too where two qdiscs share a minor."""
     minors = collections.Counter(c.kernel.classid.split(":")[1] for c in tree.classes)
     names = {}
     for c in tree.classes:
         major, minor = c.kernel.classid.split(":")
         names[c.kernel.classid] = f"c{minor}" if minors[minor] == 1 else f"c{major}_{minor}"
+    for classid in names:
+        comments = {r.comment for r in rules if r.classid == classid and r.comment}
+        said = re.sub(r"[^A-Za-z0-9_.-]+", "-", comments.pop()).strip("-.") if len(comments) == 1 else ""
+        if CLASS_NAME.match(said) and said not in names.values():
+            names[classid] = said
     return names
 
 
@@ -471,7 +501,8 @@ def _intro(left_out: int) -> str:
     lines = [
         "# shapekit config written by shape-import from the shaping the kernel held.",
         "# Review it, then: shape-init --dry-run --config THIS_FILE",
-        "# Class names come from the script's class ids (c1010 is 1:1010); each rule has the script's line above it.",
+        "# Classes are named after the script's class ids (c1010 is 1:1010) or its rules' comments;",
+        "# each rule has the script's own line above it.",
         f"# {left_out} thing(s) the script did could not be expressed: each is a comment starting LEFT OUT."
         if left_out
         else "# Everything the script left in the kernel is expressed here.",
@@ -507,7 +538,12 @@ def _write(header: list[Remark], devices: list[_Device], bypass: _Bypass, severa
             if isinstance(item, Remark):
                 out += ["", *_comment(item)]
             else:
-                out += ["", f"#   {item.original.splitlines()[0]}", *_rule_lines(item, device.dev if several else None)]
+                names = device.names if item.direction == "out" or not device.ingress else device.ingress.names
+                out += [
+                    "",
+                    f"#   {item.original.splitlines()[0]}",
+                    *_rule_lines(item, names, device.dev if several else None),
+                ]
     return "\n".join(out) + "\n"
 
 
@@ -561,9 +597,9 @@ def _class_marks(device: _Device) -> dict[str, int]:
     return marks
 
 
-def _rule_lines(rule: Rule, device: str | None) -> list[str]:
+def _rule_lines(rule: Rule, names: dict[str, str], device: str | None) -> list[str]:
     selector = replace(rule.selector, device=rule.selector.device or device)
-    lines = ["[[mark]]", f"class = {_string(rule.class_name)}"]
+    lines = ["[[mark]]", f"class = {_string(names[rule.classid])}"]
     if rule.direction == "in":
         lines.append('direction = "in"')
     if selector.proto:

@@ -116,6 +116,12 @@ def test_the_posts_own_iptables_save_reads_its_layer7_and_old_style_marks():
         ("-A POSTROUTING -j MARK --set-xmark 0x5/0xff", "MARK --set-xmark 0x5/0xff: shapekit sets the whole mark"),
     ],
 )
+def test_a_class_takes_the_name_its_rules_comment_gives_it():
+    config = parse_config_text(adopt.adopt(reading("mixed")).text, Path("mixed"))
+    assert [c.name for c in config.devices["eth0"].classes] == ["sip", "c20"]  # -m comment --comment sip
+    assert [c.name for c in config.devices["eth0"].ingress.classes] == ["c10", "c30"]
+
+
 def test_a_rule_shapekit_cannot_express_says_why(line, problem):
     assert parse_rule(line, 4).problem == problem
 
@@ -177,7 +183,7 @@ def test_import_will_not_replace_a_file_unless_forced(system, cli, tmp_path):
             "device 'eth9' does not exist: check the name against `ip link`, or pass --dev with the devices to shape",
         ),
         (["--dev", "eth1"], None, "eth1 has no HTB root qdisc (its root is noqueue): shape-import reads HTB trees"),
-        ([], None, "no device here has an HTB root qdisc: nothing to import (name one with --dev)"),
+        ([], None, "no device here has an HTB root qdisc to import (name one with --dev)"),
         (
             ["--dev", "eth0"],
             "not root",
