@@ -104,6 +104,12 @@ def test_the_posts_own_iptables_save_reads_its_layer7_and_old_style_marks():
     assert (ports.selector.src, ports.selector.sport, ports.value) == ("10.0.0.1", ("22", "80"), 1001)
 
 
+def test_a_class_takes_the_name_its_rules_comment_gives_it():
+    config = parse_config_text(adopt.adopt(reading("mixed")).text, Path("mixed"))
+    assert [c.name for c in config.devices["eth0"].classes] == ["sip", "c20"]  # -m comment --comment sip
+    assert [c.name for c in config.devices["eth0"].ingress.classes] == ["c10", "c30"]
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
@@ -116,12 +122,6 @@ def test_the_posts_own_iptables_save_reads_its_layer7_and_old_style_marks():
         ("-A POSTROUTING -j MARK --set-xmark 0x5/0xff", "MARK --set-xmark 0x5/0xff: shapekit sets the whole mark"),
     ],
 )
-def test_a_class_takes_the_name_its_rules_comment_gives_it():
-    config = parse_config_text(adopt.adopt(reading("mixed")).text, Path("mixed"))
-    assert [c.name for c in config.devices["eth0"].classes] == ["sip", "c20"]  # -m comment --comment sip
-    assert [c.name for c in config.devices["eth0"].ingress.classes] == ["c10", "c30"]
-
-
 def test_a_rule_shapekit_cannot_express_says_why(line, problem):
     assert parse_rule(line, 4).problem == problem
 
