@@ -5,9 +5,11 @@ It only reads (tc, iptables-save, ip addr): it never changes the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
+import stat
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,15 +26,29 @@ from shapekit.plan.mangle import FAMILIES, TOOLS
 EXPRESSED, LEFT_OUT = 0, 3
 
 
+class _EchoingRunner(run.Runner):
+    """shape-import's -v: each read, as it runs."""
+
+    def query(self, argv: run.Argv) -> str:
+        if self.verbose:
+            self.err.write(f"+ {shlex.join(argv)}\n")
+        return super().query(argv)
+
+
 def import_config(runner: run.Runner, devs: list[str]) -> adopt.Imported:
     """Read the kernel and translate it; the config is checked as shape-init would check it."""
     probe.require_binaries(["tc", "ip", *(TOOLS[f][0] for f in FAMILIES)])
     if os.geteuid() != 0:
         raise UsageError("reading the mangle tables (iptables-save) needs root: run shape-import as root")
+    roots = _roots(runner)
+    redirects = {ifb: dev for dev in roots if (ifb := read.redirect_target(runner, dev)) is not None}
     unread: dict[str, str] = {}
-    trees = tuple(_device(runner, dev) for dev in (devs or _htb_devices(runner, _roots(runner), unread)))
+    if devs:
+        trees = [_device(runner, dev, redirects) for dev in dict.fromkeys(devs)]
+    else:
+        trees = _every_device(runner, roots, redirects, unread)
     reading = adopt.KernelReading(
-        devices=trees,
+        devices=tuple(trees),
         unread=unread,
         mangle={f: runner.query((TOOLS[f][0], "-t", "mangle")) for f in FAMILIES},
         addresses=runner.query(("ip", "-j", "addr", "show")),
@@ -51,47 +67,71 @@ def _roots(runner: run.Runner) -> dict[str, str]:
     return {q["dev"]: q["kind"] for q in qdiscs if q.get("root") and "dev" in q}
 
 
-def _htb_devices(runner: run.Runner, roots: dict[str, str], unread: dict[str, str]) -> list[str]:
-    """Every device whose root qdisc is HTB, but the IFBs others redirect to (read with their device); in
-    `unread`, the devices shaped some other way, and why."""
-    redirects = {read.redirect_target(runner, dev): dev for dev in roots}
-    found = [dev for dev, kind in roots.items() if kind == "htb" and dev not in redirects]
+def _every_device(
+    runner: run.Runner, roots: dict[str, str], redirects: dict[str, str], unread: dict[str, str]
+) -> list[adopt.TreeReading]:
+    """Every device with an HTB root but the IFBs others redirect to (read with their device); in `unread`, the
+    devices shaped some way shape-import does not read, and why."""
+    trees = []
     for dev, kind in roots.items():
         if kind in adopt.SHAPING_ROOTS:
             unread[dev] = f"its root qdisc is {kind}: shape-import reads HTB trees"
+        if kind != "htb" or dev in redirects:
+            continue
+        try:
+            trees.append(_device(runner, dev, redirects))
+        except UsageError as exc:
+            unread[dev] = str(exc)
     for ifb, dev in redirects.items():
-        if ifb is not None and roots.get(ifb) == "htb" and roots.get(dev) != "htb":
+        if roots.get(ifb) == "htb" and roots.get(dev) != "htb":
             unread[dev] = (
                 f"only what arrives is shaped (on {ifb}); shapekit shapes what a device sends too: give {dev} an HTB root, then import again"
             )
-    if not found:
-        others = ", ".join(f"{d}: {why}" for d, why in unread.items())
-        raise UsageError(f"no device here has an HTB root qdisc to import ({others or 'name one with --dev'})")
-    return found
+    if not trees:
+        others = "; ".join(f"{d}: {why}" for d, why in unread.items())
+        raise UsageError(f"no device here has an HTB tree to import ({others or 'name one with --dev'})")
+    return trees
 
 
-def _device(runner: run.Runner, dev: str) -> adopt.TreeReading:
+def _device(runner: run.Runner, dev: str, redirects: dict[str, str]) -> adopt.TreeReading:
     probe.require_devices([dev])
+    if dev in redirects:
+        raise UsageError(
+            f"{dev} shapes what arrives on {redirects[dev]}: import {redirects[dev]} (--dev {redirects[dev]})"
+        )
     root = read.read_root(runner, dev)
     if root.kind != "htb":
         raise UsageError(f"{dev} has no HTB root qdisc (its root is {root.kind}): shape-import reads HTB trees")
-    target = read.redirect_target(runner, dev)
-    ifb = None
+    tree = read.read_hand_made_tree(runner, dev)
+    if not adopt.has_classes(tree):
+        raise UsageError(f"{dev}'s HTB root qdisc has no classes: there is no shaping to import")
+    target = next((ifb for ifb, by in redirects.items() if by == dev), None)
     if target and read.device_exists(target) and read.read_root(runner, target).kind == "htb":
-        ifb = read.read_hand_made_tree(runner, target)
-    return read.read_hand_made_tree(runner, dev, ifb)
+        return dataclasses.replace(tree, ifb=read.read_hand_made_tree(runner, target))
+    return tree
 
 
 def write_output(text: str, output: Path | None, force: bool) -> None:
-    """The config on stdout, or in `output`, whole or not at all (a file there stays unless --force)."""
+    """The config on stdout, or in `output`, whole or not at all: a new regular file (a file there stays unless
+    --force; a device, directory or link is never replaced)."""
     if output is None:
         typer.echo(text, nl=False)
         return
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists: choose another --output, or pass --force to replace it")
-    directory = output.parent if str(output.parent) else Path(".")
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=directory)
+        there = output.lstat()
+    except FileNotFoundError:
+        there = None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    if there is not None and not stat.S_ISREG(there.st_mode):
+        raise UsageError(
+            f"{output} is not a regular file (a device, a directory or a link): choose a new path for --output"
+        )
+    if there is not None and not force:
+        raise UsageError(f"{output} exists: choose another --output, or pass --force to replace it")
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
         with os.fdopen(fd, "w") as file:
             file.write(text)
             file.flush()
@@ -99,6 +139,8 @@ def write_output(text: str, output: Path | None, force: bool) -> None:
         os.chmod(temporary, 0o644)
         os.replace(temporary, output)
     except OSError as exc:
+        if temporary is not None and os.path.lexists(temporary):
+            os.unlink(temporary)
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
@@ -158,7 +200,7 @@ def shape_import(
     if dry_run:
         _dry_run(devs)
         return
-    runner = common.make_options(None, False, verbose).runner()
+    runner = _EchoingRunner(verbose=verbose)
 
     def run_import() -> None:
         imported = import_config(runner, devs)

@@ -196,7 +196,7 @@ def devices_with_root(runner: run.Runner, handle: str, kind: str) -> list[str]:
     return [q["dev"] for q in qdiscs if q.get("root") and q.get("handle") == handle and q.get("kind") == kind]
 
 
-def read_hand_made_tree(runner: run.Runner, dev: str, ifb: adopt.TreeReading | None = None) -> adopt.TreeReading:
+def read_hand_made_tree(runner: run.Runner, dev: str) -> adopt.TreeReading:
     """What tc holds on `dev` for shape-import: qdiscs, classes (detailed text), each HTB qdisc's filters."""
     qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
     handles = [q["handle"] for q in json.loads(qdiscs or "[]") if q.get("kind") == "htb"]
@@ -207,7 +207,6 @@ def read_hand_made_tree(runner: run.Runner, dev: str, ifb: adopt.TreeReading | N
         classes=runner.query(("tc", "-d", "class", "show", "dev", dev)),
         filters={h: runner.query(("tc", "filter", "show", "dev", dev, "parent", h)) for h in handles},
         ingress=runner.query(("tc", "-j", "filter", "show", "dev", dev, "ingress")) if has_ingress else "[]",
-        ifb=ifb,
     )
 
 

@@ -18,6 +18,7 @@ Every remark is found first; writing the TOML only formats what was found.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from shapekit.config.units import format_rate
 from shapekit.plan.adopt_mangle import Decisions, Marker, Remark, decide, parse_mangle
 from shapekit.plan.adopt_tc import (
     DEFAULT_BURST,
+    Direct,
     FlatClass,
     FlatTree,
     Qdisc,
@@ -203,21 +205,30 @@ class _Device:
 
     # --- where a marker's packets end ---------------------------------------------------
 
-    def _end(self, marker: Marker) -> tuple[str, str | None]:
-        """("class", id) | ("unshaped", None) | ("unknown", None): where the marker's packets go on this device."""
+    def _end(self, marker: Marker) -> tuple[str, str]:
+        """(kind, class id or why): kind "class", "unshaped", or "left out" where the marker's packets go here."""
         if marker.classid is not None:
             return self._kind(self.tree.enter(priority=marker.classid))
         assert marker.mark is not None
-        if marker.mark in self.classify:
+        if marker.mark in self.classify and not marker.unclassified:
             return self._kind(self.tree.enter(mark=marker.mark, priority=self.classify[marker.mark]))
         if marker.mark in self.tree.fw_marks():
             return self._kind(self.tree.enter(mark=marker.mark))
-        return "unknown", None
+        mark = f"{marker.mark} ({marker.mark:#x})"
+        if marker.unclassified:
+            return "left out", f"sets mark {mark} after the CLASSIFY rule for it, so it decides no class"
+        return "left out", f"sets mark {mark}, which no fw filter or CLASSIFY rule sends to a class of {self.dev}"
 
-    def _kind(self, classid: str | None) -> tuple[str, str | None]:
-        if self.tree.is_line(classid) or (classid is not None and self.tree.by_id(classid) is None):
-            return "unshaped", None
-        return "class", classid
+    def _kind(self, end: str | Direct) -> tuple[str, str]:
+        if self.tree.is_unshaped(end):
+            return "unshaped", ""
+        if isinstance(end, Direct):
+            under = self.tree.nested.get(end.qdisc, "the root")
+            return (
+                "left out",
+                f"ends in the direct queue of qdisc {end.qdisc} (under {under}): shapekit has no such place",
+            )
+        return "class", end
 
     def _marker(self, marker: Marker, family: int) -> None:
         if marker.selector.device not in (None, self.dev):
@@ -227,19 +238,15 @@ class _Device:
                 Remark("never decides: a later rule of the script marks every packet", marker.rule.text)
             )
             return
-        kind, classid = self._end(marker)
-        if kind == "unknown":
-            mark = f"{marker.mark} ({marker.mark:#x})" if marker.mark is not None else "?"
-            why = f"sets mark {mark}, which no fw filter or CLASSIFY rule sends to a class of {self.dev}"
-            self.ordered.append(Remark(why, marker.rule.text, left_out=True))
+        kind, where = self._end(marker)
+        if kind == "left out":
+            self.ordered.append(Remark(where, marker.rule.text, left_out=True))
         elif kind == "unshaped":
             self._bypass(marker)
         elif marker.selector.is_everything:
-            assert classid is not None
-            self.defaults[family] = classid
+            self.defaults[family] = where
         else:
-            assert classid is not None
-            self._rule(Rule(classid, marker.selector, marker.rule.text, families={family}, comment=marker.rule.comment))
+            self._rule(Rule(where, marker.selector, marker.rule.text, families={family}, comment=marker.rule.comment))
 
     def _rule(self, rule: Rule) -> None:
         key = (rule.classid, rule.selector, rule.direction)
@@ -289,12 +296,16 @@ class _Device:
                 continue
             elif f.problem or f.selector is None:
                 self.remarks.append(Remark(f.problem, f.text, left_out=True))
-            elif self.tree.is_line(end := self.tree.destination(f.flowid)) or end is None:
-                self.remarks.append(
-                    Remark("a u32 filter to the unshaped line: shapekit's bypass is [bypass]", f.text, left_out=True)
-                )
+            elif not self.tree.everywhere(f.qdisc):
+                why = f"a filter of qdisc {f.qdisc}, which only packets in class {self.tree.nested[f.qdisc]} meet"
+                self.remarks.append(Remark(why, f.text, left_out=True))
             else:
-                self._rule(Rule(end, f.selector, f.text, direction=self.direction, families={f.family}))
+                kind, where = self._kind(self.tree.destination(f))
+                if kind == "class":
+                    self._rule(Rule(where, f.selector, f.text, direction=self.direction, families={f.family}))
+                else:
+                    why = where or "a u32 filter to the unshaped line: shapekit's bypass is [bypass], ports and hosts"
+                    self.remarks.append(Remark(why, f.text, left_out=True))
         for qdisc in self.tree.qdiscs:
             fw = [f.pref for f in self.tree.filters if f.qdisc == qdisc and f.kind == "fw"]
             u32 = [f.pref for f in self.tree.filters if f.qdisc == qdisc and f.kind == "u32"]
@@ -315,7 +326,7 @@ class _Device:
         self.default = self.defaults.get(4) or self.defaults.get(6)
         if self.default is None:
             end = self.tree.enter()
-            self.default = None if self.tree.is_line(end) else end
+            self.default = end if isinstance(end, str) and self.tree.by_id(end) else None
         leaves = [c for c in self.tree.classes if c.is_leaf]
         if self.default is None and leaves:
             self.default = max(leaves, key=lambda c: c.kernel.ceil).kernel.classid
@@ -332,6 +343,8 @@ class _Device:
             host = feeding[0].selector.only_host
             if flat.kernel.rate != flat.kernel.ceil or host is None or getattr(feeding[0].selector, side) != host:
                 continue
+            if flat.parent is not None or self._before(feeding[0], host, side):
+                continue  # shapekit's caps hang under the line and decide last: here that would change what it does
             self.caps.append((host, flat))
             self.ordered.remove(feeding[0])
             self.tree.classes.remove(flat)
@@ -344,6 +357,14 @@ class _Device:
             if lost:
                 why = f"the cap on {host} (class {flat.kernel.classid}) keeps its rate, not its {', '.join(lost)}: shapekit's caps take tc's defaults"
                 self.remarks.append(Remark(why, left_out=True))
+
+    def _before(self, rule: Rule, host: str, side: str) -> bool:
+        """Whether a rule before `rule`, or the bypass, may take packets to (or from) `host` first."""
+        earlier = self.ordered[: self.ordered.index(rule)]
+        rules = [r for r in earlier if isinstance(r, Rule) and r.direction == rule.direction]
+        if any(getattr(r.selector, side) is None or _overlap(getattr(r.selector, side), host) for r in rules):
+            return True
+        return self.direction == "out" and bool(self.bypass_ports or any(_overlap(h, host) for h in self.bypass_hosts))
 
     def _leaves(self) -> tuple[str, dict[str, str]]:
         """The device's `leaf` (the most common) and each leaf class's own."""
@@ -371,7 +392,7 @@ class _Device:
             self.remarks.insert(
                 0,
                 Remark(
-                    f"{self.dev}: the script's classes sit side by side on the root; here they share one top class at the line rate, the widest ceil ({format_rate(self.tree.line_rate)})"
+                    f"{self.dev}: the script's classes sit side by side on the root; here they share one top class at the line rate, the widest ceil ({format_rate(self.tree.line_rate)}), which they could pass together ({format_rate(self.tree.sum_of_ceils)})"
                 ),
             )
         if any(c.kernel.quantum == default_quantum(c.kernel.rate, c.r2q) for c in self.tree.classes):
@@ -389,7 +410,10 @@ class _Device:
 
     def _ingress(self) -> None:
         """An ingress redirect to an IFB with an HTB tree: [device.X.ingress], its u32 filters `direction = "in"` rules."""
-        target = redirect_target(self.reading.ingress)
+        target, partly = _redirect(self.reading.ingress)
+        if target is not None and partly:
+            why = f"{self.dev}: its ingress filter redirects {partly} of what arrives to {target}; shapekit's redirects all"
+            self.remarks.append(Remark(why, left_out=True))
         if target is None:
             if self.reading.ingress.strip() not in ("", "[]"):
                 self.remarks.append(
@@ -416,12 +440,30 @@ def _tree(reading: TreeReading) -> FlatTree:
 
 def redirect_target(ingress_json: str) -> str | None:
     """The device a `tc -j filter show dev D ingress` listing redirects arriving packets to."""
+    return _redirect(ingress_json)[0]
+
+
+def _redirect(ingress_json: str) -> tuple[str | None, str]:
+    """The redirect's target, and why it is not all arriving traffic when it is not."""
     try:
         filters = json.loads(ingress_json or "[]")
     except ValueError:
-        return None
-    actions = [a for f in filters for a in f.get("options", {}).get("actions", [])]
-    return next((a["to_dev"] for a in actions if a.get("mirred_action") == "redirect" and a.get("to_dev")), None)
+        return None, ""
+    for f in filters:
+        options = f.get("options", {})
+        target = next(
+            (a.get("to_dev") for a in options.get("actions", []) if a.get("mirred_action") == "redirect"), None
+        )
+        if target:
+            matches = options.get("match", [])
+            matches = matches if isinstance(matches, list) else [matches]
+            everything = f.get("protocol") == "all" and all(int(str(m.get("mask", "0")), 16) == 0 for m in matches)
+            return target, "" if everything and f.get("kind") in ("u32", "matchall") else "only some of it"
+    return None, ""
+
+
+def has_classes(tree: TreeReading) -> bool:
+    return bool(parse_classes(tree.classes))
 
 
 def _class_names(tree: FlatTree, rules: list[Rule]) -> dict[str, str]:
@@ -435,9 +477,14 @@ def _class_names(tree: FlatTree, rules: list[Rule]) -> dict[str, str]:
     for classid in names:
         comments = {r.comment for r in rules if r.classid == classid and r.comment}
         said = re.sub(r"[^A-Za-z0-9_.-]+", "-", comments.pop()).strip("-.") if len(comments) == 1 else ""
-        if CLASS_NAME.match(said) and said not in names.values():
+        if CLASS_NAME.match(said) and said not in names.values() and said not in ("default", "bypass", "line"):
             names[classid] = said
     return names
+
+
+def _overlap(a: str, b: str) -> bool:
+    first, second = ipaddress.ip_network(a, strict=False), ipaddress.ip_network(b, strict=False)
+    return first.version == second.version and first.overlaps(second)  # type: ignore[arg-type]
 
 
 def _burst(size: int | None) -> bool:
@@ -492,6 +539,11 @@ def _string(text: str) -> str:
     return json.dumps(text)
 
 
+def _key(name: str) -> str:
+    """A TOML key: bare when it can be (eth0), quoted when not (a VLAN's "eth0.100")."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _string(name)
+
+
 def _comment(remark: Remark) -> list[str]:
     lines = [("# LEFT OUT: " if remark.left_out else "# ") + remark.text]
     return lines + [f"#   {line}" for line in remark.original.splitlines() if line.strip()]
@@ -514,11 +566,11 @@ def _write(header: list[Remark], devices: list[_Device], bypass: _Bypass, severa
     out = [line for remark in header for line in _comment(remark)]
     for device in devices:
         out += ["", *(line for remark in device.remarks for line in _comment(remark))]
-        out += _tree_lines(device, f"device.{device.dev}")
+        out += _tree_lines(device, f"device.{_key(device.dev)}")
         caps = [(host, flat, "out") for host, flat in device.caps]
         caps += [(host, flat, "in") for host, flat in (device.ingress.caps if device.ingress else [])]
         if caps:
-            out += ["", f"[device.{device.dev}.limits]"]
+            out += ["", f"[device.{_key(device.dev)}.limits]"]
             for host, flat, direction in caps:
                 rate = _string(format_rate(flat.kernel.rate))
                 value = rate if direction == "out" else f'{{ rate = {rate}, direction = "in" }}'
@@ -526,7 +578,7 @@ def _write(header: list[Remark], devices: list[_Device], bypass: _Bypass, severa
         if device.ingress is not None:
             out += ["", f"# arriving traffic, redirected to {device.ingress.dev}"]
             out += [line for remark in device.ingress.remarks for line in _comment(remark)]
-            out += _tree_lines(device.ingress, f"device.{device.dev}.ingress")
+            out += _tree_lines(device.ingress, f"device.{_key(device.dev)}.ingress")
     if bypass.mark is not None or bypass.ports or bypass.hosts:
         out += ["", "# what the script sends past the shaper (marked, then unshaped at the line rate)"]
         out += [line for remark in bypass.remarks for line in _comment(remark)]
@@ -562,10 +614,11 @@ def _tree_lines(device: _Device, key: str) -> list[str]:
         k = flat.kernel
         ceil = ceils[k.classid] = min(k.ceil, ceils[flat.parent])
         nested = f" (qdisc {k.qdisc} under {tree.nested[k.qdisc]})" if k.qdisc in tree.nested else ""
-        lines += ["", f"# class {k.classid}{nested}", f"[{key}.classes.{device.names[k.classid]}]"]
+        lines += ["", f"# class {k.classid}{nested}", f"[{key}.classes.{_key(device.names[k.classid])}]"]
         if flat.parent is not None:
             lines.append(f"parent = {_string(device.names[flat.parent])}")
-        lines.append(f"rate = {_string(format_rate(min(k.rate, ceil)))}")
+        cut = f"  # the script's {format_rate(k.rate)} is above the ceil" if k.rate > ceil else ""
+        lines.append(f"rate = {_string(format_rate(min(k.rate, ceil)))}{cut}")
         above = f"  # the script's {format_rate(k.ceil)} is above its parent's" if ceil < k.ceil else ""
         lines.append(f"ceil = {_string(format_rate(ceil))}{above}")
         if k.prio:
@@ -589,10 +642,9 @@ def _tree_lines(device: _Device, key: str) -> list[str]:
 def _class_marks(device: _Device) -> dict[str, int]:
     """The script's mark for each class a mark ends in, kept on the class so `tc filter show` reads the same."""
     marks: dict[str, int] = {}
-    targets = {m: fs[0].flowid for m, fs in device.tree.fw_marks().items()} | device.classify
-    for mark, target in sorted(targets.items()):
-        end = device.tree.destination(target, mark=mark, priority=device.classify.get(mark))
-        if end is not None and device.tree.by_id(end) is not None and end not in marks and mark != device.bypass_mark:
+    for mark in sorted({*device.tree.fw_marks(), *device.classify}):
+        end = device.tree.enter(mark=mark, priority=device.classify.get(mark))
+        if isinstance(end, str) and device.tree.by_id(end) and end not in marks and mark != device.bypass_mark:
             marks[end] = mark
     return marks
 

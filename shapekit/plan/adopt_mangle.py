@@ -56,6 +56,7 @@ class Marker:
     mark: int | None = None
     classid: str | None = None
     final: bool = False  # decides before every other (set before a RETURN on its mark)
+    unclassified: bool = False  # set after the last CLASSIFY rule for its mark: that rule never sees it
 
 
 @dataclass(frozen=True)
@@ -74,22 +75,32 @@ class Decisions:
     family: int
     markers: list[Marker] = field(default_factory=list)
     classify: dict[int, str] = field(default_factory=dict)  # mark → class id (CLASSIFY on a mark alone)
+    classified_at: dict[int, int] = field(default_factory=dict)  # mark → how many markers came before its CLASSIFY
     remarks: list[Remark] = field(default_factory=list)
     connmarks_set: bool = False
 
 
 def parse_mangle(text: str, family: int) -> list[MangleRule]:
-    rules, table = [], ""
+    """The rules of the mangle table in iptables-save output (a comment holding a newline spans two lines)."""
+    lines: list[str] = []
+    table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
         elif line.startswith("-A ") and table == "mangle":
-            rules.append(parse_rule(line, family))
-    return rules
+            lines.append(line)
+        elif lines and table == "mangle" and not line.startswith((":", "#", "COMMIT")):
+            lines[-1] += "\n" + line
+    return [parse_rule(line, family) for line in lines]
 
 
 def parse_rule(line: str, family: int) -> MangleRule:
-    words = shlex.split(line)
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:  # an unbalanced quote iptables-save let through
+        return MangleRule(
+            family=family, chain=line.split()[1], text=line, problem=f"a rule shape-import cannot read ({exc})"
+        )
     rule = MangleRule(family=family, chain=words[1], text=line)
     fields: dict[str, object] = {}
     selector: dict[str, object] = {}
@@ -240,6 +251,12 @@ def decide(rules: list[MangleRule]) -> Decisions:
             why = f"-j {rule.target or '(none)'}: not a mark or a class; shapekit leaves it to your firewall script"
             decisions.remarks.append(Remark(why, rule.text, left_out=True))
     _arriving(rules, egress, decisions)
+    markers = [
+        replace(m, unclassified=True)
+        if m.mark in decisions.classified_at and i >= decisions.classified_at[m.mark]
+        else m
+        for i, m in enumerate(markers)
+    ]
     decisions.markers = _first_match(markers, returns, decisions)
     return decisions
 
@@ -275,6 +292,7 @@ def _egress_rule(
     if rule.target == "CLASSIFY" and rule.matches_only_mark:
         assert rule.mark_test is not None and isinstance(rule.value, str)
         decisions.classify[rule.mark_test] = rule.value
+        decisions.classified_at[rule.mark_test] = len(markers)
         return True
     if rule.target == "RETURN" and rule.matches_only_mark:
         assert rule.mark_test is not None

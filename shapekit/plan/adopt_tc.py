@@ -227,6 +227,9 @@ def _filter(raw: dict[str, Any], qdisc: str) -> Filter:
     if raw["kind"] == "u32":
         if "link" in words or not flowid:
             return _with(base, problem="a u32 filter that links to a hash table")
+        table = words[words.index("key") + 2] if "key" in words and len(words) > words.index("key") + 2 else "800"
+        if int(table, 16) < 0x800:  # the kernel numbers the tables it makes for each pref from 800
+            return _with(base, problem=f"a filter in a u32 hash table of the script's own (ht {table})")
         words_by_offset: dict[int, tuple[int, int]] = {}
         for value, mask, off in raw["keys"]:
             old_value, old_mask = words_by_offset.get(off, (0, 0))
@@ -344,7 +347,10 @@ class FlatTree:
     filters: list[Filter]
     nested: dict[str, str]  # nested HTB qdisc handle → the class it hangs under
     qdiscs: dict[str, Qdisc]
+    kernel_ids: frozenset[str] = frozenset()  # every HTB class id, as the kernel holds it
+    htb_leaves: frozenset[str] = frozenset()  # the classes with no class below them in their own qdisc
     side_by_side: bool = False  # several classes on the root qdisc, none above them
+    sum_of_ceils: int = 0  # of the root qdisc's classes
 
     def by_id(self, classid: str) -> FlatClass | None:
         return next((c for c in self.classes if c.kernel.classid == classid), None)
@@ -356,51 +362,71 @@ class FlatTree:
                 marks.setdefault(f.mark, []).append(f)
         return marks
 
-    def default_of(self, qdisc: str) -> str | None:
-        """Where a packet no filter of `qdisc` picks goes: a class id, or None for the qdisc's direct queue."""
-        raw = str(self.qdiscs[qdisc].options.get("default", "0"))
-        minor = int(raw, 16)
+    def _qdisc_of(self, classid: str) -> str:
+        return classid.split(":")[0] + ":"
+
+    def _default(self, qdisc: str) -> str | Direct:
+        """HTB's default class of `qdisc`, when it is there and a leaf of that qdisc; else its direct queue."""
+        minor = int(str(self.qdiscs[qdisc].options.get("default", "0")), 16)
         classid = f"{qdisc.rstrip(':')}:{minor:x}"
-        return classid if minor and self.by_id(classid) or (self.line and self.line.classid == classid) else None
+        return classid if minor and classid in self.htb_leaves else Direct(qdisc)
 
-    def destination(self, classid: str | None, mark: int | None = None, priority: str | None = None) -> str | None:
-        """The leaf class a packet ends in when it enters class `classid` (None: a direct queue, unshaped).
+    def _chosen(self, qdisc: str, classid: str) -> str | Direct:
+        """What a filter's `flowid` gives: X:0 is the direct queue; an inner or missing class, the default."""
+        if classid.endswith(":0"):
+            return Direct(qdisc)
+        return classid if classid in self.htb_leaves else self._default(qdisc)
 
-        A class holding a nested HTB qdisc hands the packet to that qdisc, which
-        takes the packet's priority when it names one of its classes (CLASSIFY),
-        else its fw filters (by `mark`), else its default. An inner class picked by
-        a filter falls to its qdisc's default too (HTB would ask filters on the
-        class, which scripts do not use).
-        """
-        for _ in range(16):
-            if classid is None:
-                return None
-            nested = next((h for h, under in self.nested.items() if under == classid), None)
-            if nested is not None:
-                classid = self._pick(nested, mark, priority)
-                continue
-            flat = self.by_id(classid)
-            if flat is None or flat.is_leaf:
-                return classid
-            classid = self.default_of(flat.kernel.qdisc)
-        return None
+    def _pick(self, qdisc: str, mark: int | None, priority: str | None) -> str | Direct:
+        """As htb_classify: the packet's priority when it names a class of `qdisc`, else its fw filters, else the default."""
+        if priority is not None and self._qdisc_of(priority) == qdisc:
+            if priority.endswith(":0"):
+                return Direct(qdisc)
+            if priority in self.htb_leaves:
+                return priority
+            if priority in self.kernel_ids:  # an inner class: its own filters (none read), then the default
+                return self._default(qdisc)
+        fw = sorted(
+            (f for f in self.filters if f.qdisc == qdisc and f.kind == "fw" and f.mark == mark), key=lambda f: f.pref
+        )
+        return self._chosen(qdisc, fw[0].flowid) if fw and mark is not None else self._default(qdisc)
 
-    def _pick(self, qdisc: str, mark: int | None, priority: str | None) -> str | None:
-        if (
-            priority is not None
-            and priority.split(":")[0] + ":" == qdisc
-            and (self.by_id(priority) or self.is_line(priority))
-        ):
-            return priority
-        picked = [f.flowid for f in self.filters if f.qdisc == qdisc and f.kind == "fw" and f.mark == mark]
-        return picked[0] if picked and mark is not None else self.default_of(qdisc)
+    def _descend(self, qdisc: str, picked: str | Direct, mark: int | None, priority: str | None) -> str | Direct:
+        """Through nested qdiscs: a class holding one hands the packet to it."""
+        for _ in range(len(self.qdiscs) + 1):
+            nested = next((h for h, under in self.nested.items() if under == picked), None)
+            if nested is None:
+                return picked
+            qdisc, picked = nested, self._pick(nested, mark, priority)
+        return Direct(qdisc)
 
-    def enter(self, mark: int | None = None, priority: str | None = None) -> str | None:
-        """Where a packet with this mark and priority ends, from the root qdisc: a leaf class id, or None (unshaped)."""
-        return self.destination(self._pick(self.root.handle, mark, priority), mark, priority)
+    def enter(self, mark: int | None = None, priority: str | None = None) -> str | Direct:
+        """Where a packet with this mark and priority ends: a leaf class id, or a qdisc's direct queue."""
+        return self._descend(self.root.handle, self._pick(self.root.handle, mark, priority), mark, priority)
 
-    def is_line(self, classid: str | None) -> bool:
-        return classid is None or (self.line is not None and classid == self.line.classid)
+    def destination(self, f: Filter) -> str | Direct:
+        """Where a u32 filter's packets end (unmarked, past a nested qdisc: its default)."""
+        return self._descend(f.qdisc, self._chosen(f.qdisc, f.flowid), None, None)
+
+    def is_unshaped(self, end: str | Direct) -> bool:
+        """Whether packets that end here are shaped by nothing but the line: a direct queue on the root or under the
+        line class, or the line class itself (a tree of one class)."""
+        if isinstance(end, Direct):
+            return end.qdisc == self.root.handle or (
+                self.line is not None and self.nested.get(end.qdisc) == self.line.classid
+            )
+        return self.line is not None and end == self.line.classid
+
+    def everywhere(self, qdisc: str) -> bool:
+        """Whether every packet meets `qdisc`'s filters: the root, or a qdisc under the line class."""
+        return qdisc == self.root.handle or (self.line is not None and self.nested.get(qdisc) == self.line.classid)
+
+
+@dataclass(frozen=True)
+class Direct:
+    """A qdisc's direct queue: HTB sends a packet it cannot classify there, shaped by nothing in that qdisc."""
+
+    qdisc: str
 
 
 def flatten(dev: str, qdiscs: list[Qdisc], classes: list[KernelClass], filters: list[Filter]) -> FlatTree:
@@ -454,7 +480,10 @@ def flatten(dev: str, qdiscs: list[Qdisc], classes: list[KernelClass], filters: 
         filters=[f for f in filters if f.qdisc in used],
         nested=nested,
         qdiscs=by_handle,
+        kernel_ids=frozenset(c.classid for c in classes),
+        htb_leaves=frozenset(c.classid for c in classes) - {c.parent for c in classes if c.parent},
         side_by_side=line is None and len(roots) > 1,
+        sum_of_ceils=sum(c.ceil for c in roots),
     )
 
 

@@ -106,7 +106,7 @@ def test_the_posts_own_iptables_save_reads_its_layer7_and_old_style_marks():
 
 def test_a_class_takes_the_name_its_rules_comment_gives_it():
     config = parse_config_text(adopt.adopt(reading("mixed")).text, Path("mixed"))
-    assert [c.name for c in config.devices["eth0"].classes] == ["sip", "c20"]  # -m comment --comment sip
+    assert [c.name for c in config.devices["eth0"].classes] == ["sip", "c20", "c30"]  # -m comment --comment sip
     assert [c.name for c in config.devices["eth0"].ingress.classes] == ["c10", "c30"]
 
 
@@ -183,7 +183,7 @@ def test_import_will_not_replace_a_file_unless_forced(system, cli, tmp_path):
             "device 'eth9' does not exist: check the name against `ip link`, or pass --dev with the devices to shape",
         ),
         (["--dev", "eth1"], None, "eth1 has no HTB root qdisc (its root is noqueue): shape-import reads HTB trees"),
-        ([], None, "no device here has an HTB root qdisc to import (name one with --dev)"),
+        ([], None, "no device here has an HTB tree to import (name one with --dev)"),
         (
             ["--dev", "eth0"],
             "not root",
@@ -210,3 +210,113 @@ def test_dry_run_lists_what_it_would_read(system, cli):
         "tc -d class show dev eth0",
     ]
     assert system.calls == []
+
+
+# --- HTB's own rules for where a packet goes (net/sched/sch_htb.c, htb_classify) -----------
+
+HDR_QDISC = '[{"kind":"htb","handle":"1:","root":true,"options":{"r2q":10,"default":"0x10"}}]'
+HDR_CLASSES = """\
+class htb 1:1 root prio 0 quantum 200000 rate 100Mbit ceil 100Mbit linklayer ethernet burst 1600b/1 mpu 0b cburst 1600b/1 mpu 0b level 7
+class htb 1:10 parent 1:1 prio 0 quantum 200000 rate 50Mbit ceil 100Mbit linklayer ethernet burst 1600b/1 mpu 0b cburst 1600b/1 mpu 0b level 0
+class htb 1:20 parent 1:1 prio 0 quantum 200000 rate 30Mbit ceil 100Mbit linklayer ethernet burst 1600b/1 mpu 0b cburst 1600b/1 mpu 0b level 0
+"""
+
+
+def u32(pref: int, flowid: str, *keys: str) -> str:
+    lines = [
+        f"filter protocol ip pref {pref} u32 chain 0 fh 80{pref}::800 order 2048 key ht 80{pref} bkt 0 *flowid {flowid} not_in_hw"
+    ]
+    return "\n".join(lines + [f"  match {k}" for k in keys]) + "\n"
+
+
+def made_by_hand(filters: str = "", mangle: str = "") -> adopt.Imported:
+    tree = adopt.TreeReading("eth0", HDR_QDISC, HDR_CLASSES, {"1:": filters})
+    save = f"*mangle\n:POSTROUTING ACCEPT [0:0]\n{mangle}COMMIT\n"
+    return adopt.adopt(adopt.KernelReading((tree,), {4: save, 6: "*mangle\nCOMMIT\n"}))
+
+
+def test_a_filter_to_x_0_is_the_direct_queue_and_to_a_missing_class_the_default():
+    imported = made_by_hand(u32(1, "1:0", "c6120010/ffffffff at 16") + u32(2, "1:99", "c6120011/ffffffff at 16"))
+    assert "# LEFT OUT: a u32 filter to the unshaped line" in imported.text
+    config = parse_config_text(imported.text, Path("x"))
+    assert [(m.class_name, str(m.dst)) for m in config.marks] == [("c10", "198.18.0.17/32")]  # 1:99 → the default
+
+
+def test_classify_to_an_inner_class_falls_to_the_default_and_to_x_0_goes_unshaped():
+    imported = made_by_hand(
+        mangle="-A POSTROUTING -p tcp -m tcp --dport 22 -j CLASSIFY --set-class 0001:0001\n"
+        "-A POSTROUTING -p tcp -m tcp --dport 80 -j CLASSIFY --set-class 0001:0000\n"
+    )
+    config = parse_config_text(imported.text, Path("x"))
+    assert [(m.class_name, m.dport) for m in config.marks] == [("c10", ("22",))]
+    assert [str(p) for p in config.bypass.ports] == ["80/tcp"]
+
+
+def test_a_classify_rule_before_the_mark_it_maps_decides_nothing():
+    imported = made_by_hand(
+        mangle="-A POSTROUTING -m mark --mark 0x5 -j CLASSIFY --set-class 0001:0020\n"
+        "-A POSTROUTING -p udp -j MARK --set-xmark 0x5/0xffffffff\n"
+    )
+    assert "# LEFT OUT: sets mark 5 (0x5) after the CLASSIFY rule for it, so it decides no class" in imported.text
+
+
+def test_a_host_class_behind_an_earlier_rule_stays_a_class_not_a_cap():
+    classes = (
+        HDR_CLASSES + "class htb 1:50 parent 1:1 prio 0 rate 1Mbit ceil 1Mbit burst 1600b/1 cburst 1600b/1 level 0\n"
+    )
+    tree = adopt.TreeReading(
+        "eth0",
+        HDR_QDISC,
+        classes,
+        {
+            "1:": u32(1, "1:20", "00060000/00ff0000 at 8", "00000016/0000ffff at 20")
+            + u32(2, "1:50", "c6120028/ffffffff at 16")
+        },
+    )
+    config = parse_config_text(adopt.adopt(adopt.KernelReading((tree,), {})).text, Path("x"))
+    assert config.devices["eth0"].limits == ()  # ssh to .40 went to 1:20 first: a cap would take it
+    assert [(m.class_name, m.dport, str(m.dst)) for m in config.marks] == [
+        ("c20", ("22",), "None"),
+        ("c50", (), "198.18.0.40/32"),
+    ]
+
+
+def test_a_u32_filter_in_a_hash_table_of_the_scripts_own_is_left_out():
+    text = "filter protocol ip pref 1 u32 chain 0 fh 2:7:800 order 2048 key ht 2 bkt 7 *flowid 1:20 not_in_hw\n  match c6120007/ffffffff at 16\n"
+    assert "LEFT OUT: a filter in a u32 hash table of the script's own (ht 2)" in made_by_hand(text).text
+
+
+def test_a_comment_over_two_lines_is_one_rule():
+    save = (
+        '-A POSTROUTING -p tcp -m tcp --dport 86 -m comment --comment "new\nline" -j CLASSIFY --set-class 0001:0020\n'
+    )
+    config = parse_config_text(made_by_hand(mangle=save).text, Path("x"))
+    assert [c.name for c in config.devices["eth0"].classes] == ["c10", "new-line"]
+
+
+def test_a_vlan_device_name_is_a_quoted_key(system, cli):
+    tree = adopt.TreeReading("eth0.100", HDR_QDISC, HDR_CLASSES, {})
+    text = adopt.adopt(adopt.KernelReading((tree,), {})).text
+    assert '[device."eth0.100"]' in text
+    assert list(parse_config_text(text, Path("x")).devices) == ["eth0.100"]
+
+
+def test_output_never_replaces_a_device_a_link_or_a_directory(system, cli, tmp_path):
+    answer_recorded(system, "this-kernel-000")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for target in (tmp_path / "dangling", tmp_path, Path("/dev/null")):
+        result = cli(import_app, "--dev", "eth0", "--output", str(target), "--force")
+        assert result.exit_code == 2
+        assert (
+            result.stderr
+            == f"shape-import: {target} is not a regular file (a device, a directory or a link): choose a new path for --output\n"
+        )
+    assert not (tmp_path / "nowhere").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+
+def test_verbose_echoes_each_read_and_a_device_named_twice_is_read_once(system, cli):
+    answer_recorded(system, "this-kernel-000")
+    result = cli(import_app, "--dev", "eth0", "--dev", "eth0", "-v")
+    assert result.exit_code == 0
+    assert "+ tc -d class show dev eth0\n" in result.stderr
+    assert sum(argv == ("tc", "-d", "class", "show", "dev", "eth0") for argv, _ in system.calls) == 1

@@ -24,7 +24,7 @@ tc class add dev ifb0 parent 2: classid 2:1 htb rate 50mbit
 tc class add dev ifb0 parent 2:1 classid 2:10 htb rate 10mbit ceil 50mbit
 tc class add dev ifb0 parent 2:1 classid 2:20 htb rate 2mbit ceil 2mbit
 tc class add dev ifb0 parent 2:1 classid 2:30 htb rate 20mbit ceil 50mbit
-tc filter add dev ifb0 parent 2: protocol ip prio 1 u32 match ip protocol 6 0xff match ip sport 443 0xffff flowid 2:10
-tc filter add dev ifb0 parent 2: protocol ip prio 2 u32 match ip src 203.0.113.9/32 flowid 2:20
+tc filter add dev ifb0 parent 2: protocol ip prio 2 u32 match ip protocol 6 0xff match ip sport 443 0xffff flowid 2:10
+tc filter add dev ifb0 parent 2: protocol ip prio 1 u32 match ip src 203.0.113.9/32 flowid 2:20
 tc qdisc add dev $DEV ingress
 tc filter add dev $DEV parent ffff: protocol all prio 10 u32 match u32 0 0 action mirred egress redirect dev ifb0
