@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
-from shapekit.config.model import CLASS_NAME
+from shapekit.config.model import CLASS_NAME, FIRST_MINOR, MAX_MINOR
 from shapekit.config.units import format_rate
 from shapekit.plan.adopt_mangle import Decisions, Marker, Remark, decide, parse_mangle
 from shapekit.plan.adopt_tc import (
@@ -40,7 +40,6 @@ from shapekit.plan.adopt_tc import (
     parse_qdiscs,
 )
 
-FIRST_MINOR, MAX_MINOR = 0x10, 0x7FFF  # shapekit.config.model: a config class's own minors
 SFQ = {"limit": 127, "quantum": 1514, "depth": 127, "divisor": 1024, "perturb": 10}  # `sfq perturb 10`, 1500 MTU
 CAKE = {"bandwidth": "unlimited", "diffserv": "besteffort", "flowmode": "triple-isolate", "split_gso": True}
 
@@ -172,7 +171,7 @@ class _Device:
         self.tree = _tree(reading)
         self.remarks: list[Remark] = []  # about the device and its classes
         self.ordered: list[Rule | Remark] = []  # rules, and rules left out or never deciding, in first-match order
-        self.bypass_ports: list[str] = []
+        self.bypass_sides: dict[str, set[str]] = {}  # bypass port → which of its sides the script bypassed
         self.bypass_hosts: list[str] = []
         self.bypass_remarks: list[Remark] = []
         self.bypass_mark: int | None = None
@@ -184,6 +183,7 @@ class _Device:
             for marker in family_decisions.markers:
                 self._marker(marker, family_decisions.family)
         self._filters()
+        self._bypass_sides()
         self._settle_default()
         self._find_caps()
         self.names = _class_names(self.tree, self.rules)
@@ -268,14 +268,19 @@ class _Device:
             and not foreign
             and not (selector.tcp_syn or selector.l7proto)
         ):
+            # What the rule bypasses of what this machine sends: a destination port only towards anyone
+            # (a rule to its own address matches nothing it sends on the device).
+            sides = [("source", selector.sport), ("destination", selector.dport if selector.dst is None else ())]
+            for side, ports in sides:
+                for port in ports:
+                    self.bypass_sides.setdefault(f"{port}/{selector.proto}", set()).add(side)
             for port in (*selector.sport, *selector.dport):
-                if f"{port}/{selector.proto}" not in self.bypass_ports:
-                    self.bypass_ports.append(f"{port}/{selector.proto}")
-            why = "shapekit's bypass ports match as source or destination port, from and to any address"
+                self.bypass_sides.setdefault(f"{port}/{selector.proto}", set())
+            why = "a bypass port of shapekit's matches as source or destination port, from and to any address"
             if selector.src in self.local:
                 why += f"; the rule's source {selector.src} is this machine's own address"
             elif selector.dst in self.local:
-                why += f"; the rule's destination {selector.dst} is this machine's own: nothing it sends on {self.dev} goes there"
+                why += f"; the rule's destination {selector.dst} is this machine's own, where nothing it sends on {self.dev} goes"
             self.bypass_remarks.append(Remark(why, original))
         elif selector.only_host:
             if selector.only_host not in self.bypass_hosts:
@@ -284,6 +289,26 @@ class _Device:
         else:
             why = "sends packets past the shaper, but shapekit's bypass takes ports and hosts only"
             self.bypass_remarks.append(Remark(why, original, left_out=True))
+
+    @property
+    def bypass_ports(self) -> list[str]:
+        return list(self.bypass_sides)
+
+    def _bypass_sides(self) -> None:
+        """A port the script bypassed one way only is bypassed both ways by shapekit: said, and counted."""
+        for port, sides in self.bypass_sides.items():
+            if len(sides) < 2:
+                said = (
+                    "only as a source port (what this machine serves)"
+                    if sides == {"source"}
+                    else (
+                        "only as a destination port (what this machine asks of others)"
+                        if sides
+                        else "nowhere this machine sends to"
+                    )
+                )
+                why = f"bypass port {port}: the script bypassed it {said}; shapekit's bypass takes it both ways, so more is unshaped"
+                self.bypass_remarks.append(Remark(why, left_out=True))
 
     def _filters(self) -> None:
         """u32 filters become rules; fw filters were read as marks (or, arriving, cannot be)."""
@@ -596,7 +621,7 @@ def _write(header: list[Remark], devices: list[_Device], bypass: _Bypass, severa
                     f"#   {item.original.splitlines()[0]}",
                     *_rule_lines(item, names, device.dev if several else None),
                 ]
-    return "\n".join(out) + "\n"
+    return "\n".join(out).lstrip("\n") + "\n"
 
 
 def _tree_lines(device: _Device, key: str) -> list[str]:

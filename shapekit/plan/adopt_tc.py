@@ -282,7 +282,11 @@ def selector_of_words(words: dict[int, tuple[int, int]], family: int) -> tuple[S
             prefix = bin(mask).count("1")
             if mask != ((1 << prefix) - 1) << (bits - prefix):
                 return None, f"a u32 {name} mask that is not a prefix"
-            network = ipaddress.ip_network((value, prefix)) if family == 4 else ipaddress.IPv6Network((value, prefix))
+            network = (
+                ipaddress.ip_network((value, prefix), strict=False)
+                if family == 4
+                else ipaddress.IPv6Network((value, prefix), strict=False)
+            )  # u32 ignores bits outside the mask
             fields[name] = str(network.network_address) if network.prefixlen == bits else str(network)
     proto_off, proto_shift = layout["proto"]
     if proto_off in words:

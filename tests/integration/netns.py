@@ -129,6 +129,7 @@ class NetPair:
         cport: int | None = None,
         to: str | None = None,
         download: bool = False,
+        window: str | None = None,
     ) -> float:
         """TCP goodput left → right (`download`: right → left) in bits/s, measured by iperf3 at the receiver.
 
@@ -137,10 +138,13 @@ class NetPair:
         A download's queue is filled by a remote sender that no local socket
         holds back, so it is long when the sender stops: its rate is read from
         the receiver's per-second intervals after the first, not from the total.
+        `window` (iperf3 -w, e.g. "16K") caps the sockets' buffers: how much a
+        flow queues in a slow FIFO class, where iperf3's own end-of-test
+        messages wait behind it.
         """
         server_addr = to or (self.right.addr6 if ipv6 else self.right.addr4)
         port = str(port or 5201 + secrets.randbelow(1000))
-        client_port = ["--cport", str(cport)] if cport else []
+        client_args = (["--cport", str(cport)] if cport else []) + (["-w", window] if window else [])
         server = subprocess.Popen(
             ["ip", "netns", "exec", self.right.name, "iperf3", "-s", "-1", "-B", server_addr, "-p", port],
             stdout=subprocess.DEVNULL,
@@ -149,7 +153,7 @@ class NetPair:
         try:
             for _ in range(50):
                 result = self.left.run(
-                    "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-J", *client_port,
+                    "iperf3", "-c", server_addr, "-p", port, "-t", str(seconds), "-J", *client_args,
                     *(["-R"] if download else []),
                     check=False, timeout=seconds + 30,
                 )  # fmt: skip
