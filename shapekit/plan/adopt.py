@@ -177,6 +177,7 @@ class _Device:
         self.bypass_mark: int | None = None
         self.defaults: dict[int, str] = {}  # family → the class its catch-all rule names
         self.default: str | None = None
+        self.default_rule = ""  # the script's rule that marks every packet, which names the default
         self.caps: list[tuple[str, FlatClass]] = []
         self.ingress: _Device | None = None
         for family_decisions in decisions:
@@ -245,6 +246,7 @@ class _Device:
             self._bypass(marker)
         elif marker.selector.is_everything:
             self.defaults[family] = where
+            self.default_rule = self.default_rule or marker.rule.text.split(" ", 2)[2]
         else:
             self._rule(Rule(where, marker.selector, marker.rule.text, families={family}, comment=marker.rule.comment))
 
@@ -626,9 +628,11 @@ def _write(header: list[Remark], devices: list[_Device], bypass: _Bypass, severa
 
 def _tree_lines(device: _Device, key: str) -> list[str]:
     tree = device.tree
-    lines = [f"[{key}]", f"rate = {_string(format_rate(tree.line_rate))}"]
+    line = f"  # {tree.line.classid}, the line" if tree.line else "  # the widest ceil on the root"
+    lines = [f"[{key}]", f"rate = {_string(format_rate(tree.line_rate))}{line}"]
     if tree.classes and device.default:
-        lines.append(f"default = {_string(device.names[device.default])}")
+        said = f"  # the script's {device.default_rule}" if device.default_rule else "  # the script's HTB default"
+        lines.append(f"default = {_string(device.names[device.default])}{said}")
     lines.append(f"leaf = {_string(device.leaf)}")
     if device.direction == "out":
         lines.append(f"classifier = {_string(device.classifier)}")
