@@ -24,6 +24,7 @@ sender stopped, a few percent of 5 s there); a cap takes max(5, 512_000 // rate)
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -162,22 +163,33 @@ SCENARIOS = [
     # The distro-kernel lane (sfq, fw): the scripts as published.
     # Seed 000: on Linux 6.1 the script's sfq on 100:1 replaces its nested HTB qdisc: one
     # class at the line rate is left, every flow lands there; its marks are LEFT OUT.
+    # Its torrent and unmarked flows land in that one class alike: one of them is measured.
     case(
         "seed000-published",
         "seed_000",
         seed_000_env(),
-        seed_000_flows("100:1", "100:1", "100:1"),
+        lambda pair, stdout: {
+            k: v for k, v in seed_000_flows("100:1", "100:1", "100:1")(pair, stdout).items() if "normal" not in k
+        },
         LEFT_OUT,
         marks=DISTRO,
     ),
-    # The tree as the post means it (sfq, fw); LEFT OUT: the bypass ports, as above.
-    case(
-        "seed000-keep-nested",
-        "seed_000",
-        seed_000_env("KEEP_NESTED=1"),
-        seed_000_flows("1:1090", "1:1030", "100:1"),
-        LEFT_OUT,
-        marks=DISTRO,
+    # The tree as the post means it (sfq, fw); LEFT OUT: the bypass ports, as above. Only with
+    # SHAPEKIT_ALL_ROUND_TRIPS=1 (tests/distro/run -k import): CI's run must stay under 30 minutes,
+    # and unit tests replay what this script leaves in Debian's kernel (data/import/keep-nested-000).
+    *(
+        [
+            case(
+                "seed000-keep-nested",
+                "seed_000",
+                seed_000_env("KEEP_NESTED=1"),
+                seed_000_flows("1:1090", "1:1030", "100:1"),
+                LEFT_OUT,
+                marks=DISTRO,
+            )
+        ]
+        if os.environ.get("SHAPEKIT_ALL_ROUND_TRIPS")
+        else []
     ),
     case("seed002-published", "seed_002", seed_002_env(), seed_002_flows, LEFT_OUT, SEED_002_HOSTS, marks=DISTRO),
 ]

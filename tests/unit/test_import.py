@@ -9,6 +9,7 @@ the config shape-import must write from it:
   project's 6.18 kernel (pfifo and CLASSIFY for sfq and fw; u32 for fw);
 - published-000, published-002: the scripts as published, on Debian 12's 6.1 kernel
   (the distro-kernel lane), where seed 000's own sfq replaces its nested qdisc;
+- keep-nested-000: seed 000 with KEEP_NESTED=1 on Debian 12's kernel: its tree as the post means it (sfq, fw);
 - mixed: data/import/mixed/script.sh, an ingress tree on an IFB and what shapekit cannot express.
 
 by-hand.toml is what a small tree written in the tests below gives: everything expressed, exit 0.
@@ -54,7 +55,14 @@ def reading(name: str) -> adopt.KernelReading:
 
 @pytest.mark.parametrize(
     ("name", "left_out"),
-    [("this-kernel-000", 2), ("this-kernel-002", 6), ("published-000", 6), ("published-002", 3), ("mixed", 3)],
+    [
+        ("this-kernel-000", 2),
+        ("this-kernel-002", 6),
+        ("published-000", 6),
+        ("published-002", 3),
+        ("mixed", 3),
+        ("keep-nested-000", 2),
+    ],
 )
 def test_recorded_kernel_state_gives_exactly_the_expected_config(name, left_out):
     imported = adopt.adopt(reading(name))
