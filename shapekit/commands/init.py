@@ -103,7 +103,10 @@ def check_drift(options: common.Options, devs: list[str]) -> list[str]:
     for family in FAMILIES:
         chains = {**plan_mangle.mark_plan(config, bypass, family), **plan_mangle.limit_plan(config, bypass, family)}
         want = probe.canonical_mangle(family, sets, plan_mangle.plan_restore(plan_mangle.EMPTY, chains, None))
-        differences += drift.diff_chains(family, want, read.read_mangle(runner, family))
+        have = read.read_mangle(runner, family)
+        if not any(egress.values()):
+            want = drift.before_caps(want, have, plan_limits.LIMIT)
+        differences += drift.diff_chains(family, want, have)
     want_entries = {
         (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
         for name, caps in egress.items()

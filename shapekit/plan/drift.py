@@ -93,6 +93,14 @@ def diff_tree(dev: str, want: Tree, have: Tree) -> list[str]:
     return out
 
 
+def before_caps(want: MangleState, have: MangleState, limit: str) -> MangleState:
+    """What to expect of the `limit` chain where no cap is configured or saved: as the boot's first three commands
+    leave it (empty) or as shape-limit-ip does (a lookup per device in empty sets) both send every packet on."""
+    if have.chains.get(limit) == ():
+        return MangleState(chains={**want.chains, limit: ()}, jumps=want.jumps)
+    return want
+
+
 def diff_chains(family: int, want: MangleState, have: MangleState) -> list[str]:
     out = []
     if not have.jumps and want.jumps:

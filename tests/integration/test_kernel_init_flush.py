@@ -93,6 +93,22 @@ def test_a_class_alone_borrows_up_to_its_ceil(netpair):
     assert 0.90 <= ratio <= 1.0, f"goodput/ceil = {ratio:.3f}"
 
 
+def test_check_is_clean_after_the_first_three_boot_commands_with_no_caps(netpair):
+    """shape-limit-ip has nothing to install without caps: --check does not ask for it."""
+    config = str(netpair.write_config(TREE))
+    for command in ("shape-init", "shape-bypass", "shape-mark"):
+        netpair.shapekit(command, "--config", config)
+    check = netpair.shapekit("shape-init", "--check", "--config", config, check=False)
+    assert (check.returncode, check.stdout) == (0, "the kernel matches the config and saved state\n"), (
+        check.stdout + check.stderr
+    )
+    netpair.shapekit("shape-limit-ip", "--config", config)
+    check = netpair.shapekit("shape-init", "--check", "--config", config, check=False)
+    assert (check.returncode, check.stdout) == (0, "the kernel matches the config and saved state\n"), (
+        check.stdout + check.stderr
+    )
+
+
 def test_second_init_changes_nothing(netpair):
     config = str(netpair.write_config(TREE))
     netpair.shapekit("shape-init", "--config", config)

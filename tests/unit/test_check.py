@@ -88,6 +88,19 @@ def test_chains_and_sets():
     ]
 
 
+def test_with_no_caps_an_empty_limit_chain_is_as_configured():
+    want = MangleState(
+        chains={"SHAPEKIT-LIMIT": ("-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio",)}
+    )
+    before_limit_ip = MangleState(chains={"SHAPEKIT-LIMIT": ()})
+    assert drift.diff_chains(4, drift.before_caps(want, before_limit_ip, "SHAPEKIT-LIMIT"), before_limit_ip) == []
+    assert drift.diff_chains(4, drift.before_caps(want, want, "SHAPEKIT-LIMIT"), want) == []
+    other = MangleState(chains={"SHAPEKIT-LIMIT": ("-A SHAPEKIT-LIMIT -j ACCEPT",)})
+    assert drift.diff_chains(4, drift.before_caps(want, other, "SHAPEKIT-LIMIT"), other) == [
+        "IPv4: chain SHAPEKIT-LIMIT differs from the config"
+    ]
+
+
 def test_check_exit_codes(system, cli, mocker):
     check = mocker.patch("shapekit.commands.init.check_drift", return_value=[])
     matched = cli(init_app, "--check", "--config", str(SEED_CONFIG))
