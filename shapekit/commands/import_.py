@@ -23,7 +23,7 @@ from shapekit.kernel import probe, read, run
 from shapekit.plan import adopt
 from shapekit.plan.mangle import FAMILIES, TOOLS
 
-EXPRESSED, LEFT_OUT = 0, 3
+LEFT_OUT = 3  # the exit status when something is only a comment (0: everything expressed)
 
 
 class _EchoingRunner(run.Runner):
