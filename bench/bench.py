@@ -5,6 +5,7 @@
     bench/bench.py apply [--caps ...]               # apply time: shapekit vs seed 002's loop vs the floor
     bench/bench.py add [--caps ...] [--repeat 10]   # one `shape-limit-ip add` with N caps installed
     bench/bench.py packet [--caps 10000]            # unlimited flow throughput with N caps vs none
+    bench/bench.py boot --rounds 10                 # seed 000's boot: four commands vs shape-init --all
     bench/bench.py tcconfig [--caps 100]            # tcconfig's tcset as a peer (installs it in bench/.tcconfig)
     bench/bench.py ingress [--caps 10000]           # --in caps: build, one add, and a download's cost vs linear u32
     bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
@@ -257,6 +258,41 @@ def bench_apply(sizes: list[int]) -> list[dict[str, object]]:
     return rows
 
 
+# --- seed 000's boot ------------------------------------------------------------------
+
+FOUR_COMMANDS = ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip")
+
+
+def seed_000_config(p: Pair) -> str:
+    """The bundled config (seed 000's tree, bypass and marks) on the pair's device, with this kernel's leaf and classifier."""
+    text = (HERE.parent / "conf" / "shapekit.toml").read_text()
+    text = text.replace("[device.eth0", f"[device.{p.dev}").replace('leaf = "sfq"', 'leaf = "pfifo"')
+    path = p.tmp / "seed000.toml"
+    path.write_text(text.replace('classifier = "fw"', 'classifier = "classify"'))
+    return str(path)
+
+
+def bench_boot(rounds: int) -> dict[str, object]:
+    """The boot of seed 000's config, both ways in turn on one pair (flushed between), median of `rounds`."""
+    times: dict[str, list[float]] = {"four_commands": [], "all": []}
+    with pair() as p:
+        config = seed_000_config(p)
+        ways = {
+            "four_commands": lambda: [p.shapekit(c, "--config", config) for c in FOUR_COMMANDS],
+            "all": lambda: p.shapekit("shape-init", "--all", "--config", config),
+        }
+        for _ in range(rounds):
+            for name, way in ways.items():
+                times[name].append(p.timed(way))
+                p.shapekit("shape-flush", "--config", config)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    return {
+        "rounds": rounds,
+        **{f"{k}_s": v for k, v in medians.items()},
+        "ratio": medians["four_commands"] / medians["all"],
+    }
+
+
 # --- one add -------------------------------------------------------------------------
 
 
@@ -416,7 +452,7 @@ def save(name: str, data: object, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["all", "apply", "add", "packet", "tcconfig", "ingress"])
+    parser.add_argument("what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress"])
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
@@ -426,7 +462,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
     quick = args.quick
-    todo = ["apply", "add", "packet", "tcconfig", "ingress"] if args.what == "all" else [args.what]
+    todo = ["apply", "add", "packet", "boot", "tcconfig", "ingress"] if args.what == "all" else [args.what]
     if "apply" in todo:
         rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
         save("apply", rows, args.out)
@@ -458,6 +494,13 @@ def main() -> None:
         for name, value in row["gbit_s"].items():
             print(f"  {name:>16}  {value:7.2f}")
         print(f"  shapekit {caps}/0: {row['shapekit_ratio']:.2f}   seed rules {caps}/0: {row['seed_ratio']:.2f}")
+    if "boot" in todo:
+        row = bench_boot(1 if quick else args.rounds)
+        save("boot", row, args.out)
+        print(f"\nseed 000's boot, seconds (median of {row['rounds']}, side by side)")
+        print(
+            f"  four commands {row['four_commands_s']:.3f}   shape-init --all {row['all_s']:.3f}   ratio {row['ratio']:.2f}"
+        )
     if "ingress" in todo:
         caps = (args.caps or [10 if quick else 10000])[0]
         row = bench_ingress(caps, 1 if quick else args.rounds, 2 if quick else args.repeat)

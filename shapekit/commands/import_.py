@@ -19,7 +19,7 @@ import typer
 from shapekit.commands import common
 from shapekit.config.load import parse_config_text
 from shapekit.errors import ConfigError, ShapekitError, UsageError
-from shapekit.kernel import probe, read, run
+from shapekit.kernel import hand_made, probe, read, run
 from shapekit.plan import adopt
 from shapekit.plan.mangle import FAMILIES, TOOLS
 
@@ -41,7 +41,7 @@ def import_config(runner: run.Runner, devs: list[str]) -> adopt.Imported:
     if os.geteuid() != 0:
         raise UsageError("reading the mangle tables (iptables-save) needs root: run shape-import as root")
     roots = _roots(runner)
-    redirects = {ifb: dev for dev in roots if (ifb := read.redirect_target(runner, dev)) is not None}
+    redirects = {ifb: dev for dev in roots if (ifb := hand_made.redirect_target(runner, dev)) is not None}
     unread: dict[str, str] = {}
     if devs:
         trees = [_device(runner, dev, redirects) for dev in dict.fromkeys(devs)]
@@ -102,12 +102,12 @@ def _device(runner: run.Runner, dev: str, redirects: dict[str, str]) -> adopt.Tr
     root = read.read_root(runner, dev)
     if root.kind != "htb":
         raise UsageError(f"{dev} has no HTB root qdisc (its root is {root.kind}): shape-import reads HTB trees")
-    tree = read.read_hand_made_tree(runner, dev)
+    tree = hand_made.read_hand_made_tree(runner, dev)
     if not adopt.has_classes(tree):
         raise UsageError(f"{dev}'s HTB root qdisc has no classes: there is no shaping to import")
     target = next((ifb for ifb, by in redirects.items() if by == dev), None)
     if target and read.device_exists(target) and read.read_root(runner, target).kind == "htb":
-        return dataclasses.replace(tree, ifb=read.read_hand_made_tree(runner, target))
+        return dataclasses.replace(tree, ifb=hand_made.read_hand_made_tree(runner, target))
     return tree
 
 

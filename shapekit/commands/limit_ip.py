@@ -43,33 +43,43 @@ def limit_ip(options: common.Options) -> None:
     config = options.load()
     _check_limits(options)
     with options.lock():
+        probe.probe_caps()
+        require_cap_trees(options.runner(), config)
         now = time.time()
-        _install_limits(options, config, common.live_caps(common.saved_caps(config), now), now)
+        install_limits(options, config, common.live_caps(common.saved_caps(config), now), now)
 
 
-def _install_limits(options: common.Options, config: Config, runtime: list[Cap], now: float) -> None:
-    """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock."""
-    probe.probe_caps()
+def require_cap_trees(runner: run.Runner, config: Config) -> None:
+    """Caps go into shapekit's trees: each device there now must have them (a hotplug device may be away)."""
+    for tree in (t for d in config.devices.values() if read.device_exists(d.name) for t in d.trees):
+        probe.require_shapekit_tree(runner, tree.name)
+
+
+def install_limits(options: common.Options, config: Config, runtime: list[Cap], now: float) -> None:
+    """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock,
+    with the machine's caps probed and the trees built (`probe.probe_caps`, `require_cap_trees`)."""
     runner = options.runner()
     present = [d for d in config.devices.values() if read.device_exists(d.name)]  # a hotplug device may be away
-    for tree in (t for d in present for t in d.trees):
-        probe.require_shapekit_tree(runner, tree.name)
     # Every plan first: a cap that cannot be placed is refused before anything changes.
     placed = {t.name: place_caps(t, runtime, now) for d in present for t in d.trees}
     for tree in (d.ingress for d in present if d.ingress is not None):
         plan_ingress.listable(list(CapFilters.of(placed[tree.name]).listed))
     bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
     rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
-    saved = [c for c in runtime if c.dev not in {d.name for d in present}]  # kept until their device is back
-    saved += [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
     with run.transaction(runner) as journal:
         for device in present:
             _sync_caps_out(runner, journal, device, placed[device.name], now)
             if device.ingress is not None:
                 _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
         change.apply_mangle(runner, rules, LIMIT, journal)
-        if not options.dry_run:
-            save_caps(state_dir(), saved)  # last: a failure before it leaves the file as the kernel is again
+        if not options.dry_run:  # last: a failure before it leaves the file as the kernel is again
+            save_caps(state_dir(), caps_to_save(runtime, present, placed))
+
+
+def caps_to_save(runtime: list[Cap], present: list[Device], placed: dict[str, list[PlacedCap]]) -> list[Cap]:
+    """The run-time caps placed, with their minors, and those of devices away, kept until they are back."""
+    saved = [c for c in runtime if c.dev not in {d.name for d in present}]
+    return saved + [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
 
 
 def _sync_caps_out(
@@ -84,17 +94,33 @@ def _sync_caps_out(
         partial(runner.tc_batch, f"{device.name}: per-IP cap classes", new_rates),
         put_back_classes,
     )
-    text = plan_limits.plan_sets(device.name, placed, now)
-    journal.change(
-        f"{device.name}'s cap sets",
-        partial(change.ipset_restore, runner, f"{device.name}: per-IP cap sets", text),
-        partial(change.put_back_sets, runner, device.name, sets),
-    )
+    put_sets(runner, journal, device, placed, now, sets)
     stale = plan_limits.sync_classes(device, plan_limits.stale(classes, placed), classes)
     journal.change(
         f"{device.name}'s cap classes",
         partial(runner.tc_batch, f"{device.name}: classes of caps no more", stale),
         put_back_classes,
+    )
+
+
+def put_sets(
+    runner: run.Runner,
+    journal: run.Journal,
+    device: Device,
+    placed: list[PlacedCap],
+    now: float,
+    before: dict[int, list[str] | None],
+) -> None:
+    """A device's cap sets made to hold exactly `placed`, put back to `before` if a later step fails."""
+    journal.change(
+        f"{device.name}'s cap sets",
+        partial(
+            change.ipset_restore,
+            runner,
+            f"{device.name}: per-IP cap sets",
+            plan_limits.plan_sets(device.name, placed, now),
+        ),
+        partial(change.put_back_sets, runner, device.name, before),
     )
 
 
@@ -177,7 +203,9 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
             read.list_sets(runner)
         ):
             # Never installed since boot: install everything, this cap included.
-            _install_limits(options, config, common.live_caps([*others, cap], now), now)
+            probe.probe_caps()
+            require_cap_trees(runner, config)
+            install_limits(options, config, common.live_caps([*others, cap], now), now)
             return
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
@@ -185,7 +213,7 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
         with run.transaction(runner) as journal:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
-                save_caps(state_dir(), [*others, with_minor(placed)])  # last: see _install_limits
+                save_caps(state_dir(), [*others, with_minor(placed)])  # last: see install_limits
 
 
 def _cap_until_now(tree: Device, host: Network, mine: Cap | None, minor: int, now: float) -> PlacedCap | None:
@@ -337,7 +365,7 @@ def limit_remove(options: common.Options, host_text: str, dev: str | None, direc
                 if tree is not None:
                     _lift(runner, journal, tree, removed, kept, now)
             if not options.dry_run:
-                save_caps(state_dir(), kept)  # last: see _install_limits
+                save_caps(state_dir(), kept)  # last: see install_limits
 
 
 def _not_capped(config: Config, host: Network, direction: str | None) -> str:

@@ -16,7 +16,7 @@ from shapekit.config.model import IFB_ALIAS
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.kernel import run
-from shapekit.plan import adopt, drift
+from shapekit.plan import drift
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
@@ -194,25 +194,3 @@ def devices_with_root(runner: run.Runner, handle: str, kind: str) -> list[str]:
     """Every device here whose root qdisc is `kind` with `handle`."""
     qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
     return [q["dev"] for q in qdiscs if q.get("root") and q.get("handle") == handle and q.get("kind") == kind]
-
-
-def read_hand_made_tree(runner: run.Runner, dev: str) -> adopt.TreeReading:
-    """What tc holds on `dev` for shape-import: qdiscs, classes (detailed text), each HTB qdisc's filters."""
-    qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
-    handles = [q["handle"] for q in json.loads(qdiscs or "[]") if q.get("kind") == "htb"]
-    has_ingress = any(q.get("kind") in ("ingress", "clsact") for q in json.loads(qdiscs or "[]"))
-    return adopt.TreeReading(
-        dev=dev,
-        qdiscs=qdiscs,
-        classes=runner.query(("tc", "-d", "class", "show", "dev", dev)),
-        filters={h: runner.query(("tc", "filter", "show", "dev", dev, "parent", h)) for h in handles},
-        ingress=runner.query(("tc", "-j", "filter", "show", "dev", dev, "ingress")) if has_ingress else "[]",
-    )
-
-
-def redirect_target(runner: run.Runner, dev: str) -> str | None:
-    """The device `dev`'s ingress filters redirect arriving packets to (an IFB), if any."""
-    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev)) or "[]")
-    if not any(q.get("kind") in ("ingress", "clsact") for q in qdiscs):
-        return None
-    return adopt.redirect_target(runner.query(("tc", "-j", "filter", "show", "dev", dev, "ingress")))

@@ -46,6 +46,7 @@ PACKET_SETTER = "SHAPEKIT-PKT-"
 # Every command writes the skeleton, so what depends on the bypass mark is always consistent.
 SKELETON = (MAIN, DECIDE, BYPASS, CLASSIFY)
 OWNED = (MARK, LIMIT)  # shape-mark's and shape-limit-ip's own chains
+EVERY = "*"  # as `own`: every chain of shapekit's, as shape-init --all installs them at once
 FAMILIES = (4, 6)
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 MULTIPORT_MAX = 15  # ports in one multiport match; a range counts twice
@@ -200,6 +201,8 @@ def _multiport_chunks(ports: list[str]) -> list[list[str]]:
 
 def _mine(own: str | None) -> Callable[[str], bool]:
     """Which existing chains a command manages (and so may delete when unplanned)."""
+    if own == EVERY:
+        return is_shapekit_chain
     if own == MARK:
         return lambda name: name in SKELETON or name == MARK or name.startswith((CONN_SETTER, PACKET_SETTER))
     return lambda name: name in SKELETON or name == own
@@ -208,7 +211,7 @@ def _mine(own: str | None) -> Callable[[str], bool]:
 def plan_restore(state: MangleState, planned: Chains, own: str | None) -> str:
     """Text for `iptables-restore --noflush` that makes shapekit's chains `planned`.
 
-    `own` (MARK, LIMIT, or None for shape-bypass) says whose chains these
+    `own` (MARK, LIMIT, EVERY, or None for shape-bypass) says whose chains these
     are: the chains of that kind no longer planned are deleted; the other
     command's chain is created empty when missing and otherwise left as it
     is. Declaring a chain flushes it, so each chain's whole content changes
@@ -271,3 +274,8 @@ def bypass_plan(config: Config, bypass: Bypass, family: int) -> Chains:
 
 def limit_plan(config: Config, bypass: Bypass, family: int) -> Chains:
     return {**skeleton_chains(config, bypass, family), **limit_chain(list(config.devices.values()), family)}
+
+
+def boot_plan(config: Config, bypass: Bypass, family: int) -> Chains:
+    """Every chain, as the boot sequence leaves them: shape-init --all restores them at once (own = EVERY)."""
+    return {**mark_plan(config, bypass, family), **limit_chain(list(config.devices.values()), family)}

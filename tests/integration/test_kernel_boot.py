@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,28 @@ dport = 53
 """
 
 
+BOOT = ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip")
+INGRESS = """
+[device.DEV.ingress]
+rate = "40mbit"
+default = "bulk_in"
+leaf = "pfifo"
+
+[device.DEV.ingress.classes.bulk_in]
+rate = "2mbit"
+
+[[mark]]
+class = "bulk_in"
+direction = "in"
+proto = "tcp"
+sport = "5900:5999"
+
+[device.DEV.limits."198.18.0.3"]
+rate = "2mbit"
+direction = "both"
+"""
+
+
 @pytest.fixture
 def env(netpair):
     """What the scripts need to find shapekit (the checkout's bin/), its config and state."""
@@ -61,6 +84,49 @@ def live(netpair) -> bool:
 
 def has_tree(netpair) -> bool:
     return any(q["kind"] == "htb" and q["handle"] == "5c:" for q in netpair.qdiscs())
+
+
+def kernel_state(netpair) -> dict[str, object]:
+    """What the boot leaves: both trees and the redirect (tc), the chains of each family, the sets."""
+    ifb = f"ifb-{netpair.dev}"
+    # u32 numbers the table of each pref it is given anew (800:, 801:, ...): the order of changes, not what they do.
+    tc = [
+        re.sub(
+            r"\b(fh|ht) 8[0-9a-f]{2}\b",
+            r"\1 8xx",
+            netpair.left.run("tc", "-d", kind, "show", "dev", dev, *where).stdout,
+        )
+        for dev, where in ((netpair.dev, ()), (netpair.dev, ("ingress",)), (ifb, ()))
+        for kind in ("qdisc", "class", "filter")
+        if not (where and kind == "class")
+    ]
+    # A set's hash seed (initval) is drawn anew each time it is made.
+    sets = sorted(
+        re.sub(r" initval 0x[0-9a-f]+", "", line) for line in netpair.left.run("ipset", "save").stdout.splitlines()
+    )
+    return {"tc": tc, "v4": netpair.save(), "v6": netpair.save("ip6tables-save"), "sets": sets}
+
+
+def test_all_leaves_the_kernel_as_the_four_boot_commands_do(env):
+    env.write_config(CONFIG.replace("[device.DEV.limits]", INGRESS + "\n[device.DEV.limits]"))
+    env.shapekit("shape-init")
+    env.shapekit("shape-limit-ip", "add", "198.18.0.7", "3mbit", "--comment", "run-time")
+    env.shapekit("shape-bypass", "add", "8080/tcp")
+    for command in BOOT:
+        env.shapekit(command)
+    four = kernel_state(env)
+
+    env.shapekit("shape-flush")
+    assert not has_tree(env)
+    env.shapekit("shape-init", "--all")
+    once = kernel_state(env)
+    env.shapekit("shape-init", "--all")  # again, as at a reload
+
+    assert once == four
+    assert kernel_state(env) == four
+    assert "198.18.0.7" in "".join(four["sets"]) and "ifb-" in four["tc"][4]  # it held a run-time cap and an IFB
+    assert live(env)
+    assert 0.90 <= env.goodput(to=env.right.addr4) / 1_000_000 <= 1.0  # the config's cap holds
 
 
 def test_sysv_script_start_status_reload_stop_status(env):
