@@ -47,7 +47,8 @@ def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
     shape-limit-ip in that order do, with their checks and undo: every check
     of the four first; the trees as shape-init builds them (the caps' classes
     and the ingress trees' filters included; a device whose tree fails is
-    left unshaped); then one transaction, as shape-limit-ip's: the cap sets,
+    left unshaped); then one transaction, as shape-limit-ip's: the cap sets
+    (of devices away too, as shape-limit-ip makes them),
     and every shapekit chain in one iptables-restore per family instead of
     three, put back as they were if a step fails.
     """
@@ -62,16 +63,17 @@ def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
         saved = common.saved_caps(config)
         bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
         common.probe_mangle({f: plan_mangle.mark_plan(config, bypass, f) for f in FAMILIES}, MARK)
-        placed = {t.name: place_caps(t, saved, now) for d in devices for t in d.trees}
+        # Every device's caps, also those away (their sets are named by the rules; their classes come with their trees).
+        placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
         build_trees(runner, config, devices, bypass, placed)
-        before = {d.name: read.read_sets(runner, d.name) for d in devices}
+        before = {name: read.read_sets(runner, name) for name in config.devices}
         with run.transaction(runner) as journal:
-            for device in devices:
+            for device in config.devices.values():
                 limit_ip.put_sets(runner, journal, device, placed[device.name], now, before[device.name])
             rules = {f: plan_mangle.boot_plan(config, bypass, f) for f in FAMILIES}
             change.apply_mangle(runner, rules, EVERY, journal)
             if not options.dry_run:
-                save_caps(state_dir(), limit_ip.caps_to_save(common.live_caps(saved, now), devices, placed))
+                save_caps(state_dir(), limit_ip.caps_to_save(common.live_caps(saved, now), config, placed))
 
 
 def tree_devices(config: Config, devs: list[str], skip_absent: bool) -> list[Device]:

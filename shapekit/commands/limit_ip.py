@@ -59,27 +59,32 @@ def install_limits(options: common.Options, config: Config, runtime: list[Cap], 
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock,
     with the machine's caps probed and the trees built (`probe.probe_caps`, `require_cap_trees`)."""
     runner = options.runner()
-    present = [d for d in config.devices.values() if read.device_exists(d.name)]  # a hotplug device may be away
+    devices = list(config.devices.values())
+    present = [d for d in devices if read.device_exists(d.name)]  # a hotplug device may be away
     # Every plan first: a cap that cannot be placed is refused before anything changes.
-    placed = {t.name: place_caps(t, runtime, now) for d in present for t in d.trees}
+    placed = {t.name: place_caps(t, runtime, now) for d in devices for t in d.trees}
     for tree in (d.ingress for d in present if d.ingress is not None):
         plan_ingress.listable(list(CapFilters.of(placed[tree.name]).listed))
     bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
     rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
     with run.transaction(runner) as journal:
-        for device in present:
+        for device in devices:
+            if device not in present:  # its sets (the rules name them); its classes come with its tree
+                put_sets(runner, journal, device, placed[device.name], now, read.read_sets(runner, device.name))
+                continue
             _sync_caps_out(runner, journal, device, placed[device.name], now)
             if device.ingress is not None:
                 _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
         change.apply_mangle(runner, rules, LIMIT, journal)
         if not options.dry_run:  # last: a failure before it leaves the file as the kernel is again
-            save_caps(state_dir(), caps_to_save(runtime, present, placed))
+            save_caps(state_dir(), caps_to_save(runtime, config, placed))
 
 
-def caps_to_save(runtime: list[Cap], present: list[Device], placed: dict[str, list[PlacedCap]]) -> list[Cap]:
-    """The run-time caps placed, with their minors, and those of devices away, kept until they are back."""
-    saved = [c for c in runtime if c.dev not in {d.name for d in present}]
-    return saved + [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
+def caps_to_save(runtime: list[Cap], config: Config, placed: dict[str, list[PlacedCap]]) -> list[Cap]:
+    """The run-time caps placed, with their minors (later commands find their classes by them), and those
+    on devices the config no longer shapes, kept for when it does again."""
+    kept = [c for c in runtime if c.dev not in config.devices]
+    return kept + [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
 
 
 def _sync_caps_out(

@@ -129,6 +129,41 @@ def test_all_leaves_the_kernel_as_the_four_boot_commands_do(env):
     assert 0.90 <= env.goodput(to=env.right.addr4) / 1_000_000 <= 1.0  # the config's cap holds
 
 
+@pytest.mark.parametrize("boot", [("shape-init --all",), BOOT], ids=["all", "four-commands"])
+def test_a_device_away_at_boot_gets_its_tree_and_caps_when_it_comes(env, boot):
+    later, later_peer = env.dev[:-1] + "x", env.right.dev[:-1] + "x"
+    env.write_config(CONFIG + f'\n[device.{later}]\nrate = "100mbit"\nleaf = "pfifo"\nclassifier = "classify"\n'
+                     f'[device.{later}.limits]\n"198.19.0.2" = "1mbit"\n')  # fmt: skip
+
+    for command in boot:  # shape-init skips the device that is not there, as at boot
+        args = command.split() + (["--skip-absent"] if command.startswith("shape-init") else [])
+        env.shapekit(*args)
+    sh(
+        "ip",
+        "link",
+        "add",
+        later,
+        "netns",
+        env.left.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        later_peer,
+        "netns",
+        env.right.name,
+    )
+    env.left.run("ip", "addr", "add", "198.19.0.1/24", "dev", later)
+    env.right.run("ip", "addr", "add", "198.19.0.2/24", "dev", later_peer)
+    env.left.run("ip", "link", "set", later, "up")
+    env.right.run("ip", "link", "set", later_peer, "up")
+    hooked = run_in(env, str(INIT / "ifupdown" / "shapekit"), extra={"IFACE": later, "MODE": "start"})
+
+    assert hooked.returncode == 0, hooked.stderr
+    assert live(env)  # both trees, the chains naming both devices' sets, both caps' entries
+    assert 0.90 <= env.goodput(to="198.19.0.2") / 1_000_000 <= 1.0  # the cap of the device that came later holds
+
+
 def test_sysv_script_start_status_reload_stop_status(env):
     script = str(INIT / "sysv" / "shapekit")
 
