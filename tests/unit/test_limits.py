@@ -536,3 +536,31 @@ def test_install_whose_sets_fail_puts_classes_and_sets_back(booted, cli):
         "class change dev eth0 parent 5c:1 classid 5c:8000 htb rate 3mbit ceil 3mbit quantum 5952\n"
     )
     assert not any(argv in (V4, V6) for argv, _ in booted.calls)  # the rules were never reached
+
+
+def test_a_device_away_gets_its_sets_made_for_the_rules_that_name_them(booted, cli, write_config, tmp_path):
+    config = write_config(
+        '[device.eth0]\nrate = "100mbit"\n[device.eth0.limits]\n"198.18.0.101" = "128kbit"\n'
+        '[device.usb0]\nrate = "10mbit"\n[device.usb0.limits]\n"198.18.0.102" = "1mbit"\n'
+    )
+
+    result = cli(limit_ip_app, "--config", str(config))
+
+    assert result.exit_code == 0, result.stderr
+    restores = [stdin for argv, stdin in booted.calls if argv == IPSET]
+    assert restores[1] == (
+        "create SHAPEKIT-usb0-4 hash:net family inet skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-usb0-4~ hash:net family inet skbinfo timeout 0 -exist\n"
+        "flush SHAPEKIT-usb0-4~\n"
+        "add SHAPEKIT-usb0-4~ 198.18.0.102/32 skbprio 5c:8000\n"
+        "create SHAPEKIT-usb0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-usb0-6~ hash:net family inet6 skbinfo timeout 0 -exist\n"
+        "flush SHAPEKIT-usb0-6~\n"
+        "swap SHAPEKIT-usb0-4~ SHAPEKIT-usb0-4\n"
+        "swap SHAPEKIT-usb0-6~ SHAPEKIT-usb0-6\n"
+        "destroy SHAPEKIT-usb0-4~\n"
+        "destroy SHAPEKIT-usb0-6~\n"
+    )
+    v4 = next(stdin for argv, stdin in booted.calls if argv == V4)
+    assert "-A SHAPEKIT-LIMIT -o usb0 -j SET --map-set SHAPEKIT-usb0-4 dst --map-prio\n" in v4
+    assert not any(argv[:4] == ("tc", "class", "show", "dev") and argv[4] == "usb0" for argv, _ in booted.calls)
