@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shapekit.config.model import Config
-from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.config.rules import BYPASS_MINOR, TCP_FLAGS, Bypass, MarkRule
 from shapekit.plan.limits import LIMIT, limit_chain
 
 HOOK = "POSTROUTING"
@@ -96,19 +96,18 @@ def _jump_target(line: str) -> str | None:
 # --- what each command installs -------------------------------------------
 
 
+# A connection's saved mark, restored, ends the decision: in DECIDE, or in MARK after its last per-packet rule.
+RESTORE = ["-m connmark ! --mark 0 -j CONNMARK --restore-mark", "-m connmark ! --mark 0 -j RETURN"]
+
+
 def skeleton_chains(config: Config, bypass: Bypass, family: int) -> Chains:
     """The chains every command writes: the path every packet takes, and the bypass."""
     bypass_mark = bypass.mark
     classify = _classify_rules(config)
+    restore = [] if _last_per_packet(_out_rules(config, family)) is not None else RESTORE
     chains: Chains = {
         MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []) + [f"-j {LIMIT}"],
-        DECIDE: [
-            f"-j {BYPASS}",
-            f"-m mark --mark {bypass_mark} -j RETURN",
-            "-m connmark ! --mark 0 -j CONNMARK --restore-mark",
-            "-m connmark ! --mark 0 -j RETURN",
-            f"-j {MARK}",
-        ],
+        DECIDE: [f"-j {BYPASS}", f"-m mark --mark {bypass_mark} -j RETURN", *restore, f"-j {MARK}"],
     }
     chains.update(bypass_chains(bypass, family))
     if classify:
@@ -129,18 +128,35 @@ def _classify_rules(config: Config) -> list[str]:
 
 def mark_chains(config: Config, family: int) -> Chains:
     """shape-mark's chains: the [[mark]] rules of this IP family and their setters."""
-    rules = [r for r in config.marks if family in r.families and r.direction == "out"]
-    chains: Chains = {MARK: [_mark_rule(r) for r in rules]}
+    rules = _out_rules(config, family)
+    marks = [_mark_rule(r) for r in rules]
+    last = _last_per_packet(rules)
+    if last is not None:  # rules up to the last per-packet one see every packet; the rest, unmarked connections'
+        marks[last + 1 : last + 1] = RESTORE
+    chains: Chains = {MARK: marks}
     for rule in rules:
         name = _setter(rule)
         chains[name] = [f"-j MARK --set-mark {rule.mark}"]
-        if not rule.tcp_syn:
+        if not _per_packet_setter(rule):
             chains[name].append("-m conntrack ! --ctstate RELATED -j CONNMARK --save-mark")
     return chains
 
 
+def _out_rules(config: Config, family: int) -> list[MarkRule]:
+    return [r for r in config.marks if family in r.families and r.direction == "out"]
+
+
+def _last_per_packet(rules: list[MarkRule]) -> int | None:
+    """The place of the last rule with a per-packet match (dscp, length, a tcp_flags list), if any."""
+    return max((n for n, rule in enumerate(rules) if rule.per_packet), default=None)
+
+
+def _per_packet_setter(rule: MarkRule) -> bool:
+    return rule.tcp_syn or rule.per_packet
+
+
 def _setter(rule: MarkRule) -> str:
-    return f"{PACKET_SETTER if rule.tcp_syn else CONN_SETTER}{rule.mark}"
+    return f"{PACKET_SETTER if _per_packet_setter(rule) else CONN_SETTER}{rule.mark}"
 
 
 def _mark_rule(rule: MarkRule) -> str:
@@ -154,15 +170,22 @@ def _mark_rule(rule: MarkRule) -> str:
     if rule.proto:
         words += ["-p", rule.proto]
     single = [(f"--{k}", v[0]) for k, v in (("sport", rule.sport), ("dport", rule.dport)) if len(v) == 1]
-    if single or rule.tcp_syn:
+    if single or rule.tcp_syn or rule.tcp_flags:
         words += ["-m", rule.proto or "tcp"]
         for option, port in single:
             words += [option, port]
         if rule.tcp_syn:
             words += ["--tcp-flags", "SYN,RST,ACK", "SYN"]
+        if rule.tcp_flags:  # the mask and flags in iptables-save's order, so it reads back the same
+            words += ["--tcp-flags", ",".join(TCP_FLAGS).upper(), ",".join(rule.tcp_flags).upper()]
     for key, ports in (("sports", rule.sport), ("dports", rule.dport)):
         if len(ports) > 1:
             words += ["-m", "multiport", f"--{key}", ",".join(ports)]
+    if rule.dscp is not None:
+        words += ["-m", "dscp", "--dscp", str(rule.dscp)]
+    if rule.length is not None:
+        low, high = rule.length
+        words += ["-m", "length", "--length", str(low) if low == high else f"{low}:{high}"]
     if rule.l7proto:
         words += ["-m", "layer7", "--l7proto", rule.l7proto]
     words += ["-m", "comment", "--comment", f'"mark[{rule.number}] {rule.class_name}"']
