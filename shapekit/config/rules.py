@@ -20,7 +20,8 @@ CAP_MINORS = range(0x8000, 0xFFFF)  # one class per capped host (leaf handle fff
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
 _MARK_KEYS = {
-    "class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "dscp", "length", "l7proto", "device", "direction"
+    "class", "proto", "sport", "dport", "src", "dst", "src_mac", "tcp_flags", "dscp", "length", "l7proto", "device",
+    "direction",
 }  # fmt: skip
 _CAP_KEYS = {"rate", "direction"}
 DIRECTIONS = ("out", "in")
@@ -42,6 +43,7 @@ DSCP_NAMES = {
 }
 TCP_FLAGS = ("fin", "syn", "rst", "ack")  # the flags a tcp_flags list speaks of, in iptables-save's order
 IPV6_HEADER = 40  # bytes: the least an IPv6 packet's length can be
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class MarkRule:
     tcp_flags: tuple[str, ...] = ()  # a tcp_flags list: exactly these set among TCP_FLAGS, in that order
     dscp: int | None = None
     length: tuple[int, int] | None = None  # the IP packet's length, LOW..HIGH inclusive
+    src_mac: str | None = None  # lower case; the Ethernet source of a forwarded packet as it arrived
     l7proto: str | None = None
     device: str | None = None
     families: tuple[int, ...] = (4, 6)
@@ -138,7 +141,7 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
     for name in table:
         if name not in _MARK_KEYS:
             raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(sorted(_MARK_KEYS))})")
-    for name in ("class", "device", "proto", "src", "dst"):
+    for name in ("class", "device", "proto", "src", "dst", "src_mac"):
         if name in table and not isinstance(table[name], str):
             raise ConfigError(path, f"{key}.{name}", f"must be a string, not {table[name]!r}")
     device = table.get("device")
@@ -178,6 +181,7 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
             raise ConfigError(path, f"{key}.tcp_flags", f'needs proto = "tcp", not {proto_key!r}')
     dscp = _dscp(path, f"{key}.dscp", table["dscp"]) if "dscp" in table else None
     length = _length(path, f"{key}.length", table["length"]) if "length" in table else None
+    src_mac = _src_mac(path, f"{key}.src_mac", table["src_mac"]) if "src_mac" in table else None
     l7proto = table.get("l7proto")
     if l7proto is not None and (not isinstance(l7proto, str) or not _L7PROTO.match(l7proto)):
         raise ConfigError(path, f"{key}.l7proto", f"{l7proto!r} is not a layer7 protocol name (e.g. 'bittorrent')")
@@ -208,6 +212,7 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
         tcp_flags=tcp_flags,
         dscp=dscp,
         length=length,
+        src_mac=src_mac,
         l7proto=l7proto,
         device=device,
         families=tuple(sorted(families)),
@@ -257,6 +262,15 @@ def _length(path: Path, key: str, value: Any) -> tuple[int, int]:
     return low, high
 
 
+def _src_mac(path: Path, key: str, value: str) -> str:
+    mac = value.lower()
+    if not _MAC.match(mac):
+        raise ConfigError(path, key, f"{value!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01")
+    if int(mac[:2], 16) & 1:
+        raise ConfigError(path, key, f"{value!r} is a multicast address, which no frame is sent from: name a host's")
+    return mac
+
+
 def _length_families(path: Path, key: str, length: tuple[int, int] | None, families: set[int]) -> set[int]:
     """An IPv6 packet is at least its 40-byte header: a length wholly below that leaves the rule IPv4 only."""
     if length is None or length[1] >= IPV6_HEADER:
@@ -273,6 +287,13 @@ def _check_ingress_rule(path: Path, key: str, table: dict[str, Any], devices: li
             path,
             f"{key}.l7proto",
             'the layer7 match is netfilter\'s, which arriving packets meet only after shaping: use ports and hosts, or direction = "out"',
+        )
+    if "src_mac" in table:
+        raise ConfigError(
+            path,
+            f"{key}.src_mac",
+            "arriving packets are classed on the IFB from their network header, where no MAC is (and theirs is the "
+            'previous hop\'s): match src, or put the rule on the device that forwards them, direction = "out"',
         )
     trees = [d.ingress for d in devices if d.ingress is not None]
     if not trees:

@@ -129,7 +129,7 @@ def _classify_rules(config: Config) -> list[str]:
 def mark_chains(config: Config, family: int) -> Chains:
     """shape-mark's chains: the [[mark]] rules of this IP family and their setters."""
     rules = _out_rules(config, family)
-    marks = [_mark_rule(r) for r in rules]
+    marks = [_mark_rule(r, family) for r in rules]
     last = _last_per_packet(rules)
     if last is not None:  # rules up to the last per-packet one see every packet; the rest, unmarked connections'
         marks[last + 1 : last + 1] = RESTORE
@@ -159,7 +159,31 @@ def _setter(rule: MarkRule) -> str:
     return f"{PACKET_SETTER if _per_packet_setter(rule) else CONN_SETTER}{rule.mark}"
 
 
-def _mark_rule(rule: MarkRule) -> str:
+# Classic BPF, as xt_bpf's --bytecode takes it ("COUNT,code jt jf k,..."): loads at SKF_LL_OFF + n read the
+# frame's link-layer header from skb_mac_header, which a forwarded packet keeps from the device it arrived
+# on until it leaves. A packet made on this host has none: the load fails and the program matches nothing.
+_SKF_LL_OFF = 0x100000000 - 0x200000  # -0x200000 as the unsigned k a BPF load takes
+_LD_W, _LD_H, _JEQ, _RET = 0x20, 0x28, 0x15, 0x06
+ETHERTYPE = {4: 0x0800, 6: 0x86DD}
+
+
+def src_mac_bytecode(mac: str, family: int) -> str:
+    """An Ethernet header of this family's type whose source address is `mac`: 1 (match), else 0."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    program = [
+        (_LD_H, 0, 0, _SKF_LL_OFF + 12),  # the EtherType: an Ethernet frame, not some other link header
+        (_JEQ, 0, 5, ETHERTYPE[family]),
+        (_LD_W, 0, 0, _SKF_LL_OFF + 6),  # the source address's first four bytes
+        (_JEQ, 0, 3, int.from_bytes(octets[:4], "big")),
+        (_LD_H, 0, 0, _SKF_LL_OFF + 10),  # and its last two
+        (_JEQ, 0, 1, int.from_bytes(octets[4:], "big")),
+        (_RET, 0, 0, 1),
+        (_RET, 0, 0, 0),
+    ]
+    return ",".join([str(len(program)), *(f"{code} {jt} {jf} {k}" for code, jt, jf, k in program)])
+
+
+def _mark_rule(rule: MarkRule, family: int) -> str:
     words: list[str] = []
     if rule.device:
         words += ["-o", rule.device]
@@ -186,6 +210,8 @@ def _mark_rule(rule: MarkRule) -> str:
     if rule.length is not None:
         low, high = rule.length
         words += ["-m", "length", "--length", str(low) if low == high else f"{low}:{high}"]
+    if rule.src_mac:
+        words += ["-m", "bpf", "--bytecode", f'"{src_mac_bytecode(rule.src_mac, family)}"']
     if rule.l7proto:
         words += ["-m", "layer7", "--l7proto", rule.l7proto]
     words += ["-m", "comment", "--comment", f'"mark[{rule.number}] {rule.class_name}"']

@@ -8,6 +8,7 @@ IFB; iptables-save and `shape-init --check` read the rules back.
 from __future__ import annotations
 
 import pytest
+from netns import Namespace, NetPair, sh
 
 CLASSES = """
 [device.DEV.classes.shaped]
@@ -187,3 +188,101 @@ def test_arriving_pure_acks_are_classed_by_their_flags_on_the_ifb(netpair):
     print(f"arriving small ACKs: acks class {acks} packets, default class {normal}")
     assert acks > 200
     assert normal < acks / 20  # SYN-ACKs, iperf3's messages, neighbour discovery
+
+
+# --- src_mac: a client behind a router ------------------------------------------------------------------
+
+CLIENT_A, CLIENT_B = "02:00:00:00:5c:0a", "02:00:00:00:5c:0b"
+ROUTER_LAN, CLIENT = "198.18.1.1", "198.18.1.2"
+ROUTER_CONFIG = """
+[device.DEV]
+rate = "10gbit"
+default = "normal"
+leaf = "pfifo"
+classifier = "classify"
+
+[device.DEV.classes.shaped]
+rate = "20mbit"
+ceil = "20mbit"
+classid = 0x10
+
+[device.DEV.classes.a]
+parent = "shaped"
+rate = "1mbit"
+ceil = "2mbit"
+classid = 0x1010
+
+[device.DEV.classes.b]
+parent = "shaped"
+rate = "1mbit"
+ceil = "8mbit"
+classid = 0x1020
+
+[device.DEV.classes.normal]
+parent = "shaped"
+rate = "1mbit"
+ceil = "4mbit"
+classid = 0x1030
+
+[[mark]]
+class = "a"
+src_mac = "CLIENT_A"
+
+[[mark]]
+class = "b"
+src_mac = "CLIENT_B"
+""".replace("CLIENT_A", CLIENT_A.upper()).replace("CLIENT_B", CLIENT_B)
+
+
+@pytest.fixture
+def routed(netpair):
+    """A client namespace behind the left one, which forwards its packets out of the shaped device to the right.
+
+    Yields the client as the left end of a NetPair whose right end is the server, for goodput.
+    """
+    token = netpair.left.name.split("-")[1]
+    client = Namespace(f"sk-{token}-c", f"sk{token}c", CLIENT, "fd00:5d::2")
+    lan = f"sk{token}a"
+    try:
+        sh("ip", "netns", "add", client.name)
+        sh("ip", "link", "add", lan, "netns", netpair.left.name, "type", "veth", "peer", "name", client.dev,
+           "netns", client.name)  # fmt: skip
+        client.run("ip", "link", "set", client.dev, "address", CLIENT_A)
+        for ns, dev, addr in ((netpair.left, lan, ROUTER_LAN), (client, client.dev, CLIENT)):
+            ns.run("ip", "addr", "add", f"{addr}/24", "dev", dev)
+            ns.run("ip", "link", "set", dev, "up")
+        client.run("ip", "route", "add", "default", "via", ROUTER_LAN)
+        netpair.right.run("ip", "route", "add", "198.18.1.0/24", "via", netpair.left.addr4)
+        netpair.left.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        yield NetPair(left=client, right=netpair.right, workdir=netpair.workdir, env=netpair.env), lan
+    finally:
+        for pid in sh("ip", "netns", "pids", client.name, check=False).stdout.split():
+            sh("kill", "-9", pid, check=False)
+        sh("ip", "netns", "del", client.name, check=False)
+
+
+def test_src_mac_classes_forwarded_traffic_by_the_clients_mac_and_never_the_routers_own(netpair, routed):
+    behind, lan = routed
+    config = str(netpair.write_config(ROUTER_CONFIG))
+    for command in ("shape-init", "shape-bypass", "shape-mark"):
+        netpair.shapekit(command, "--config", config)
+
+    as_a = behind.goodput(to=netpair.right.addr4, seconds=5) / 2_000_000
+    a_bytes = netpair.class_bytes("5c:1010")
+    behind.left.run("ip", "link", "set", behind.left.dev, "address", CLIENT_B)
+    netpair.left.run("ip", "neigh", "flush", "dev", lan)  # the router's replies go to the new MAC
+    as_b = behind.goodput(to=netpair.right.addr4, seconds=5) / 8_000_000
+    ping(netpair.left, netpair.right.addr4)  # the router's own packets: no source MAC to match
+
+    print(f"src_mac goodput/ceil: client as {CLIENT_A} {as_a:.3f}, as {CLIENT_B} {as_b:.3f}")
+    assert 0.85 <= as_a <= 1.0, as_a
+    assert 0.85 <= as_b <= 1.0, as_b
+    assert a_bytes > 1_000_000
+    assert netpair.class_bytes("5c:1010") - a_bytes < 1_000  # the last packets of A's connections, not B's
+    assert netpair.class_bytes("5c:1020") > 4_000_000
+    assert packets(netpair, NORMAL) >= 5
+    # 02:00:00:00 and 5c:0a after EtherType 0x0800, read back as written.
+    program = "8,40 0 0 4292870156,21 0 5 2048,32 0 0 4292870150,21 0 3 33554432,40 0 0 4292870154,21 0 1 23562"
+    assert f'-m bpf --bytecode "{program},6 0 0 1,6 0 0 0" -m comment --comment "mark[1] a"' in netpair.save()
+    check = netpair.shapekit("shape-init", "--config", config, "--check", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr

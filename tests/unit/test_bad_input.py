@@ -174,6 +174,15 @@ BAD_CONFIGS = {
         GOOD + '[[mark]]\nclass = "bulk"\ntcp_flags = ["ack"]\n',
         "mark[1].tcp_flags: needs proto = \"tcp\", not 'all'",
     ),
+    "src_mac not a mac": (
+        GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = "02:00:00:00:01"\n',
+        "mark[1].src_mac: '02:00:00:00:01' is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01",
+    ),
+    "src_mac multicast": (
+        GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = "01:00:5e:00:00:01"\n',
+        "mark[1].src_mac: '01:00:5e:00:00:01' is a multicast address",
+    ),
+    "src_mac not a string": (GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = 2\n', "mark[1].src_mac: must be a string"),
     "dscp 64": (GOOD + RULE + "dscp = 64\n", "mark[1].dscp: 64 is not a DSCP: use 0..63 or a name"),
     "dscp EF2": (GOOD + RULE + 'dscp = "EF2"\n', "mark[1].dscp: 'EF2' is not a DSCP"),
     "dscp true": (GOOD + RULE + "dscp = true\n", "mark[1].dscp: True is not a DSCP"),

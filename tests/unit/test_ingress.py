@@ -498,6 +498,8 @@ def test_check_names_a_missing_cap_filter_and_a_stray_one():
          'device.eth0.ingress.classes.ssh.mark: arriving packets have no netfilter mark yet: pick this class with a [[mark]] rule with direction = "in"'),
         (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "in"\nl7proto = "ssh"\n',
          "mark[2].l7proto: the layer7 match is netfilter's"),
+        (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "in"\nsrc_mac = "02:00:00:00:00:01"\n',
+         "mark[2].src_mac: arriving packets are classed on the IFB from their network header, where no MAC is"),
         (CONFIG + '\n[[mark]]\nclass = "nosuch"\ndirection = "in"\n',
          "mark[2].class: 'nosuch' is not a class of [device.eth0.ingress]"),
         (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "up"\n',

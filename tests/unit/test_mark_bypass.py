@@ -535,3 +535,18 @@ def test_dry_run_shows_the_new_matches(system, cli, write_config):
     assert result.exit_code == 0, result.stderr
     assert '-A SHAPEKIT-MARK -m length --length 0:128 -m comment --comment "mark[1] high"' in result.stdout
     assert "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j RETURN" in result.stdout
+
+
+def test_src_mac_is_a_bpf_match_on_the_arriving_frames_ethernet_header(system, cli, write_config):
+    rule = '[[mark]]\nclass = "torrent"\nsrc_mac = "02:00:00:0A:bC:01"\n'
+
+    cli(mark_app, "--config", str(write_config(SEED_DEVICES + rule)))
+
+    v4, v6 = (_chains(text)["SHAPEKIT-MARK"] for argv, text in system.calls if argv in (V4, V6))
+    # EtherType 0x0800 (IPv4), else out; source 02:00:00:0a (33554442) and bc:01 (48129), else out.
+    program = "4292870156,21 0 5 {},32 0 0 4292870150,21 0 3 33554442,40 0 0 4292870154,21 0 1 48129,6 0 0 1,6 0 0 0"
+    assert v4 == [
+        f'-A SHAPEKIT-MARK -m bpf --bytecode "8,40 0 0 {program.format(2048)}" '
+        '-m comment --comment "mark[1] torrent" -g SHAPEKIT-CONN-11090'
+    ]
+    assert v6 == [v4[0].replace("21 0 5 2048", "21 0 5 34525")]  # EtherType 0x86dd
