@@ -20,7 +20,21 @@ The path of a packet leaving any device (mangle POSTROUTING, one jump):
                        the first match wins (shape-mark owns it)
     SHAPEKIT-CONN-M    set mark M and save it to the connection (not from an ICMP error or
                        other RELATED packet, which would stamp the connection it reports on)
-    SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags: a SYN is not a connection)
+    SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags, dscp, length: a SYN is not
+                       a connection, nor is a small ACK of a bulk one)
+
+Per-packet rules (dscp, length, a tcp_flags list) must see every packet, also
+those of a connection a later rule has marked. When a family has any, the
+connection's saved mark moves from DECIDE into MARK, after the last of them:
+
+    SHAPEKIT-MARK      rules 1..P (P: the last per-packet rule), on every packet;
+                       then the connection's saved mark → RETURN;
+                       then rules P+1..n, on packets of connections with no mark yet
+
+A connection rule among 1..P matches every packet of its connection alike, so
+trying it again gives the answer it gave the first time: the first match in
+file order wins either way. Without per-packet rules the chains are as above.
+src_mac is a connection rule, matched with the bpf match (see src_mac_bytecode).
     SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
     SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
                        last, so a cap holds whatever the rules above chose)
