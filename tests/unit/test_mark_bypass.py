@@ -550,3 +550,25 @@ def test_src_mac_is_a_bpf_match_on_the_arriving_frames_ethernet_header(system, c
         '-m comment --comment "mark[1] torrent" -g SHAPEKIT-CONN-11090'
     ]
     assert v6 == [v4[0].replace("21 0 5 2048", "21 0 5 34525")]  # EtherType 0x86dd
+
+
+def test_a_kernel_without_the_bpf_match_refuses_src_mac_before_any_change(system, cli, write_config):
+    rules = '[[mark]]\nclass = "high"\nproto = "icmp"\n[[mark]]\nclass = "torrent"\nsrc_mac = "02:00:00:00:00:01"\n'
+
+    def no_bpf(argv, stdin):
+        if argv[:3] == ("unshare", "--net", "--") and stdin and "-m bpf" in stdin:
+            line = next(n for n, text in enumerate(stdin.splitlines(), 1) if "-m bpf" in text)
+            raise CommandFailed(
+                " ".join(argv), f"iptables-restore: Couldn't load match `bpf'\n\nError occurred at line: {line}\n"
+            )
+
+    system.hooks.append(no_bpf)
+
+    result = cli(mark_app, "--config", str(write_config(SEED_DEVICES + rules)))
+
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(
+        "(src_mac in mark[2] needs the kernel's bpf match, xt_bpf: load it, or remove src_mac)"
+    ), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [argv for argv, _ in system.calls if argv in (V4, V6)] == []
