@@ -42,8 +42,10 @@ def shape_mark(
     """Install the [[mark]] rules in shapekit's own mangle chains, in iptables and ip6tables.
 
     Rules run in file order and the first match wins; a rule's mark is saved to
-    its connection (except tcp_flags rules), so every packet of a connection
-    lands in the same class. A rule with IPv4 addresses goes only to iptables,
+    its connection, so every packet of a connection lands in the same class,
+    except a per-packet rule's (tcp_flags, dscp, length): the rules up to the
+    last per-packet one are tried on every packet, before a connection's saved
+    mark. A rule with IPv4 addresses goes only to iptables,
     one with IPv6 addresses only to ip6tables. The chains are reached by one
     jump from mangle POSTROUTING; each family's change is one transaction.
 

@@ -19,7 +19,10 @@ BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
 CAP_MINORS = range(0x8000, 0xFFFF)  # one class per capped host (leaf handle ffff: is ingress's)
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
-_MARK_KEYS = {"class", "proto", "sport", "dport", "src", "dst", "tcp_flags", "l7proto", "device", "direction"}
+_MARK_KEYS = {
+    "class", "proto", "sport", "dport", "src", "dst", "src_mac", "tcp_flags", "dscp", "length", "l7proto", "device",
+    "direction",
+}  # fmt: skip
 _CAP_KEYS = {"rate", "direction"}
 DIRECTIONS = ("out", "in")
 # proto key → (iptables -p value, the only family it exists in)
@@ -31,6 +34,16 @@ _PROTOS: dict[str, tuple[str | None, int | None]] = {
     "all": (None, None),
 }
 _L7PROTO = re.compile(r"^[a-z0-9_-]{1,32}$")
+# The standard DSCP names (RFC 2474, 2597, 3246, 5865): class selectors, assured forwarding, expedited.
+DSCP_NAMES = {
+    **{f"CS{n}": 8 * n for n in range(8)},
+    **{f"AF{c}{d}": 8 * c + 2 * d for c in range(1, 5) for d in range(1, 4)},
+    "EF": 46,
+    "VA": 44,
+}
+TCP_FLAGS = ("fin", "syn", "rst", "ack")  # the flags a tcp_flags list speaks of, in iptables-save's order
+IPV6_HEADER = 40  # bytes: the least an IPv6 packet's length can be
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @dataclass(frozen=True)
@@ -62,11 +75,20 @@ class MarkRule:
     dport: tuple[str, ...] = ()
     src: Network | None = None
     dst: Network | None = None
-    tcp_syn: bool = False  # a per-packet match: not saved to the connection
+    tcp_syn: bool = False  # tcp_flags = "syn": a per-packet match, not saved to the connection
+    tcp_flags: tuple[str, ...] = ()  # a tcp_flags list: exactly these set among TCP_FLAGS, in that order
+    dscp: int | None = None
+    length: tuple[int, int] | None = None  # the IP packet's length, LOW..HIGH inclusive
+    src_mac: str | None = None  # lower case; the Ethernet source of a forwarded packet as it arrived
     l7proto: str | None = None
     device: str | None = None
     families: tuple[int, ...] = (4, 6)
     direction: str = "out"  # "in": a tc u32 filter on the device's ingress tree (mark unused)
+
+    @property
+    def per_packet(self) -> bool:
+        """Matches that can differ between packets of one connection: tried on every packet."""
+        return bool(self.tcp_flags) or self.dscp is not None or self.length is not None
 
 
 def parse_bypass(path: Path, raw: Any) -> Bypass:
@@ -119,7 +141,7 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
     for name in table:
         if name not in _MARK_KEYS:
             raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(sorted(_MARK_KEYS))})")
-    for name in ("class", "device", "proto", "src", "dst"):
+    for name in ("class", "device", "proto", "src", "dst", "src_mac"):
         if name in table and not isinstance(table[name], str):
             raise ConfigError(path, f"{key}.{name}", f"must be a string, not {table[name]!r}")
     device = table.get("device")
@@ -152,13 +174,14 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
                 ports[name] = parse_ports(table[name])
             except ValueProblem as exc:
                 raise ConfigError(path, f"{key}.{name}", str(exc)) from None
-    tcp_syn = False
+    tcp_syn, tcp_flags = False, ()
     if "tcp_flags" in table:
-        if table["tcp_flags"] != "syn":
-            raise ConfigError(path, f"{key}.tcp_flags", f'{table["tcp_flags"]!r} is not supported: use "syn"')
+        tcp_syn, tcp_flags = _tcp_flags(path, f"{key}.tcp_flags", table["tcp_flags"])
         if proto != "tcp":
             raise ConfigError(path, f"{key}.tcp_flags", f'needs proto = "tcp", not {proto_key!r}')
-        tcp_syn = True
+    dscp = _dscp(path, f"{key}.dscp", table["dscp"]) if "dscp" in table else None
+    length = _length(path, f"{key}.length", table["length"]) if "length" in table else None
+    src_mac = _src_mac(path, f"{key}.src_mac", table["src_mac"]) if "src_mac" in table else None
     l7proto = table.get("l7proto")
     if l7proto is not None and (not isinstance(l7proto, str) or not _L7PROTO.match(l7proto)):
         raise ConfigError(path, f"{key}.l7proto", f"{l7proto!r} is not a layer7 protocol name (e.g. 'bittorrent')")
@@ -175,6 +198,7 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
                 path, f"{key}.proto", f'{proto_key!r} with an {other} host never matches: use proto = "{fix}"'
             )
         families = {proto_family}
+    families = _length_families(path, f"{key}.length", length, families or {4, 6})
     return MarkRule(
         number=number,
         class_name=table["class"],
@@ -185,11 +209,75 @@ def _parse_mark(path: Path, number: int, table: dict[str, Any], devices: dict[st
         src=hosts["src"],
         dst=hosts["dst"],
         tcp_syn=tcp_syn,
+        tcp_flags=tcp_flags,
+        dscp=dscp,
+        length=length,
+        src_mac=src_mac,
         l7proto=l7proto,
         device=device,
-        families=tuple(sorted(families)) or (4, 6),
+        families=tuple(sorted(families)),
         direction=direction,
     )
+
+
+def _tcp_flags(path: Path, key: str, value: Any) -> tuple[bool, tuple[str, ...]]:
+    """(the old "syn" form, the flags of a list): a list names exactly the flags set among FIN, SYN, RST, ACK."""
+    if value == "syn":
+        return True, ()
+    names = ", ".join(f'"{f}"' for f in TCP_FLAGS)
+    if not isinstance(value, list) or not value or not all(isinstance(f, str) for f in value):
+        raise ConfigError(
+            path, key, f'{value!r} is not "syn" or a non-empty list of flag names ({names}), e.g. ["ack"]'
+        )
+    flags = [f.lower() for f in value]
+    unknown = [f for f in value if f.lower() not in TCP_FLAGS]
+    if unknown:
+        raise ConfigError(path, key, f"{unknown[0]!r} is not a flag this match knows: use {names}")
+    if len(set(flags)) < len(flags):
+        raise ConfigError(path, key, f"{value!r} names a flag twice: name each once")
+    return False, tuple(f for f in TCP_FLAGS if f in flags)
+
+
+def _dscp(path: Path, key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 63:
+        return value
+    if isinstance(value, str) and value.upper() in DSCP_NAMES:
+        return DSCP_NAMES[value.upper()]
+    raise ConfigError(path, key, f"{value!r} is not a DSCP: use 0..63 or a name (EF, AF11..AF43, CS0..CS7, VA)")
+
+
+def _length(path: Path, key: str, value: Any) -> tuple[int, int]:
+    """`64` or `"0:128"`: the IP packet's length in bytes, a range inclusive."""
+    fix = 'use a number or "LOW:HIGH" in 0..65535, e.g. "0:128"'
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,5}:\d{1,5}", value):
+        low, high = (int(n) for n in value.split(":"))
+    else:
+        raise ConfigError(path, key, f"{value!r} is not a length: {fix}")
+    if not 0 <= low <= 65535 or not 0 <= high <= 65535:
+        raise ConfigError(path, key, f"{value!r} is out of range: {fix}")
+    if low > high:
+        raise ConfigError(path, key, f"{value!r} runs backwards: write the lower bound first ({high}:{low})")
+    return low, high
+
+
+def _src_mac(path: Path, key: str, value: str) -> str:
+    mac = value.lower()
+    if not _MAC.match(mac):
+        raise ConfigError(path, key, f"{value!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01")
+    if int(mac[:2], 16) & 1:
+        raise ConfigError(path, key, f"{value!r} is a multicast address, which no frame is sent from: name a host's")
+    return mac
+
+
+def _length_families(path: Path, key: str, length: tuple[int, int] | None, families: set[int]) -> set[int]:
+    """An IPv6 packet is at least its 40-byte header: a length wholly below that leaves the rule IPv4 only."""
+    if length is None or length[1] >= IPV6_HEADER:
+        return families
+    if families == {6}:
+        raise ConfigError(path, key, f"an IPv6 packet is at least {IPV6_HEADER} bytes, so this never matches: raise it")
+    return families - {6}
 
 
 def _check_ingress_rule(path: Path, key: str, table: dict[str, Any], devices: list[Device]) -> None:
@@ -199,6 +287,13 @@ def _check_ingress_rule(path: Path, key: str, table: dict[str, Any], devices: li
             path,
             f"{key}.l7proto",
             'the layer7 match is netfilter\'s, which arriving packets meet only after shaping: use ports and hosts, or direction = "out"',
+        )
+    if "src_mac" in table:
+        raise ConfigError(
+            path,
+            f"{key}.src_mac",
+            "arriving packets are classed on the IFB from their network header, where no MAC is (and theirs is the "
+            'previous hop\'s): match src, or put the rule on the device that forwards them, direction = "out"',
         )
     trees = [d.ingress for d in devices if d.ingress is not None]
     if not trees:

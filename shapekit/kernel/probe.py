@@ -145,6 +145,8 @@ def _rule_hint(failed: CommandFailed, text: str) -> str:
     lines = text.splitlines()
     line = lines[int(match.group(1)) - 1] if match and int(match.group(1)) <= len(lines) else ""
     rule = re.search(r'"(mark\[\d+\])', line)
+    if "-m bpf" in line:
+        return f" (src_mac in {rule.group(1) if rule else '[[mark]]'} needs the kernel's bpf match, xt_bpf: load it, or remove src_mac)"
     if "layer7" in line:
         return f" (l7proto in {rule.group(1) if rule else '[[mark]]'} needs the out-of-tree layer7 match in kernel and iptables: remove l7proto from that rule)"
     return f" (in {rule.group(1)})" if rule else ""

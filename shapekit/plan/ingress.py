@@ -10,7 +10,7 @@ the egress one (`plan.plan_tree`) shapes it on the way in:
     tc filter add dev eth0 ingress protocol all pref 92 u32 match u32 0 0 action mirred egress redirect dev ifb-eth0
 
 Classes on the IFB are picked by u32 filters, which see only the packet's
-bytes: addresses, protocol, ports, TCP flags. Each filter compares 32-bit
+bytes: addresses, protocol, ports, TCP flags, DSCP, length. Each filter compares 32-bit
 words at fixed offsets from the network header, so port matches need an
 IPv4 header without options (IHL 5) and not a later fragment, and an IPv6
 header followed directly by TCP or UDP; other packets go to the default
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from shapekit.config.addresses import Network
 from shapekit.config.model import IFB_ALIAS, Config, Device
-from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.config.rules import BYPASS_MINOR, IPV6_HEADER, Bypass, MarkRule
 from shapekit.errors import UsageError
 from shapekit.plan.limits import PlacedCap, class_rates, exactly, sync_classes, u32_slot
 from shapekit.plan.tree import Argv, classid, root_handle
@@ -58,6 +58,12 @@ _PORTS = {4: 20, 6: 40}  # source port in the high half, destination port in the
 _TCP_FLAGS = {4: 32, 6: 52}  # the word holding the TCP flags byte (its second byte)
 SYN_RST_ACK = 0x16
 SYN = 0x02
+FLAG_BITS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "ack": 0x10}  # a tcp_flags list's mask is all four: 0x17
+# The DSCP: IPv4's TOS byte (the second), IPv6's traffic class (4 bits into the first word); both at word 0.
+_DSCP_SHIFT = {4: 18, 6: 22}
+# The packet's length as iptables' length match counts it: IPv4's total length (low half of word 0),
+# IPv6's payload length (high half of word 4) plus its 40-byte header.
+_LENGTH = {4: (0, 0, 0), 6: (4, 16, IPV6_HEADER)}  # offset, shift, bytes not counted in the field
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,11 @@ def proto_key(family: int, number: int) -> list[U32Key]:
 def port_blocks(ports: str) -> list[tuple[int, int]]:
     """`"61000:63000"` or `"22"` as (value, mask) blocks that together cover exactly the range."""
     low, _, high = ports.partition(":")
-    first, last = int(low), int(high or low)
+    return range_blocks(int(low), int(high or low))
+
+
+def range_blocks(first: int, last: int) -> list[tuple[int, int]]:
+    """FIRST..LAST (16-bit, inclusive) as (value, mask) blocks that together cover exactly the range."""
     blocks = []
     while first <= last:
         size = first & -first if first else 1 << 16
@@ -165,6 +175,24 @@ def port_key(family: int, side: str, block: tuple[int, int]) -> U32Key:
 
 def syn_key(family: int) -> U32Key:
     return U32Key(SYN << 16, SYN_RST_ACK << 16, _TCP_FLAGS[family])
+
+
+def flags_key(family: int, flags: Sequence[str]) -> U32Key:
+    """Exactly `flags` set among FIN, SYN, RST and ACK."""
+    value = sum(FLAG_BITS[f] for f in flags)
+    return U32Key(value << 16, sum(FLAG_BITS.values()) << 16, _TCP_FLAGS[family])
+
+
+def dscp_key(family: int, dscp: int) -> U32Key:
+    shift = _DSCP_SHIFT[family]
+    return U32Key(dscp << shift, 0x3F << shift, 0)
+
+
+def length_keys(family: int, length: tuple[int, int]) -> list[U32Key]:
+    """One key per block of the length range: the packet matches if any one does."""
+    offset, shift, uncounted = _LENGTH[family]
+    first, last = max(length[0] - uncounted, 0), length[1] - uncounted
+    return [U32Key(value << shift, mask << shift, offset) for value, mask in range_blocks(first, last)]
 
 
 # --- what goes where ---------------------------------------------------------------
@@ -238,9 +266,14 @@ def _rule_keys(rule: MarkRule, family: int) -> list[tuple[U32Key, ...]]:
         common += proto_key(family, IP_PROTO[rule.proto])
     if rule.tcp_syn:
         common.append(syn_key(family))
+    if rule.tcp_flags:
+        common.append(flags_key(family, rule.tcp_flags))
+    if rule.dscp is not None:
+        common.append(dscp_key(family, rule.dscp))
     sports = [port_key(family, "sport", b) for p in rule.sport for b in port_blocks(p)] or [None]
     dports = [port_key(family, "dport", b) for p in rule.dport for b in port_blocks(p)] or [None]
-    return [(*common, *(k for k in (s, d) if k is not None)) for s in sports for d in dports]
+    lengths = length_keys(family, rule.length) if rule.length is not None else [None]
+    return [(*common, *(k for k in (s, d, n) if k is not None)) for s in sports for d in dports for n in lengths]
 
 
 def ingress_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[U32Filter]:

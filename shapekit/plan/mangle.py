@@ -20,7 +20,21 @@ The path of a packet leaving any device (mangle POSTROUTING, one jump):
                        the first match wins (shape-mark owns it)
     SHAPEKIT-CONN-M    set mark M and save it to the connection (not from an ICMP error or
                        other RELATED packet, which would stamp the connection it reports on)
-    SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags: a SYN is not a connection)
+    SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags, dscp, length: a SYN is not
+                       a connection, nor is a small ACK of a bulk one)
+
+Per-packet rules (dscp, length, a tcp_flags list) must see every packet, also
+those of a connection a later rule has marked. When a family has any, the
+connection's saved mark moves from DECIDE into MARK, after the last of them:
+
+    SHAPEKIT-MARK      rules 1..P (P: the last per-packet rule), on every packet;
+                       then the connection's saved mark → RETURN;
+                       then rules P+1..n, on packets of connections with no mark yet
+
+A connection rule among 1..P matches every packet of its connection alike, so
+trying it again gives the answer it gave the first time: the first match in
+file order wins either way. Without per-packet rules the chains are as above.
+src_mac is a connection rule, matched with the bpf match (see src_mac_bytecode).
     SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
     SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
                        last, so a cap holds whatever the rules above chose)
@@ -32,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shapekit.config.model import Config
-from shapekit.config.rules import BYPASS_MINOR, Bypass, MarkRule
+from shapekit.config.rules import BYPASS_MINOR, TCP_FLAGS, Bypass, MarkRule
 from shapekit.plan.limits import LIMIT, limit_chain
 
 HOOK = "POSTROUTING"
@@ -97,19 +111,18 @@ def _jump_target(line: str) -> str | None:
 # --- what each command installs -------------------------------------------
 
 
+# A connection's saved mark, restored, ends the decision: in DECIDE, or in MARK after its last per-packet rule.
+RESTORE = ["-m connmark ! --mark 0 -j CONNMARK --restore-mark", "-m connmark ! --mark 0 -j RETURN"]
+
+
 def skeleton_chains(config: Config, bypass: Bypass, family: int) -> Chains:
     """The chains every command writes: the path every packet takes, and the bypass."""
     bypass_mark = bypass.mark
     classify = _classify_rules(config)
+    restore = [] if _last_per_packet(_out_rules(config, family)) is not None else RESTORE
     chains: Chains = {
         MAIN: [f"-j {DECIDE}"] + ([f"-j {CLASSIFY}"] if classify else []) + [f"-j {LIMIT}"],
-        DECIDE: [
-            f"-j {BYPASS}",
-            f"-m mark --mark {bypass_mark} -j RETURN",
-            "-m connmark ! --mark 0 -j CONNMARK --restore-mark",
-            "-m connmark ! --mark 0 -j RETURN",
-            f"-j {MARK}",
-        ],
+        DECIDE: [f"-j {BYPASS}", f"-m mark --mark {bypass_mark} -j RETURN", *restore, f"-j {MARK}"],
     }
     chains.update(bypass_chains(bypass, family))
     if classify:
@@ -130,21 +143,62 @@ def _classify_rules(config: Config) -> list[str]:
 
 def mark_chains(config: Config, family: int) -> Chains:
     """shape-mark's chains: the [[mark]] rules of this IP family and their setters."""
-    rules = [r for r in config.marks if family in r.families and r.direction == "out"]
-    chains: Chains = {MARK: [_mark_rule(r) for r in rules]}
+    rules = _out_rules(config, family)
+    marks = [_mark_rule(r, family) for r in rules]
+    last = _last_per_packet(rules)
+    if last is not None:  # rules up to the last per-packet one see every packet; the rest, unmarked connections'
+        marks[last + 1 : last + 1] = RESTORE
+    chains: Chains = {MARK: marks}
     for rule in rules:
         name = _setter(rule)
         chains[name] = [f"-j MARK --set-mark {rule.mark}"]
-        if not rule.tcp_syn:
+        if not _per_packet_setter(rule):
             chains[name].append("-m conntrack ! --ctstate RELATED -j CONNMARK --save-mark")
     return chains
 
 
+def _out_rules(config: Config, family: int) -> list[MarkRule]:
+    return [r for r in config.marks if family in r.families and r.direction == "out"]
+
+
+def _last_per_packet(rules: list[MarkRule]) -> int | None:
+    """The place of the last rule with a per-packet match (dscp, length, a tcp_flags list), if any."""
+    return max((n for n, rule in enumerate(rules) if rule.per_packet), default=None)
+
+
+def _per_packet_setter(rule: MarkRule) -> bool:
+    return rule.tcp_syn or rule.per_packet
+
+
 def _setter(rule: MarkRule) -> str:
-    return f"{PACKET_SETTER if rule.tcp_syn else CONN_SETTER}{rule.mark}"
+    return f"{PACKET_SETTER if _per_packet_setter(rule) else CONN_SETTER}{rule.mark}"
 
 
-def _mark_rule(rule: MarkRule) -> str:
+# Classic BPF, as xt_bpf's --bytecode takes it ("COUNT,code jt jf k,..."): loads at SKF_LL_OFF + n read the
+# frame's link-layer header from skb_mac_header, which a forwarded packet keeps from the device it arrived
+# on until it leaves. A packet made on this host has none: the load fails and the program matches nothing.
+_SKF_LL_OFF = 0x100000000 - 0x200000  # -0x200000 as the unsigned k a BPF load takes
+_LD_W, _LD_H, _JEQ, _RET = 0x20, 0x28, 0x15, 0x06
+ETHERTYPE = {4: 0x0800, 6: 0x86DD}
+
+
+def src_mac_bytecode(mac: str, family: int) -> str:
+    """An Ethernet header of this family's type whose source address is `mac`: 1 (match), else 0."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    program = [
+        (_LD_H, 0, 0, _SKF_LL_OFF + 12),  # the EtherType: an Ethernet frame, not some other link header
+        (_JEQ, 0, 5, ETHERTYPE[family]),
+        (_LD_W, 0, 0, _SKF_LL_OFF + 6),  # the source address's first four bytes
+        (_JEQ, 0, 3, int.from_bytes(octets[:4], "big")),
+        (_LD_H, 0, 0, _SKF_LL_OFF + 10),  # and its last two
+        (_JEQ, 0, 1, int.from_bytes(octets[4:], "big")),
+        (_RET, 0, 0, 1),
+        (_RET, 0, 0, 0),
+    ]
+    return ",".join([str(len(program)), *(f"{code} {jt} {jf} {k}" for code, jt, jf, k in program)])
+
+
+def _mark_rule(rule: MarkRule, family: int) -> str:
     words: list[str] = []
     if rule.device:
         words += ["-o", rule.device]
@@ -155,15 +209,24 @@ def _mark_rule(rule: MarkRule) -> str:
     if rule.proto:
         words += ["-p", rule.proto]
     single = [(f"--{k}", v[0]) for k, v in (("sport", rule.sport), ("dport", rule.dport)) if len(v) == 1]
-    if single or rule.tcp_syn:
+    if single or rule.tcp_syn or rule.tcp_flags:
         words += ["-m", rule.proto or "tcp"]
         for option, port in single:
             words += [option, port]
         if rule.tcp_syn:
             words += ["--tcp-flags", "SYN,RST,ACK", "SYN"]
+        if rule.tcp_flags:  # the mask and flags in iptables-save's order, so it reads back the same
+            words += ["--tcp-flags", ",".join(TCP_FLAGS).upper(), ",".join(rule.tcp_flags).upper()]
     for key, ports in (("sports", rule.sport), ("dports", rule.dport)):
         if len(ports) > 1:
             words += ["-m", "multiport", f"--{key}", ",".join(ports)]
+    if rule.dscp is not None:
+        words += ["-m", "dscp", "--dscp", str(rule.dscp)]
+    if rule.length is not None:
+        low, high = rule.length
+        words += ["-m", "length", "--length", str(low) if low == high else f"{low}:{high}"]
+    if rule.src_mac:
+        words += ["-m", "bpf", "--bytecode", f'"{src_mac_bytecode(rule.src_mac, family)}"']
     if rule.l7proto:
         words += ["-m", "layer7", "--l7proto", rule.l7proto]
     words += ["-m", "comment", "--comment", f'"mark[{rule.number}] {rule.class_name}"']

@@ -160,7 +160,42 @@ BAD_CONFIGS = {
         "mark[1].dst: 'example.com' is not an IPv4/IPv6",
     ),
     "host bits set": (GOOD + '[[mark]]\nclass = "bulk"\nsrc = "198.51.100.7/24"\n', "write 198.51.100.0/24"),
-    "tcp_flags other than syn": (GOOD + RULE + 'tcp_flags = "fin"\n', "mark[1].tcp_flags: 'fin' is not supported"),
+    "tcp_flags a string other than syn": (
+        GOOD + RULE + 'tcp_flags = "fin"\n',
+        """mark[1].tcp_flags: 'fin' is not "syn" or a non-empty list of flag names ("fin", "syn", "rst", "ack"), e.g. ["ack"]""",
+    ),
+    "tcp_flags an empty list": (GOOD + RULE + "tcp_flags = []\n", 'mark[1].tcp_flags: [] is not "syn" or a non-empty'),
+    "tcp_flags an unknown flag": (
+        GOOD + RULE + 'tcp_flags = ["ack", "psh"]\n',
+        'mark[1].tcp_flags: \'psh\' is not a flag this match knows: use "fin", "syn", "rst", "ack"',
+    ),
+    "tcp_flags a flag twice": (GOOD + RULE + 'tcp_flags = ["ack", "ACK"]\n', "names a flag twice"),
+    "tcp_flags list without proto": (
+        GOOD + '[[mark]]\nclass = "bulk"\ntcp_flags = ["ack"]\n',
+        "mark[1].tcp_flags: needs proto = \"tcp\", not 'all'",
+    ),
+    "src_mac not a mac": (
+        GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = "02:00:00:00:01"\n',
+        "mark[1].src_mac: '02:00:00:00:01' is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01",
+    ),
+    "src_mac multicast": (
+        GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = "01:00:5e:00:00:01"\n',
+        "mark[1].src_mac: '01:00:5e:00:00:01' is a multicast address",
+    ),
+    "src_mac not a string": (GOOD + '[[mark]]\nclass = "bulk"\nsrc_mac = 2\n', "mark[1].src_mac: must be a string"),
+    "dscp 64": (GOOD + RULE + "dscp = 64\n", "mark[1].dscp: 64 is not a DSCP: use 0..63 or a name"),
+    "dscp EF2": (GOOD + RULE + 'dscp = "EF2"\n', "mark[1].dscp: 'EF2' is not a DSCP"),
+    "dscp true": (GOOD + RULE + "dscp = true\n", "mark[1].dscp: True is not a DSCP"),
+    "length backwards": (
+        GOOD + RULE + 'length = "200:100"\n',
+        "mark[1].length: '200:100' runs backwards: write the lower bound first (100:200)",
+    ),
+    "length out of range": (GOOD + RULE + "length = 70000\n", "mark[1].length: 70000 is out of range"),
+    "length not a range": (GOOD + RULE + 'length = "small"\n', "mark[1].length: 'small' is not a length"),
+    "length below any IPv6 packet": (
+        GOOD + RULE + 'dst = "fd00::1"\nlength = "0:39"\n',
+        "mark[1].length: an IPv6 packet is at least 40 bytes, so this never matches",
+    ),
     "tcp_flags with udp": (
         GOOD + '[[mark]]\nclass = "bulk"\nproto = "udp"\ntcp_flags = "syn"\n',
         'needs proto = "tcp"',

@@ -380,6 +380,69 @@ def test_mark_rewrites_the_direction_in_rules(booted, cli, config):
     assert "--sport 22" not in restored  # a direction = "in" rule is no netfilter rule
 
 
+IN_RULE = '\n[[mark]]\nclass = "ssh"\ndirection = "in"\n'
+
+
+def _rule_filters(booted, cli, write_config, keys: str) -> list[str]:
+    """The filter lines shape-mark writes for one more direction = "in" rule (after the config's sport 22)."""
+    result = cli(mark_app, "--config", str(write_config(CONFIG + IN_RULE + keys)))
+
+    assert result.exit_code == 0, result.stderr
+    return booted.batches()[0].splitlines()[2:]
+
+
+def test_an_in_rule_on_dscp_matches_the_tos_byte_and_the_traffic_class(booted, cli, write_config):
+    assert _rule_filters(booted, cli, write_config, 'dscp = "EF"\n') == [
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 match u32 0x00b80000 0x00fc0000 at 0 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 match u32 0x0b800000 0x0fc00000 at 0 flowid 5c:10",
+    ]
+
+
+def test_an_in_rule_on_length_matches_ipv4_total_length_and_ipv6_payload_length_in_blocks(booted, cli, write_config):
+    # 0..128 bytes: IPv4 total length 0..127 and 128; IPv6 payload length 0..88 (its 40-byte header not counted there).
+    assert _rule_filters(booted, cli, write_config, 'length = "0:128"\n') == [
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 match u32 0x00000000 0x0000ff80 at 0 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 match u32 0x00000080 0x0000ffff at 0 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 match u32 0x00000000 0xffc00000 at 4 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 match u32 0x00400000 0xfff00000 at 4 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 match u32 0x00500000 0xfff80000 at 4 flowid 5c:10",
+        "filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 match u32 0x00580000 0xffff0000 at 4 flowid 5c:10",
+    ]
+
+
+def test_an_in_rule_on_a_length_below_40_bytes_is_ipv4_only(booted, cli, write_config):
+    assert _rule_filters(booted, cli, write_config, "length = 28\n") == [
+        "filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 match u32 0x0000001c 0x0000ffff at 0 flowid 5c:10",
+    ]
+
+
+def test_an_in_rule_on_a_tcp_flags_list_masks_fin_syn_rst_ack(booted, cli, write_config):
+    lines = _rule_filters(booted, cli, write_config, 'proto = "tcp"\ntcp_flags = ["ack", "fin"]\n')
+
+    assert lines == [
+        f"filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 {TCP4} match u32 0x00110000 0x00170000 at 32 flowid 5c:10",
+        f"filter add dev ifb-eth0 parent 5c: protocol ipv6 pref 4001 u32 {TCP6} match u32 0x00110000 0x00170000 at 52 flowid 5c:10",
+    ]
+
+
+def test_an_in_rule_with_every_new_key_keys_each_length_block(booted, cli, write_config):
+    keys = 'proto = "tcp"\ntcp_flags = ["ack"]\ndscp = "cs1"\nlength = "40:64"\ndst = "198.51.100.0/24"\n'
+
+    assert _rule_filters(booted, cli, write_config, keys) == [
+        f"filter add dev ifb-eth0 parent 5c: protocol ip pref 4000 u32 match u32 0xc6336400 0xffffff00 at 16 {TCP4} "
+        f"match u32 0x00100000 0x00170000 at 32 match u32 0x00200000 0x00fc0000 at 0 match u32 0x{v:08x} 0x{m:08x} at 0 flowid 5c:10"
+        for v, m in ((40, 0xFFF8), (48, 0xFFF0), (64, 0xFFFF))
+    ]
+
+
+def test_length_blocks_cover_the_range_exactly():
+    for first, last in ((0, 128), (40, 1500), (1, 65535), (7, 7)):
+        covered = {
+            n for value, mask in plan_ingress.range_blocks(first, last) for n in range(65536) if n & mask == value
+        }
+        assert covered == set(range(first, last + 1))
+
+
 def test_init_takes_away_ingress_shaping_the_config_no_longer_has(system, cli, write_config, mocker):
     with_ifb(mocker, system, OUR_HOOK)
 
@@ -435,6 +498,8 @@ def test_check_names_a_missing_cap_filter_and_a_stray_one():
          'device.eth0.ingress.classes.ssh.mark: arriving packets have no netfilter mark yet: pick this class with a [[mark]] rule with direction = "in"'),
         (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "in"\nl7proto = "ssh"\n',
          "mark[2].l7proto: the layer7 match is netfilter's"),
+        (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "in"\nsrc_mac = "02:00:00:00:00:01"\n',
+         "mark[2].src_mac: arriving packets are classed on the IFB from their network header, where no MAC is"),
         (CONFIG + '\n[[mark]]\nclass = "nosuch"\ndirection = "in"\n',
          "mark[2].class: 'nosuch' is not a class of [device.eth0.ingress]"),
         (CONFIG + '\n[[mark]]\nclass = "ssh"\ndirection = "up"\n',

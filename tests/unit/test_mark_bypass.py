@@ -423,3 +423,152 @@ def test_dry_run_needs_no_root(system, cli, mocker, app):
     assert result.exit_code == 0, result.stderr
     assert "# not root: IPv4 chains unread; planned as a first install\n" in result.stdout
     assert [argv for argv, _ in system.calls if argv[0] not in ("tc", "ip")] == []  # no netfilter or ipset reads
+
+
+SEED_DEVICES = SEED_CONFIG.read_text().split("[[mark]]")[0]
+# The wondershaper small-packet rule first, then a connection rule, then VoIP's EF and a rule after the last
+# per-packet one.
+PER_PACKET_RULES = (
+    '[[mark]]\nclass = "high"\nlength = "0:128"\n'
+    '[[mark]]\nclass = "high"\nproto = "tcp"\ntcp_flags = ["ack"]\n'
+    '[[mark]]\nclass = "torrent"\nproto = "tcp"\nsport = "61000:63000"\n'
+    '[[mark]]\nclass = "high"\nproto = "udp"\ndscp = "ef"\n'
+    '[[mark]]\nclass = "torrent"\nproto = "udp"\ndport = 5000\n'
+)
+
+
+def _chains(text: str) -> dict[str, list[str]]:
+    chains: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("-A "):
+            chains.setdefault(line.split()[1], []).append(line)
+    return chains
+
+
+def test_per_packet_rules_run_before_the_saved_mark_is_restored_and_the_rest_after(system, cli, write_config):
+    result = cli(mark_app, "--config", str(write_config(SEED_DEVICES + PER_PACKET_RULES)))
+
+    assert result.exit_code == 0, result.stderr
+    v4, v6 = (text for argv, text in system.calls if argv in (V4, V6))
+    assert v4 == v6
+    chains = _chains(v4)
+    assert chains["SHAPEKIT-DECIDE"] == [
+        "-A SHAPEKIT-DECIDE -j SHAPEKIT-BYPASS",
+        "-A SHAPEKIT-DECIDE -m mark --mark 1001 -j RETURN",
+        "-A SHAPEKIT-DECIDE -j SHAPEKIT-MARK",
+    ]
+    assert chains["SHAPEKIT-MARK"] == [
+        '-A SHAPEKIT-MARK -m length --length 0:128 -m comment --comment "mark[1] high" -g SHAPEKIT-PKT-11010',
+        "-A SHAPEKIT-MARK -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK ACK "
+        '-m comment --comment "mark[2] high" -g SHAPEKIT-PKT-11010',
+        '-A SHAPEKIT-MARK -p tcp -m tcp --sport 61000:63000 -m comment --comment "mark[3] torrent" -g SHAPEKIT-CONN-11090',
+        '-A SHAPEKIT-MARK -p udp -m dscp --dscp 46 -m comment --comment "mark[4] high" -g SHAPEKIT-PKT-11010',
+        "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j CONNMARK --restore-mark",
+        "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j RETURN",
+        '-A SHAPEKIT-MARK -p udp -m udp --dport 5000 -m comment --comment "mark[5] torrent" -g SHAPEKIT-CONN-11090',
+    ]
+    assert chains["SHAPEKIT-PKT-11010"] == ["-A SHAPEKIT-PKT-11010 -j MARK --set-mark 11010"]  # not saved
+    assert chains["SHAPEKIT-CONN-11090"] == [
+        "-A SHAPEKIT-CONN-11090 -j MARK --set-mark 11090",
+        "-A SHAPEKIT-CONN-11090 -m conntrack ! --ctstate RELATED -j CONNMARK --save-mark",
+    ]
+
+
+def test_bypass_writes_the_same_decide_chain_as_mark(system, cli, write_config):
+    cli(bypass_app, "--config", str(write_config(SEED_DEVICES + PER_PACKET_RULES)))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    assert "-A SHAPEKIT-DECIDE -m connmark" not in v4
+
+
+def test_each_family_restores_the_saved_mark_after_its_own_last_per_packet_rule(system, cli, write_config):
+    text = (
+        SEED_DEVICES + '[[mark]]\nclass = "high"\nlength = 28\n'  # below any IPv6 packet: IPv4 only
+        '[[mark]]\nclass = "torrent"\nproto = "tcp"\nsport = 6881\n'
+    )
+
+    cli(mark_app, "--config", str(write_config(text)))
+
+    v4, v6 = (_chains(text) for argv, text in system.calls if argv in (V4, V6))
+    assert v4["SHAPEKIT-MARK"][:3] == [
+        '-A SHAPEKIT-MARK -m length --length 28 -m comment --comment "mark[1] high" -g SHAPEKIT-PKT-11010',
+        "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j CONNMARK --restore-mark",
+        "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j RETURN",
+    ]
+    assert len(v4["SHAPEKIT-DECIDE"]) == 3
+    assert v6["SHAPEKIT-MARK"] == [
+        '-A SHAPEKIT-MARK -p tcp -m tcp --sport 6881 -m comment --comment "mark[2] torrent" -g SHAPEKIT-CONN-11090'
+    ]
+    assert "-A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j CONNMARK --restore-mark" in v6["SHAPEKIT-DECIDE"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "rule"),
+    [
+        ("dscp = 10\n", "-m dscp --dscp 10"),
+        ('dscp = "AF41"\n', "-m dscp --dscp 34"),
+        ('dscp = "cs1"\n', "-m dscp --dscp 8"),
+        ("length = 64\n", "-m length --length 64"),
+        ('length = "1000:65535"\n', "-m length --length 1000:65535"),
+        ('proto = "tcp"\ntcp_flags = ["syn"]\n', "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"),
+        ('proto = "tcp"\ntcp_flags = ["ACK", "syn"]\n', "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN,ACK"),
+        ('proto = "tcp"\ntcp_flags = ["rst"]\n', "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK RST"),
+        ('proto = "tcp"\ntcp_flags = ["fin", "ack"]\n', "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK FIN,ACK"),
+        (
+            'proto = "tcp"\ndport = 443\ntcp_flags = ["ack"]\ndscp = "AF11"\nlength = "0:100"\n',
+            "-p tcp -m tcp --dport 443 --tcp-flags FIN,SYN,RST,ACK ACK -m dscp --dscp 10 -m length --length 0:100",
+        ),
+    ],
+)
+def test_each_new_match_as_its_rule_text(system, cli, write_config, keys, rule):
+    cli(mark_app, "--config", str(write_config(SEED_DEVICES + '[[mark]]\nclass = "high"\n' + keys)))
+
+    v4 = next(text for argv, text in system.calls if argv == V4)
+    assert _chains(v4)["SHAPEKIT-MARK"][0] == (
+        f'-A SHAPEKIT-MARK {rule} -m comment --comment "mark[1] high" -g SHAPEKIT-PKT-11010'
+    )
+
+
+def test_dry_run_shows_the_new_matches(system, cli, write_config):
+    result = cli(mark_app, "--dry-run", "--config", str(write_config(SEED_DEVICES + PER_PACKET_RULES)))
+
+    assert result.exit_code == 0, result.stderr
+    assert '-A SHAPEKIT-MARK -m length --length 0:128 -m comment --comment "mark[1] high"' in result.stdout
+    assert "-A SHAPEKIT-MARK -m connmark ! --mark 0 -j RETURN" in result.stdout
+
+
+def test_src_mac_is_a_bpf_match_on_the_arriving_frames_ethernet_header(system, cli, write_config):
+    rule = '[[mark]]\nclass = "torrent"\nsrc_mac = "02:00:00:0A:bC:01"\n'
+
+    cli(mark_app, "--config", str(write_config(SEED_DEVICES + rule)))
+
+    v4, v6 = (_chains(text)["SHAPEKIT-MARK"] for argv, text in system.calls if argv in (V4, V6))
+    # EtherType 0x0800 (IPv4), else out; source 02:00:00:0a (33554442) and bc:01 (48129), else out.
+    program = "4292870156,21 0 5 {},32 0 0 4292870150,21 0 3 33554442,40 0 0 4292870154,21 0 1 48129,6 0 0 1,6 0 0 0"
+    assert v4 == [
+        f'-A SHAPEKIT-MARK -m bpf --bytecode "8,40 0 0 {program.format(2048)}" '
+        '-m comment --comment "mark[1] torrent" -g SHAPEKIT-CONN-11090'
+    ]
+    assert v6 == [v4[0].replace("21 0 5 2048", "21 0 5 34525")]  # EtherType 0x86dd
+
+
+def test_a_kernel_without_the_bpf_match_refuses_src_mac_before_any_change(system, cli, write_config):
+    rules = '[[mark]]\nclass = "high"\nproto = "icmp"\n[[mark]]\nclass = "torrent"\nsrc_mac = "02:00:00:00:00:01"\n'
+
+    def no_bpf(argv, stdin):
+        if argv[:3] == ("unshare", "--net", "--") and stdin and "-m bpf" in stdin:
+            line = next(n for n, text in enumerate(stdin.splitlines(), 1) if "-m bpf" in text)
+            raise CommandFailed(
+                " ".join(argv), f"iptables-restore: Couldn't load match `bpf'\n\nError occurred at line: {line}\n"
+            )
+
+    system.hooks.append(no_bpf)
+
+    result = cli(mark_app, "--config", str(write_config(SEED_DEVICES + rules)))
+
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(
+        "(src_mac in mark[2] needs the kernel's bpf match, xt_bpf: load it, or remove src_mac)"
+    ), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [argv for argv, _ in system.calls if argv in (V4, V6)] == []
