@@ -19,8 +19,8 @@ import typer
 from shapekit.commands import common
 from shapekit.config.addresses import Network, ValueProblem, parse_host
 from shapekit.config.model import Config, Device
-from shapekit.config.rules import Cap, check_cap
-from shapekit.config.units import UnitError, format_rate, parse_duration, parse_rate
+from shapekit.config.rules import CAP_NOT_A_SHARE, Cap, check_cap
+from shapekit.config.units import PercentError, UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
 from shapekit.plan import ingress as plan_ingress
@@ -149,6 +149,8 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
     host = _host(request.host)
     try:
         rate = parse_rate(request.rate)
+    except PercentError as exc:
+        raise UsageError(f"{exc}: {CAP_NOT_A_SHARE}") from None
     except UnitError as exc:
         raise UsageError(str(exc)) from None
     try:

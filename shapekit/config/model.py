@@ -54,6 +54,16 @@ Classifier = Literal["fw", "classify", "u32"]
 Direction = Literal["out", "in"]
 
 
+# How HTB charges a packet: its length (ethernet) or the 53-byte ATM cells it fills (atm, ADSL).
+LinkLayer = Literal["ethernet", "atm"]
+
+
+LINK_LAYERS: tuple[LinkLayer, ...] = ("ethernet", "atm")
+
+
+MAX_OVERHEAD = 256  # bytes a packet costs on the line beyond its length; HTB takes 0..65535, real lines < 100
+
+
 LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "cake", "pfifo", "none")
 
 
@@ -108,6 +118,8 @@ class Device:
     direction: Direction = "out"
     owner: str = ""  # the configured device an ingress tree belongs to
     ingress: Device | None = None  # [device.X.ingress]
+    overhead: int = 0  # bytes each packet costs on the line beyond its length
+    linklayer: LinkLayer = "ethernet"
 
     @property
     def configured(self) -> str:

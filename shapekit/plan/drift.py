@@ -58,7 +58,13 @@ def planned_tree(cmds: Sequence[Argv]) -> Tree:
         elif cmd[1:3] == ("class", "add"):
             opts = dict(zip(cmd[cmd.index("htb") + 1 :: 2], cmd[cmd.index("htb") + 2 :: 2], strict=False))
             parent = words["parent"] if not words["parent"].endswith(":") else "root"
-            classes[words["classid"]] = TcClass(parent, parse_rate(opts["rate"]), parse_rate(opts["ceil"]))
+            classes[words["classid"]] = TcClass(
+                parent,
+                parse_rate(opts["rate"]),
+                parse_rate(opts["ceil"]),
+                int(opts.get("overhead", 0)),
+                opts.get("linklayer", "ethernet"),
+            )
         elif cmd[1:3] == ("qdisc", "add"):
             leaves[words["parent"]] = cmd[cmd.index("handle") + 2]
     return Tree(default=default, classes=classes, leaves=leaves)
@@ -86,6 +92,8 @@ def diff_tree(dev: str, want: Tree, have: Tree) -> list[str]:
             if not _close(getattr(h, name), getattr(w, name)):
                 got, said = format_rate(getattr(h, name)), format_rate(getattr(w, name))
                 out.append(f"{dev}: class {cid} {name} is {got}, the config says {said}")
+        if w.charged != h.charged:
+            out.append(f"{dev}: class {cid} charges {h.charged}, the config says {w.charged}")
     for parent in sorted((set(want.leaves) | set(have.leaves)) & set(have.classes)):
         if want.leaves.get(parent) != have.leaves.get(parent):
             got, said = have.leaves.get(parent, "none"), want.leaves.get(parent, "none")

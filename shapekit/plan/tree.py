@@ -89,14 +89,28 @@ def quantum(rate: int, line_rate: int) -> int:
     return max(MIN_QUANTUM, rate // 8 // r2q(line_rate))
 
 
-def rate_options(rate: int, ceil: int, line_rate: int, explicit_quantum: int | None = None) -> list[str]:
-    quantum_bytes = quantum(rate, line_rate) if explicit_quantum is None else explicit_quantum
+def rate_options(rate: int, ceil: int, tree: Device, explicit_quantum: int | None = None) -> list[str]:
+    """A class's rates and quantum in `tree`, charged as the tree's line charges a packet."""
+    quantum_bytes = quantum(rate, tree.rate) if explicit_quantum is None else explicit_quantum
     # tc reads a plain number of bytes for the quantum
-    return ["rate", format_rate(rate), "ceil", format_rate(ceil), "quantum", str(quantum_bytes)]
+    return ["rate", format_rate(rate), "ceil", format_rate(ceil), "quantum", str(quantum_bytes), *link_options(tree)]
 
 
-def _class_options(cls: HtbClass, line_rate: int) -> tuple[str, ...]:
-    options = rate_options(cls.rate, cls.ceil, line_rate, cls.quantum)
+def link_options(tree: Device) -> tuple[str, ...]:
+    """HTB's own per-packet accounting for the line (`overhead`, `linklayer`); none on a plain ethernet line.
+
+    Given to every class of the tree (top, bypass, classes, caps): HTB charges each class by its own
+    rate tables. Measured against a size table on the root (`stab`), it is as exact for wire-size
+    packets and closer for GSO super-packets, since the size table reads a super-packet's length
+    without the headers of its later segments (README, Link-layer overhead).
+    """
+    overhead = ("overhead", str(tree.overhead)) if tree.overhead else ()
+    linklayer = ("linklayer", tree.linklayer) if tree.linklayer != "ethernet" else ()
+    return overhead + linklayer
+
+
+def _class_options(cls: HtbClass, tree: Device) -> tuple[str, ...]:
+    options = rate_options(cls.rate, cls.ceil, tree, cls.quantum)
     for name, value in (("burst", cls.burst), ("cburst", cls.cburst)):
         if value is not None:
             options += [name, f"{value}b"]
@@ -124,7 +138,7 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     """Build shapekit's whole HTB tree on an empty root."""
     dev = device.name
     top = classid(TOP_MINOR)
-    line = tuple(rate_options(device.rate, device.rate, device.rate))
+    line = tuple(rate_options(device.rate, device.rate, device))
     cmds = [
         _tc(dev, "qdisc", "add", "root", "handle", root_handle(), "htb", "default", f"{device.default_class.minor:x}"),
         _htb_class(dev, root_handle(), TOP_MINOR, line),
@@ -135,7 +149,7 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     ]
     for cls in device.classes:
         parent = top if cls.parent is None else classid(device.by_name(cls.parent).minor)
-        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls, device.rate)))
+        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls, device)))
         if cls.is_leaf:
             cmds += leaf_qdisc(dev, cls.minor, cls.leaf or device.leaf)
     if device.classifier == "fw":

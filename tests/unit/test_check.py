@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 from paths import SEED_CONFIG
 
@@ -53,6 +55,41 @@ def test_every_kind_of_difference_is_one_line():
         "eth0: class 5c:1010 hangs under 5c:1, the config says 5c:10",
         "eth0: class 5c:1090 ceil is 4mbit, the config says 2048kbit",
         "eth0: leaf qdisc under 5c:2 is pfifo, the config says sfq",
+    ]
+
+
+def atm_seed_tree() -> drift.Tree:
+    config = load_config(SEED_CONFIG, check_owner=False)
+    device = replace(config.devices["eth0"], overhead=10, linklayer="atm")
+    return drift.planned_tree(plan.plan_tree(device, config.bypass))
+
+
+def with_atm(classes: str) -> str:
+    """The class lines as `tc class show` prints a tree whose classes charge overhead 10 and ATM cells."""
+    return re.sub(r"(rate \S+) (ceil \S+)", r"\1 overhead 10 \2 linklayer atm", classes)
+
+
+def test_overhead_and_linklayer_read_back_clean():
+    assert drift.diff_tree("eth0", atm_seed_tree(), drift.kernel_tree(QDISCS, with_atm(TC_CLASSES), "5c:")) == []
+
+
+def test_a_class_without_the_configured_overhead_or_linklayer_is_a_difference():
+    have = with_atm(TC_CLASSES).replace("rate 10Mbit overhead 10 ceil 50Mbit linklayer atm", "rate 10Mbit ceil 50Mbit")
+    have = have.replace(
+        "rate 100Mbit overhead 10 ceil 100Mbit linklayer atm burst 1600b cburst 1600b\n",
+        "rate 100Mbit overhead 10 ceil 100Mbit burst 1600b cburst 1600b\n",
+        1,
+    )
+
+    lines = drift.diff_tree("eth0", atm_seed_tree(), drift.kernel_tree(QDISCS, have, "5c:"))
+
+    assert lines == [
+        "eth0: class 5c:1 charges overhead 10 linklayer ethernet, the config says overhead 10 linklayer atm",
+        "eth0: class 5c:1010 charges overhead 0 linklayer ethernet, the config says overhead 10 linklayer atm",
+    ]
+    # and the other way: the kernel's classes charge ATM cells the config no longer asks for
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(QDISCS, with_atm(TC_CLASSES), "5c:"))[:1] == [
+        "eth0: class 5c:1 charges overhead 10 linklayer atm, the config says overhead 0 linklayer ethernet"
     ]
 
 

@@ -156,6 +156,21 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
     ]
 
 
+def test_a_run_time_cap_on_a_line_with_overhead_charges_it_too(booted, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = 40\nlinklayer = "atm"\n[device.eth0.limits]'
+    )
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches() == [
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514"
+        " overhead 40 linklayer atm\n"
+        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+    ]
+
+
 def test_a_run_time_cap_given_a_new_rate_keeps_its_class(booted, cli, tmp_path):
     config = str(INCIDENT_CONFIG)
     cli(limit_ip_app, "add", "198.51.100.1", "1mbit", "--config", config)  # 5c:8003
