@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
-from shapekit.config.model import CLASS_NAME, FIRST_MINOR, MAX_MINOR
+from shapekit.config.model import CLASS_NAME, FIRST_MINOR, LINK_LAYERS, MAX_MINOR, MAX_OVERHEAD
 from shapekit.config.units import format_rate
 from shapekit.plan.adopt_mangle import Decisions, Marker, Remark, decide, parse_mangle
 from shapekit.plan.adopt_tc import (
@@ -428,12 +428,23 @@ class _Device:
                     f"{self.dev}: quantum: the script left HTB's own (rate / r2q); shapekit gives each class its own (README, Quantum)"
                 )
             )
-        for k in [*(c.kernel for c in self.tree.classes), *([self.tree.line] if self.tree.line else [])]:
+        self.charge = self._charge()
+
+    def _charge(self) -> tuple[int, str]:
+        """The (overhead, linklayer) every class charges, which the tree's keys carry; plain when classes differ."""
+        line = [self.tree.line] if self.tree.line else []
+        kernels = [*(c.kernel for c in self.tree.classes), *(flat.kernel for _, flat in self.caps), *line]
+        charges = {(k.overhead, k.linklayer) for k in kernels}
+        if len(charges) == 1 and _expressible(*next(iter(charges))):
+            return next(iter(charges))
+        for k in kernels:
             if k.linklayer != "ethernet" or k.overhead:
                 why = (
-                    f"class {k.classid}: linklayer {k.linklayer}, overhead {k.overhead}: shapekit has no such keys yet"
+                    f"class {k.classid}: linklayer {k.linklayer}, overhead {k.overhead}: shapekit charges every class"
+                    f" of a tree alike, overhead 0..{MAX_OVERHEAD} with linklayer {' or '.join(LINK_LAYERS)}"
                 )
                 self.remarks.append(Remark(why, left_out=True))
+        return 0, "ethernet"
 
     def _ingress(self) -> None:
         """An ingress redirect to an IFB with an HTB tree: [device.X.ingress], its u32 filters `direction = "in"` rules."""
@@ -507,6 +518,10 @@ def _class_names(tree: FlatTree, rules: list[Rule]) -> dict[str, str]:
         if CLASS_NAME.match(said) and said not in names.values() and said not in ("default", "bypass", "line"):
             names[classid] = said
     return names
+
+
+def _expressible(overhead: int, linklayer: str) -> bool:
+    return 0 <= overhead <= MAX_OVERHEAD and linklayer in LINK_LAYERS
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -636,6 +651,9 @@ def _tree_lines(device: _Device, key: str) -> list[str]:
     lines.append(f"leaf = {_string(device.leaf)}")
     if device.direction == "out":
         lines.append(f"classifier = {_string(device.classifier)}")
+    overhead, linklayer = device.charge
+    lines += [f"overhead = {overhead}"] if overhead else []
+    lines += [f"linklayer = {_string(linklayer)}"] if linklayer != "ethernet" else []
     taken = collections.Counter(c.kernel.minor for c in tree.classes)
     marks = _class_marks(device) if device.direction == "out" else {}
     ceils: dict[str | None, int] = {None: tree.line_rate}

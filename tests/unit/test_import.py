@@ -294,6 +294,36 @@ def test_a_host_class_behind_an_earlier_rule_stays_a_class_not_a_cap():
     ]
 
 
+def atm_classes(overheads: tuple[int, int, int]) -> str:
+    """HDR_CLASSES as `tc -d class show` prints them when the script gave each class overhead N linklayer atm."""
+    lines = HDR_CLASSES.splitlines()
+    return "".join(
+        line.replace(" ceil ", f" overhead {n} ceil ").replace("linklayer ethernet", "linklayer atm") + "\n"
+        for line, n in zip(lines, overheads, strict=True)
+    )
+
+
+def test_overhead_and_linklayer_every_class_shares_become_the_trees_keys():
+    tree = adopt.TreeReading("eth0", HDR_QDISC, atm_classes((40, 40, 40)), {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert "LEFT OUT" not in imported.text
+    assert 'classifier = "classify"\noverhead = 40\nlinklayer = "atm"\n' in imported.text
+    device = parse_config_text(imported.text, Path("x")).devices["eth0"]
+    assert (device.overhead, device.linklayer) == (40, "atm")
+
+
+def test_classes_that_charge_differently_are_left_out():
+    tree = adopt.TreeReading("eth0", HDR_QDISC, atm_classes((40, 40, 10)), {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert (
+        "# LEFT OUT: class 1:20: linklayer atm, overhead 10: shapekit charges every class of a tree alike,"
+        " overhead 0..256 with linklayer ethernet or atm\n" in imported.text
+    )
+    assert "overhead =" not in imported.text and "linklayer =" not in imported.text
+
+
 def test_a_u32_filter_in_a_hash_table_of_the_scripts_own_is_left_out():
     text = "filter protocol ip pref 1 u32 chain 0 fh 2:7:800 order 2048 key ht 2 bkt 7 *flowid 1:20 not_in_hw\n  match c6120007/ffffffff at 16\n"
     assert "LEFT OUT: a filter in a u32 hash table of the script's own (ht 2)" in made_by_hand(text).text
