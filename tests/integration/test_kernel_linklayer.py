@@ -6,8 +6,9 @@ charges each packet the 53-byte ATM cells it fills (`stab linklayer atm`, a
 mechanism other than the one shapekit uses, so the two check each other).
 shapekit shapes the sender at the same 2mbit. Charged by length, shapekit sends
 more cells than the line carries and the modem's short queue overflows; charged
-by cells (`overhead`, `linklayer = "atm"`), the modem's queue stays empty and
-the goodput is the cell-rounded rate.
+cells but not the overhead, one cell a frame too few, the queue still fills;
+charged both (`overhead`, `linklayer = "atm"`), the modem's queue stays empty
+and the goodput is the cell-rounded rate.
 
 The sender's packets are kept wire-size (`gso_max_segs 1`), as on a DSL line:
 a GSO super-packet is charged its cells as one packet (README, Link-layer overhead).
@@ -25,10 +26,10 @@ import pytest
 from netns import parse_classes
 
 LINE = 2_000_000
-OVERHEAD = 10  # bytes the line adds to each frame (an RFC 2684 bridged LLC encapsulation's 10, without FCS)
+OVERHEAD = 40  # bytes the emulated line adds to each frame: 1514 + 40 fills 33 cells, 1514 alone 32
 MSS = 1448  # iperf3's TCP payload in a 1514-byte frame (1500 MTU, timestamps on)
 FRAME = 1514  # the length HTB sees on a veth: Ethernet header included
-CELL_RATE_GOODPUT = LINE * MSS / (math.ceil((FRAME + OVERHEAD) / 48) * 53)  # 1.7075mbit: 32 cells a frame
+CELL_RATE_GOODPUT = LINE * MSS / (math.ceil((FRAME + OVERHEAD) / 48) * 53)  # 1.6558mbit: 33 cells a frame
 LENGTH_GOODPUT = LINE * MSS / FRAME  # 1.9128mbit: what shapekit gives when it charges lengths
 MODEM_QUEUE = 20  # packets: a DSL modem's queue is short
 
@@ -126,13 +127,20 @@ def test_charged_by_atm_cells_the_modem_queue_stays_empty_and_goodput_is_the_cel
     with atm_modem(pair) as ifb:
         by_length = measure(pair, ifb, "")
         time.sleep(1)  # the modem's queue drains
+        cells_only = measure(pair, ifb, 'linklayer = "atm"')
+        time.sleep(1)
         by_cells = measure(pair, ifb, ATM)
     print(f"by length: goodput {by_length[0] / 1e6:.4f}mbit, modem drops {by_length[1]}, longest queue {by_length[2]}")
+    print(
+        f"cells, no overhead: goodput {cells_only[0] / 1e6:.4f}mbit, modem drops {cells_only[1]}, longest queue {cells_only[2]}"
+    )
     print(f"by cells:  goodput {by_cells[0] / 1e6:.4f}mbit, modem drops {by_cells[1]}, longest queue {by_cells[2]}")
     print(f"predicted: {CELL_RATE_GOODPUT / 1e6:.4f}mbit by cells, {LENGTH_GOODPUT / 1e6:.4f}mbit by length")
 
     # Charged by length, shapekit sends 12% more cells than the line carries: the modem's queue fills and drops.
     assert by_length[1] > 0 and by_length[2] >= MODEM_QUEUE // 2, by_length
+    # Charged cells without the overhead, one cell a frame short: 3% too many, the modem's queue grows all along.
+    assert cells_only[2] >= 8, cells_only
     # Charged by cells, nothing waits at the modem and the goodput is the cell rate's.
     assert by_cells[1] == 0 and by_cells[2] <= 3, by_cells
     assert 0.97 <= by_cells[0] / CELL_RATE_GOODPUT <= 1.01, by_cells
@@ -177,6 +185,6 @@ def test_percentages_overhead_and_linklayer_read_back_and_check_sees_them_lost(n
     check = netpair.shapekit("shape-init", "--check", "--config", config, check=False)
     assert check.returncode == 1, check.stdout + check.stderr
     assert (
-        f"{netpair.dev}: class 5c:10 charges overhead 0 linklayer ethernet, the config says overhead 10 linklayer atm"
+        f"{netpair.dev}: class 5c:10 charges overhead 0 linklayer ethernet, the config says overhead {OVERHEAD} linklayer atm"
         in check.stdout.splitlines()
     ), check.stdout
