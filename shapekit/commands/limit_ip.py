@@ -76,7 +76,7 @@ def _sync_caps_out(
     runner: run.Runner, journal: run.Journal, device: Device, placed: list[PlacedCap], now: float
 ) -> None:
     """A device's new and re-rated cap classes, then its sets swapped in, then the classes no entry points to go."""
-    classes, sets = read.read_cap_classes(runner, device.name), read.read_sets(runner, device.name)
+    classes, sets = read.read_cap_classes(runner, device), read.read_sets(runner, device.name)
     put_back_classes = partial(change.put_back_all_classes, runner, device, classes)
     new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
     journal.change(
@@ -101,7 +101,7 @@ def _sync_caps_out(
 def _sync_caps_in(runner: run.Runner, journal: run.Journal, tree: Device, placed: list[PlacedCap]) -> None:
     """An ingress tree's cap classes and u32 filters, in one batch (filters go before the classes they point to)."""
     present, entries = read.read_u32_filters(runner, tree.name)
-    classes = read.read_cap_classes(runner, tree.name)
+    classes = read.read_cap_classes(runner, tree)
     cmds = plan_ingress.sync_caps(tree, placed, present, plan_ingress.hash_nodes(entries), classes)
     journal.change(
         f"{tree.configured}'s caps on arriving traffic",
@@ -256,7 +256,7 @@ def _put_cap(
 def _class_now(tree: Device, minor: int) -> dict[int, int | None]:
     """One cap class's rate now (None: not there), as change.put_back_classes takes it."""
     found = read.read_class(tree.name, minor)
-    return {minor: found.ceil if found else None}
+    return {minor: plan.configured_rate(found.ceil, tree) if found else None}
 
 
 def _cap_batch(runner: run.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:

@@ -36,6 +36,7 @@ from shapekit.config.model import (
     MAX_OVERHEAD,
     MAX_PRIO,
     MAX_QUANTUM,
+    MIN_OVERHEAD,
     ROOT_MAJOR,
     TOP_MINOR,
     Config,
@@ -277,25 +278,13 @@ def _parse_tree(path: Path, key: str, table: dict[str, Any], shell: Device) -> D
 
 
 def _overhead(path: Path, key: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(
-            path,
-            key,
-            f"{value} is negative, which HTB's per-class overhead cannot be (it only adds bytes):"
-            " write 0, which charges a packet a few bytes more than the line does and so shapes a little below it",
-        )
-    overhead = _int(path, key, value, 0, MAX_OVERHEAD, " bytes each packet costs on the line beyond its length")
+    overhead = _int(
+        path, key, value, MIN_OVERHEAD, MAX_OVERHEAD, " bytes each packet costs on the line beyond its length"
+    )
     return overhead or 0
 
 
 def _linklayer(path: Path, key: str, value: Any) -> LinkLayer:
-    if value == "ptm":
-        raise ConfigError(
-            path,
-            key,
-            "the kernel has no PTM link layer (HTB and tc's size tables know ethernet and atm): for VDSL2's"
-            ' 64b/65b coding write linklayer = "ethernet", overhead = the bytes PTM adds to a packet, and a rate 64/65 of the sync rate',
-        )
     return _choice(path, key, value, LINK_LAYERS)
 
 

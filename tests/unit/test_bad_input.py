@@ -255,27 +255,21 @@ BAD_CONFIGS = {
     "burst as a percentage": (GOOD + 'burst = "10%"\n', "classes.bulk.burst: '10%' is not a size"),
     "quantum as a percentage": (GOOD + 'quantum = "10%"\n', "classes.bulk.quantum: '10%' is not a size"),
     # link-layer overhead
-    "negative overhead": (
-        GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = -4'),
-        "device.eth0.overhead: -4 is negative, which HTB's per-class overhead cannot be (it only adds bytes):"
-        " write 0, which charges a packet a few bytes more than the line does and so shapes a little below it",
+    "overhead below -64": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = -65'),
+        "device.eth0.overhead: -65 is out of range: use -64..256 bytes each packet costs on the line beyond its length",
     ),
     "overhead too big": (
         GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = 1000'),
-        "device.eth0.overhead: 1000 is out of range: use 0..256 bytes each packet costs on the line beyond its length",
+        "device.eth0.overhead: 1000 is out of range: use -64..256 bytes each packet costs on the line beyond its length",
     ),
     "overhead not an integer": (
         GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = "40b"'),
         "device.eth0.overhead: must be an integer, not '40b'",
     ),
-    "ptm link layer": (
-        GOOD.replace('default = "bulk"', 'default = "bulk"\nlinklayer = "ptm"'),
-        "device.eth0.linklayer: the kernel has no PTM link layer (HTB and tc's size tables know ethernet and atm):"
-        ' for VDSL2\'s 64b/65b coding write linklayer = "ethernet", overhead = the bytes PTM adds to a packet, and a rate 64/65 of the sync rate',
-    ),
     "unknown link layer": (
         GOOD + '[device.eth0.ingress]\nrate = "1mbit"\nlinklayer = "adsl"\n',
-        "device.eth0.ingress.linklayer: 'adsl' is not one of 'ethernet', 'atm'",
+        "device.eth0.ingress.linklayer: 'adsl' is not one of 'ethernet', 'atm', 'ptm'",
     ),
     "overhead on a class": (GOOD + "overhead = 10\n", "device.eth0.classes.bulk.overhead: unknown key"),
     "bypass every host": (

@@ -189,3 +189,46 @@ def test_skip_absent_builds_the_devices_that_are_there(system, cli, write_config
     assert skipped.exit_code == 0, skipped.stderr
     assert [b.splitlines()[0] for b in system.batches()] == ["qdisc add dev eth0 root handle 5c: htb default 10"]
     assert refused.exit_code == 2 and "device 'ppp0' does not exist" in refused.stderr
+
+
+def stab_seed_tree(overhead: int, linklayer: str) -> drift.Tree:
+    config = load_config(SEED_CONFIG, check_owner=False)
+    device = replace(config.devices["eth0"], overhead=overhead, linklayer=linklayer)
+    return drift.planned_tree(plan.plan_tree(device, config.bypass))
+
+
+STAB_QDISCS = QDISCS.replace(
+    '"options": {"default": "0x1030"}}',
+    '"options": {"default": "0x1030"}, "stab": {"linklayer": "atm", "overhead": -4, "mtu": 2047, "tsize": 512}}',
+)
+
+
+def test_the_roots_size_table_reads_back_clean():
+    assert drift.diff_tree("eth0", stab_seed_tree(-4, "atm"), drift.kernel_tree(STAB_QDISCS, TC_CLASSES, "5c:")) == []
+
+
+def test_a_missing_or_other_size_table_is_a_difference():
+    assert drift.diff_tree("eth0", stab_seed_tree(-4, "atm"), drift.kernel_tree(QDISCS, TC_CLASSES, "5c:")) == [
+        "eth0: the root's size table is none, the config says overhead -4 linklayer atm"
+    ]
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(STAB_QDISCS, TC_CLASSES, "5c:")) == [
+        "eth0: the root's size table is overhead -4 linklayer atm, the config says none"
+    ]
+
+
+def test_a_ptm_tree_reads_back_clean_and_an_unscaled_one_is_a_difference():
+    # tc prints the kernel's bytes/s as bits: 64/65 of 100mbit is 98461538bit, kept as 12307692 bytes/s
+    scaled = {
+        "100Mbit": "98461536bit",
+        "50Mbit": "49230768bit",
+        "10Mbit": "9846152bit",
+        "512Kbit": "504120bit",
+        "2048Kbit": "2016488bit",
+    }
+    ptm = re.sub(r"\b(100Mbit|50Mbit|10Mbit|512Kbit|2048Kbit)\b", lambda m: scaled[m.group(1)], TC_CLASSES)
+    want = stab_seed_tree(0, "ptm")
+
+    assert drift.diff_tree("eth0", want, drift.kernel_tree(QDISCS, ptm, "5c:")) == []
+    assert "eth0: class 5c:1 rate is 100mbit, the config says 98461538bit" in drift.diff_tree(
+        "eth0", want, drift.kernel_tree(QDISCS, TC_CLASSES, "5c:")
+    )

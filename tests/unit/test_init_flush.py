@@ -349,3 +349,59 @@ def test_flush_of_a_device_without_a_tree_does_nothing(system, cli):
 def test_version_and_help(cli, app):
     assert cli(app, "--version").stdout.startswith("shapekit ")
     assert "--dry-run" in cli(app, "--help").stdout
+
+
+def test_a_negative_overhead_is_the_roots_size_table_and_no_class_charges_its_own(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = -4\nlinklayer = "atm"\n[device.eth0.limits]'
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    batch = system.batches()[0]
+    assert batch.startswith(
+        "qdisc add dev eth0 root handle 5c: stab overhead -4 linklayer atm htb default 10\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
+    )
+    assert "overhead" not in batch.split("\n", 1)[1] and "linklayer" not in batch.split("\n", 1)[1]
+
+
+def test_ptm_writes_every_rate_64_65_of_the_configured_and_the_overhead_per_class(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = 22\nlinklayer = "ptm"\n[device.eth0.limits]'
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    line = "rate 98461538bit ceil 98461538bit quantum 198412 overhead 22"
+    assert system.batches() == [
+        "qdisc add dev eth0 root handle 5c: htb default 10\n"
+        f"class add dev eth0 parent 5c: classid 5c:1 htb {line}\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:2 htb {line}\n"
+        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:10 htb {line}\n"
+        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 504123bit ceil 504123bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 31507bit ceil 31507bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
+    ]
+
+
+def test_ptm_with_a_negative_overhead_is_an_ethernet_size_table_and_scaled_rates(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = -4\nlinklayer = "ptm"\n[device.eth0.limits]'
+    )
+
+    cli(init_app, "--config", str(write_config(text)))
+
+    assert system.batches()[0].startswith(
+        "qdisc add dev eth0 root handle 5c: stab overhead -4 htb default 10\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 98461538bit ceil 98461538bit quantum 198412\n"
+    )

@@ -551,3 +551,27 @@ def test_install_whose_sets_fail_puts_classes_and_sets_back(booted, cli):
         "class change dev eth0 parent 5c:1 classid 5c:8000 htb rate 3mbit ceil 3mbit quantum 5952\n"
     )
     assert not any(argv in (V4, V6) for argv, _ in booted.calls)  # the rules were never reached
+
+
+PTM = 'overhead = 22\nlinklayer = "ptm"\n[device.eth0.limits]'
+
+
+def test_a_ptm_lines_caps_are_written_scaled_and_read_back_as_configured(booted, cli, write_config):
+    config = str(write_config(INCIDENT_CONFIG.read_text().replace("[device.eth0.limits]", PTM)))
+    # the kernel keeps bytes/s: 64/65 of 128kbit is 126030bit, kept as 126024bit
+    booted.answers[CLASSES] = (
+        "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 126024bit overhead 22 ceil 126024bit burst 1600b cburst 1600b \n"
+        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 504120bit overhead 22 ceil 504120bit burst 1600b cburst 1600b \n"
+        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 31504bit overhead 22 ceil 31504bit burst 1600b cburst 1600b \n"
+    )
+
+    assert cli(limit_ip_app, "--config", config).exit_code == 0
+    assert booted.batches() == []  # every cap's class is as configured: nothing to change
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", config)
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches()[-1] == (
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+    )
