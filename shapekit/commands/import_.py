@@ -148,7 +148,7 @@ def _dry_run(devs: list[str]) -> None:
     """What shape-import reads, as a script: it changes nothing whatever it is given."""
     lines = ["# shape-import reads these and changes nothing:"]
     for dev in devs or ["DEV"]:
-        lines += [f"tc -j qdisc show dev {shlex.quote(dev)}", f"tc -d class show dev {shlex.quote(dev)}"]
+        lines += [f"tc -j -d qdisc show dev {shlex.quote(dev)}", f"tc -d class show dev {shlex.quote(dev)}"]
         lines += [
             f"tc filter show dev {shlex.quote(dev)} parent HANDLE:   # each HTB qdisc",
             f"tc -j filter show dev {shlex.quote(dev)} ingress",

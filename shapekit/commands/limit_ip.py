@@ -19,8 +19,8 @@ import typer
 from shapekit.commands import common
 from shapekit.config.addresses import Network, ValueProblem, parse_host
 from shapekit.config.model import Config, Device
-from shapekit.config.rules import Cap, check_cap
-from shapekit.config.units import UnitError, format_rate, parse_duration, parse_rate
+from shapekit.config.rules import CAP_NOT_A_SHARE, Cap, check_cap
+from shapekit.config.units import PercentError, UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
 from shapekit.plan import ingress as plan_ingress
@@ -91,7 +91,7 @@ def _sync_caps_out(
     runner: run.Runner, journal: run.Journal, device: Device, placed: list[PlacedCap], now: float
 ) -> None:
     """A device's new and re-rated cap classes, then its sets swapped in, then the classes no entry points to go."""
-    classes, sets = read.read_cap_classes(runner, device.name), read.read_sets(runner, device.name)
+    classes, sets = read.read_cap_classes(runner, device), read.read_sets(runner, device.name)
     put_back_classes = partial(change.put_back_all_classes, runner, device, classes)
     new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
     journal.change(
@@ -132,7 +132,7 @@ def put_sets(
 def _sync_caps_in(runner: run.Runner, journal: run.Journal, tree: Device, placed: list[PlacedCap]) -> None:
     """An ingress tree's cap classes and u32 filters, in one batch (filters go before the classes they point to)."""
     present, entries = read.read_u32_filters(runner, tree.name)
-    classes = read.read_cap_classes(runner, tree.name)
+    classes = read.read_cap_classes(runner, tree)
     cmds = plan_ingress.sync_caps(tree, placed, present, plan_ingress.hash_nodes(entries), classes)
     journal.change(
         f"{tree.configured}'s caps on arriving traffic",
@@ -180,6 +180,8 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
     host = _host(request.host)
     try:
         rate = parse_rate(request.rate)
+    except PercentError as exc:
+        raise UsageError(f"{exc}: {CAP_NOT_A_SHARE}") from None
     except UnitError as exc:
         raise UsageError(str(exc)) from None
     try:
@@ -287,7 +289,7 @@ def _put_cap(
 def _class_now(tree: Device, minor: int) -> dict[int, int | None]:
     """One cap class's rate now (None: not there), as change.put_back_classes takes it."""
     found = read.read_class(tree.name, minor)
-    return {minor: found.ceil if found else None}
+    return {minor: plan.configured_rate(found.ceil, tree) if found else None}
 
 
 def _cap_batch(runner: run.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:

@@ -37,7 +37,7 @@ def status_sample(options: common.Options, devs: list[str], interval: float) -> 
     time.sleep(interval)
     after = {t.name: read.read_classes(t.name) for t in trees}
     seconds = time.monotonic() - start
-    rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds) for t in trees}
+    rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds, t) for t in trees}
     counters = read.read_rule_counters(options.runner())
     rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

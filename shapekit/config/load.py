@@ -28,23 +28,35 @@ from shapekit.config.model import (
     FIRST_MINOR,
     IMPLICIT_DEFAULT,
     LEAVES,
+    LINK_LAYERS,
     MARK_BASE,
     MAX_BURST,
     MAX_DEPTH,
     MAX_MINOR,
+    MAX_OVERHEAD,
     MAX_PRIO,
     MAX_QUANTUM,
+    MIN_OVERHEAD,
     ROOT_MAJOR,
     TOP_MINOR,
     Config,
     Device,
     HtbClass,
     Leaf,
+    LinkLayer,
     device_name_problem,
     ifb_name,
 )
 from shapekit.config.rules import check_bypass_mark, parse_bypass, parse_limits, parse_marks
-from shapekit.config.units import UnitError, format_rate, parse_rate, parse_size
+from shapekit.config.units import (
+    PercentError,
+    UnitError,
+    format_rate,
+    is_percent,
+    parse_percent,
+    parse_rate,
+    parse_size,
+)
 from shapekit.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -56,10 +68,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_CONFIG = Path("/etc/shapekit/shapekit.toml")
 
 
-_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits", "ingress"}
+_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits", "ingress", "overhead", "linklayer"}
 
 
-_INGRESS_KEYS = {"rate", "default", "leaf", "classes"}
+_INGRESS_KEYS = {"rate", "default", "leaf", "classes", "overhead", "linklayer"}
 
 
 _CLASS_KEYS = {"parent", "rate", "ceil", "prio", "mark", "burst", "cburst", "quantum", "classid", "leaf"}
@@ -157,6 +169,27 @@ def _rate(path: Path, key: str, value: Any) -> int:
         raise ConfigError(path, key, str(exc)) from None
 
 
+def _class_rate(path: Path, key: str, value: Any, parent_ceil: int) -> int:
+    """A class's rate or ceil: a rate, or a percentage of its parent's ceil resolved to bits/s."""
+    if not is_percent(value):
+        return _rate(path, key, value)
+    try:
+        return parse_percent(value, parent_ceil)
+    except UnitError as exc:
+        raise ConfigError(path, key, str(exc)) from None
+
+
+def _line_rate(path: Path, key: str, value: Any) -> int:
+    try:
+        return parse_rate(value)
+    except PercentError as exc:
+        raise ConfigError(
+            path, key, f"{exc}: the line rate is what they are shares of, so write the line's own, e.g. '100mbit'"
+        ) from None
+    except UnitError as exc:
+        raise ConfigError(path, key, str(exc)) from None
+
+
 def _size(path: Path, key: str, value: Any, most: int) -> int | None:
     if value is None:
         return None
@@ -221,7 +254,9 @@ def _parse_tree(path: Path, key: str, table: dict[str, Any], shell: Device) -> D
     """`shell` (name, classifier, direction) with the tree's line rate, default class, leaf qdisc and classes."""
     if "rate" not in table:
         raise ConfigError(path, f"{key}.rate", 'missing: the line rate, e.g. rate = "100mbit"')
-    rate = _rate(path, f"{key}.rate", table["rate"])
+    rate = _line_rate(path, f"{key}.rate", table["rate"])
+    overhead = _overhead(path, f"{key}.overhead", table.get("overhead", 0))
+    linklayer = _linklayer(path, f"{key}.linklayer", table.get("linklayer", "ethernet"))
     leaf = _choice(path, f"{key}.leaf", table.get("leaf", "sfq"), LEAVES)
     classes_raw = _table(path, f"{key}.classes", table.get("classes", {}))
     default = table.get("default")
@@ -237,7 +272,20 @@ def _parse_tree(path: Path, key: str, table: dict[str, Any], shell: Device) -> D
     default_class = next(c for c in classes if c.name == default)
     if not default_class.is_leaf:
         raise ConfigError(path, f"{key}.default", f"{default!r} has child classes; name a leaf class")
-    return replace(shell, rate=rate, default=default, leaf=leaf, classes=classes)
+    return replace(
+        shell, rate=rate, default=default, leaf=leaf, classes=classes, overhead=overhead, linklayer=linklayer
+    )
+
+
+def _overhead(path: Path, key: str, value: Any) -> int:
+    overhead = _int(
+        path, key, value, MIN_OVERHEAD, MAX_OVERHEAD, " bytes each packet costs on the line beyond its length"
+    )
+    return overhead or 0
+
+
+def _linklayer(path: Path, key: str, value: Any) -> LinkLayer:
+    return _choice(path, key, value, LINK_LAYERS)
 
 
 def _parse_classes(
@@ -275,8 +323,9 @@ def _parse_classes(
         parent = table.get("parent")
         if "rate" not in table:
             raise ConfigError(path, f"{key}.rate", "missing: the rate this class is guaranteed")
-        rate = _rate(path, f"{key}.rate", table["rate"])
-        ceil = _rate(path, f"{key}.ceil", table["ceil"]) if "ceil" in table else ceils[parent]
+        # A percentage is of the parent's ceil (the line rate above the top classes).
+        rate = _class_rate(path, f"{key}.rate", table["rate"], ceils[parent])
+        ceil = _class_rate(path, f"{key}.ceil", table["ceil"], ceils[parent]) if "ceil" in table else ceils[parent]
         if rate > ceil:
             raise ConfigError(path, f"{key}.rate", f"{format_rate(rate)} is above the ceil {format_rate(ceil)}")
         if ceil > ceils[parent]:

@@ -54,6 +54,20 @@ Classifier = Literal["fw", "classify", "u32"]
 Direction = Literal["out", "in"]
 
 
+# How the line charges a packet: its length (ethernet), the 53-byte ATM cells it fills (atm, ADSL), or
+# its length in 65-byte PTM units per 64 (ptm, VDSL2: the kernel has no ptm, so rates are scaled by 64/65).
+LinkLayer = Literal["ethernet", "atm", "ptm"]
+
+
+LINK_LAYERS: tuple[LinkLayer, ...] = ("ethernet", "atm", "ptm")
+
+
+# A negative overhead (a line cheaper per packet than the Ethernet header skb->len counts) goes in a
+# size table on the root, whose overhead is a signed int; -64..256 is tc-cake(8)'s range.
+MIN_OVERHEAD = -64
+MAX_OVERHEAD = 256  # bytes a packet costs on the line beyond its length; HTB takes 0..65535, real lines < 100
+
+
 LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "cake", "pfifo", "none")
 
 
@@ -108,6 +122,8 @@ class Device:
     direction: Direction = "out"
     owner: str = ""  # the configured device an ingress tree belongs to
     ingress: Device | None = None  # [device.X.ingress]
+    overhead: int = 0  # bytes each packet costs on the line beyond its length
+    linklayer: LinkLayer = "ethernet"
 
     @property
     def configured(self) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto, parse_ports
-from shapekit.config.units import UnitError, format_rate, parse_rate
+from shapekit.config.units import PercentError, UnitError, format_rate, parse_rate
 from shapekit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -367,6 +367,9 @@ class Cap:
         return (self.dev, self.direction, self.host)
 
 
+CAP_NOT_A_SHARE = "a cap holds a host to a rate of its own, not a share of a class, so write one, e.g. '2mbit'"
+
+
 def check_cap(host: Network, rate: int, line_rate: int) -> str | None:
     """Why this cap is refused, or None. (Own addresses are checked where they can be read.)"""
     if host.prefixlen == 0:
@@ -387,6 +390,8 @@ def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int, ingre
         try:
             host = parse_host(text)
             rate = parse_rate(rate_text)
+        except PercentError as exc:
+            raise ConfigError(path, where, f"{exc}: {CAP_NOT_A_SHARE}") from None
         except (ValueProblem, UnitError) as exc:
             raise ConfigError(path, where, str(exc)) from None
         for direction in directions:

@@ -57,8 +57,15 @@ _FORMAT_RATE = (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1))
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
+_PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
+
+
 class UnitError(ValueError):
     """A value that is not a valid rate or size; the message says why."""
+
+
+class PercentError(UnitError):
+    """A percentage where only a rate of its own makes sense; the caller says why."""
 
 
 def _split(text: str | int, what: str) -> tuple[Decimal, str]:
@@ -85,7 +92,28 @@ def parse_rate(text: str | int) -> int:
     """A tc rate ('100mbit', '512kbps') as bits per second; ambiguous units refused."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise UnitError(f"rate must be a string like '10mbit', not {text!r}")
+    if is_percent(text):
+        raise PercentError(f"{text!r} is a percentage, which only a class's rate and ceil take")
     return _parse_rate(text)
+
+
+def is_percent(text: object) -> bool:
+    """Whether `text` is written as a percentage ('40%', '12.5 %', and also '%' or '0%' to be refused)."""
+    return isinstance(text, str) and text.rstrip().endswith("%")
+
+
+def parse_percent(text: str, whole: int) -> int:
+    """'40%' of `whole` bits/s, rounded down to whole bits/s (tc takes integers; down never exceeds `whole`)."""
+    match = _PERCENT.match(text)
+    if not match:
+        raise UnitError(f"{text!r} is not a percentage (expected a number above 0 and up to 100, e.g. '40%')")
+    share = Decimal(match.group(1))
+    if not 0 < share <= 100:
+        raise UnitError(f"{text!r} is out of range: a share of the parent's ceil is above 0% and up to 100%")
+    bits = int(share * whole / 100)  # int() of a positive Decimal rounds down
+    if bits < MIN_RATE:
+        raise UnitError(f"{text!r} of {format_rate(whole)} is below 8bit (one byte/s), the least HTB takes")
+    return bits
 
 
 @functools.lru_cache(maxsize=1024)  # configs repeat the same few rates thousands of times

@@ -18,6 +18,7 @@ from shapekit.plan.ingress import U32Filter
 from shapekit.plan.mangle import FAMILIES, TOOLS, Chains
 from shapekit.plan.tree import (
     Argv,
+    configured_rate,
     plan_flush,
 )
 
@@ -116,13 +117,13 @@ def put_back_prefs(runner: run.Runner, dev: str, prefs: list[tuple[int, int]], b
 
 def put_back_classes(runner: run.Runner, tree: Device, before: dict[int, int | None]) -> None:
     """The cap classes named in `before` as they were (None: not there); each read by one rtnetlink get."""
-    now = {m: c.ceil for m in before if (c := read.read_class(tree.name, m)) is not None}
+    now = {m: configured_rate(c.ceil, tree) for m in before if (c := read.read_class(tree.name, m)) is not None}
     runner.tc_batch(f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, before, now))
 
 
 def put_back_all_classes(runner: run.Runner, tree: Device, before: dict[int, int]) -> None:
     """Every cap class of a tree as it was."""
-    now = read.read_cap_classes(runner, tree.name)
+    now = read.read_cap_classes(runner, tree)
     runner.tc_batch(
         f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, plan_limits.exactly(before, now), now)
     )
@@ -142,7 +143,7 @@ def put_back_ingress_caps(
 ) -> None:
     """An ingress tree's cap filters and classes as they were."""
     present, entries = read.read_u32_filters(runner, tree.name)
-    now = read.read_cap_classes(runner, tree.name)
+    now = read.read_cap_classes(runner, tree)
     wanted = plan_limits.exactly(classes, now)
     cmds = plan_ingress.sync_cap_filters(tree, filters, wanted, present, plan_ingress.hash_nodes(entries), now)
     runner.tc_batch(f"{tree.name}: put its caps back", cmds)

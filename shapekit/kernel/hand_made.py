@@ -12,7 +12,7 @@ from shapekit.plan import adopt
 
 def read_hand_made_tree(runner: run.Runner, dev: str) -> adopt.TreeReading:
     """What tc holds on `dev` for shape-import: qdiscs, classes (detailed text), each HTB qdisc's filters."""
-    qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
+    qdiscs = runner.query(("tc", "-j", "-d", "qdisc", "show", "dev", dev))  # -d: a size table
     handles = [q["handle"] for q in json.loads(qdiscs or "[]") if q.get("kind") == "htb"]
     has_ingress = any(q.get("kind") in ("ingress", "clsact") for q in json.loads(qdiscs or "[]"))
     return adopt.TreeReading(

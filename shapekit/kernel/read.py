@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from shapekit.config.model import IFB_ALIAS
+from shapekit.config.model import IFB_ALIAS, Device
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.kernel import run
@@ -25,6 +25,7 @@ from shapekit.plan.tree import (
     KERNEL_DEFAULT,
     RootQdisc,
     classid,
+    configured_rate,
     root_handle,
 )
 
@@ -69,12 +70,14 @@ def local_addresses(runner: run.Runner) -> list[ipaddress.IPv4Address | ipaddres
     return [ipaddress.ip_address(a["local"]) for link in links for a in link.get("addr_info", []) if "local" in a]
 
 
-def read_cap_classes(runner: run.Runner, dev: str) -> dict[int, int]:
-    return plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", dev)))
+def read_cap_classes(runner: run.Runner, tree: Device) -> dict[int, int]:
+    """Cap classes (minor → the cap's configured rate, bits/s) of a tree: a ptm tree's rates are written scaled."""
+    classes = plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", tree.name)))
+    return {minor: configured_rate(ceil, tree) for minor, ceil in classes.items()}
 
 
 def read_tree(runner: run.Runner, dev: str, root_handle: str) -> drift.Tree:
-    qdiscs = runner.query(("tc", "-j", "qdisc", "show", "dev", dev))
+    qdiscs = runner.query(("tc", "-j", "-d", "qdisc", "show", "dev", dev))  # -d: the root's size table
     return drift.kernel_tree(qdiscs, runner.query(("tc", "class", "show", "dev", dev)), root_handle)
 
 

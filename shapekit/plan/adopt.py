@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
-from shapekit.config.model import CLASS_NAME, FIRST_MINOR, MAX_MINOR
+from shapekit.config.model import CLASS_NAME, FIRST_MINOR, MAX_MINOR, MAX_OVERHEAD, MIN_OVERHEAD
 from shapekit.config.units import format_rate
 from shapekit.plan.adopt_mangle import Decisions, Marker, Remark, decide, parse_mangle
 from shapekit.plan.adopt_tc import (
@@ -49,7 +49,7 @@ class TreeReading:
     """What tc printed about one device (or its IFB)."""
 
     dev: str
-    qdiscs: str  # tc -j qdisc show dev D
+    qdiscs: str  # tc -j -d qdisc show dev D
     classes: str  # tc -d class show dev D
     filters: dict[str, str]  # HTB qdisc handle ("1:") → tc filter show dev D parent 1:
     ingress: str = "[]"  # tc -j filter show dev D ingress
@@ -428,12 +428,36 @@ class _Device:
                     f"{self.dev}: quantum: the script left HTB's own (rate / r2q); shapekit gives each class its own (README, Quantum)"
                 )
             )
-        for k in [*(c.kernel for c in self.tree.classes), *([self.tree.line] if self.tree.line else [])]:
+        self.charge = self._charge()
+
+    def _charge(self) -> tuple[int, str]:
+        """The (overhead, linklayer) every class charges, or the root's size table does when no class charges
+        anything of its own, which the tree's keys carry; plain when classes differ."""
+        line = [self.tree.line] if self.tree.line else []
+        kernels = [*(c.kernel for c in self.tree.classes), *(flat.kernel for _, flat in self.caps), *line]
+        charges = {(k.overhead, k.linklayer) for k in kernels}
+        stabs = {q.handle: q.stab for q in self.tree.qdiscs.values() if q.stab is not None}
+        root = next((q.handle for q in self.tree.qdiscs.values() if q.parent is None), None)
+        plain = charges <= {(0, "ethernet")}
+        if plain and set(stabs) == {root} and _expressible(*stabs[root], size_table=True):
+            return stabs[root]
+        for handle, (overhead, linklayer) in stabs.items():
+            why = (
+                f"qdisc {handle} size table overhead {overhead} linklayer {linklayer}: shapekit writes one only on"
+                f" the root, for classes that charge nothing of their own, overhead {MIN_OVERHEAD}..{MAX_OVERHEAD}"
+                " with linklayer ethernet or atm"
+            )
+            self.remarks.append(Remark(why, left_out=True))
+        if len(charges) == 1 and _expressible(*next(iter(charges))):
+            return next(iter(charges))
+        for k in kernels:
             if k.linklayer != "ethernet" or k.overhead:
                 why = (
-                    f"class {k.classid}: linklayer {k.linklayer}, overhead {k.overhead}: shapekit has no such keys yet"
+                    f"class {k.classid}: linklayer {k.linklayer}, overhead {k.overhead}: shapekit charges every class"
+                    f" of a tree alike, overhead 0..{MAX_OVERHEAD} with linklayer ethernet or atm"
                 )
                 self.remarks.append(Remark(why, left_out=True))
+        return 0, "ethernet"
 
     def _ingress(self) -> None:
         """An ingress redirect to an IFB with an HTB tree: [device.X.ingress], its u32 filters `direction = "in"` rules."""
@@ -507,6 +531,12 @@ def _class_names(tree: FlatTree, rules: list[Rule]) -> dict[str, str]:
         if CLASS_NAME.match(said) and said not in names.values() and said not in ("default", "bypass", "line"):
             names[classid] = said
     return names
+
+
+def _expressible(overhead: int, linklayer: str, size_table: bool = False) -> bool:
+    """Whether shapekit writes this charge back: a size table also takes a negative overhead (never ptm: no kernel
+    charge is ptm)."""
+    return (MIN_OVERHEAD if size_table else 0) <= overhead <= MAX_OVERHEAD and linklayer in ("ethernet", "atm")
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -636,6 +666,9 @@ def _tree_lines(device: _Device, key: str) -> list[str]:
     lines.append(f"leaf = {_string(device.leaf)}")
     if device.direction == "out":
         lines.append(f"classifier = {_string(device.classifier)}")
+    overhead, linklayer = device.charge
+    lines += [f"overhead = {overhead}"] if overhead else []
+    lines += [f"linklayer = {_string(linklayer)}"] if linklayer != "ethernet" else []
     taken = collections.Counter(c.kernel.minor for c in tree.classes)
     marks = _class_marks(device) if device.direction == "out" else {}
     ceils: dict[str | None, int] = {None: tree.line_rate}

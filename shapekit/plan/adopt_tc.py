@@ -27,6 +27,7 @@ class Qdisc:
     handle: str  # "1:"
     parent: str | None  # a class id ("100:1"), or None for the root
     options: dict[str, Any]
+    stab: tuple[int, str] | None = None  # the size table's (overhead, linklayer), as `tc -j -d` shows it
 
     def describe(self) -> str:
         where = "root" if self.parent is None else f"parent {self.parent}"
@@ -114,6 +115,7 @@ def parse_qdiscs(text: str) -> list[Qdisc]:
             handle=q["handle"],
             parent=None if q.get("root") else q.get("parent"),
             options=q.get("options", {}),
+            stab=(int(q["stab"].get("overhead", 0)), q["stab"].get("linklayer", "ethernet")) if "stab" in q else None,
         )
         for q in json.loads(text or "[]")
         if q.get("kind") not in ("ingress", "clsact") and (q.get("root") or q.get("parent"))

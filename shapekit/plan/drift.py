@@ -27,6 +27,11 @@ class Tree:
     default: str | None  # the root's default class minor, hex ("1030"); None: no shapekit root
     classes: dict[str, TcClass]  # "5c:1030" → class
     leaves: dict[str, str]  # parent class id → leaf qdisc kind
+    stab: str = "none"  # the root's size table, as a person reads it: "overhead -4 linklayer atm"
+
+
+def _stab(overhead: int, linklayer: str) -> str:
+    return f"overhead {overhead} linklayer {linklayer}"
 
 
 def kernel_tree(qdisc_json: str, class_text: str, root_handle: str) -> Tree:
@@ -38,30 +43,43 @@ def kernel_tree(qdisc_json: str, class_text: str, root_handle: str) -> Tree:
     leaves = {
         q["parent"]: q["kind"] for q in qdiscs if not q.get("root") and q.get("parent", "").startswith(root_handle)
     }
-    return Tree(default=default, classes=parse_tc_classes(class_text), leaves=leaves)
+    # `tc -j -d` shows the size table; tc's mtu and tsize are its own defaults, not the config's
+    stab = root.get("stab")
+    shown = _stab(int(stab.get("overhead", 0)), stab.get("linklayer", "ethernet")) if stab else "none"
+    return Tree(default=default, classes=parse_tc_classes(class_text), leaves=leaves, stab=shown)
 
 
 def without(tree: Tree, classids: set[str]) -> Tree:
     """The tree less these classes and their leaves."""
     classes = {cid: c for cid, c in tree.classes.items() if cid not in classids}
     leaves = {parent: kind for parent, kind in tree.leaves.items() if parent not in classids}
-    return Tree(default=tree.default, classes=classes, leaves=leaves)
+    return Tree(default=tree.default, classes=classes, leaves=leaves, stab=tree.stab)
 
 
 def planned_tree(cmds: Sequence[Argv]) -> Tree:
     """The tree a plan's `tc ... add` commands build."""
-    default, classes, leaves = None, {}, {}
+    default, classes, leaves, stab = None, {}, {}, "none"
     for cmd in cmds:
         words = dict(zip(cmd[5::2], cmd[6::2], strict=False)) if len(cmd) > 5 else {}
         if cmd[1:3] == ("qdisc", "add") and "root" in cmd:
             default = cmd[cmd.index("default") + 1]
+            if "stab" in cmd:
+                words = cmd[cmd.index("stab") + 1 : cmd.index("htb")]
+                table = dict(zip(words[::2], words[1::2], strict=True))
+                stab = _stab(int(table["overhead"]), table.get("linklayer", "ethernet"))
         elif cmd[1:3] == ("class", "add"):
             opts = dict(zip(cmd[cmd.index("htb") + 1 :: 2], cmd[cmd.index("htb") + 2 :: 2], strict=False))
             parent = words["parent"] if not words["parent"].endswith(":") else "root"
-            classes[words["classid"]] = TcClass(parent, parse_rate(opts["rate"]), parse_rate(opts["ceil"]))
+            classes[words["classid"]] = TcClass(
+                parent,
+                parse_rate(opts["rate"]),
+                parse_rate(opts["ceil"]),
+                int(opts.get("overhead", 0)),
+                opts.get("linklayer", "ethernet"),
+            )
         elif cmd[1:3] == ("qdisc", "add"):
             leaves[words["parent"]] = cmd[cmd.index("handle") + 2]
-    return Tree(default=default, classes=classes, leaves=leaves)
+    return Tree(default=default, classes=classes, leaves=leaves, stab=stab)
 
 
 def _close(a: int, b: int) -> bool:
@@ -74,6 +92,8 @@ def diff_tree(dev: str, want: Tree, have: Tree) -> list[str]:
     out = []
     if want.default != have.default:
         out.append(f"{dev}: unmarked traffic goes to 5c:{have.default}, the config says 5c:{want.default}")
+    if want.stab != have.stab:
+        out.append(f"{dev}: the root's size table is {have.stab}, the config says {want.stab}")
     for cid in sorted(set(want.classes) - set(have.classes)):
         out.append(f"{dev}: class {cid} is missing")
     for cid in sorted(set(have.classes) - set(want.classes)):
@@ -86,6 +106,8 @@ def diff_tree(dev: str, want: Tree, have: Tree) -> list[str]:
             if not _close(getattr(h, name), getattr(w, name)):
                 got, said = format_rate(getattr(h, name)), format_rate(getattr(w, name))
                 out.append(f"{dev}: class {cid} {name} is {got}, the config says {said}")
+        if w.charged != h.charged:
+            out.append(f"{dev}: class {cid} charges {h.charged}, the config says {w.charged}")
     for parent in sorted((set(want.leaves) | set(have.leaves)) & set(have.classes)):
         if want.leaves.get(parent) != have.leaves.get(parent):
             got, said = have.leaves.get(parent, "none"), want.leaves.get(parent, "none")

@@ -144,7 +144,7 @@ def with_minor(placed: PlacedCap) -> Cap:
 
 def cap_class(tree: Device, minor: int, rate: int, verb: str = "add") -> list[Argv]:
     """A cap's class (rate = ceil) under the top class, and its leaf qdisc."""
-    options = rate_options(rate, rate, tree.rate)
+    options = rate_options(rate, rate, tree)
     cmds: list[Argv] = [
         (
             "tc",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from shapekit.config.model import TOP_MINOR, Device
 from shapekit.config.rules import BYPASS_MINOR
 from shapekit.plan.limits import PlacedCap
-from shapekit.plan.tree import classid
+from shapekit.plan.tree import classid, configured_rate
 
 if TYPE_CHECKING:  # the kernel's classes come in as data: the plan layer never reads the kernel
     from shapekit.kernel.netlink import ClassStats
@@ -20,7 +20,7 @@ class ClassRow:
     name: str
     classid: str
     parent: str
-    rate: int  # bits/s, as the kernel keeps it
+    rate: int  # bits/s, as the kernel keeps it (a ptm tree's: as configured)
     ceil: int
     throughput: float  # bits/s over the interval
     bytes: int
@@ -58,9 +58,12 @@ def _host(placed: PlacedCap) -> str:
 
 
 def class_rows(
-    names: dict[str, str], before: list[ClassStats], after: list[ClassStats], seconds: float
+    names: dict[str, str], before: list[ClassStats], after: list[ClassStats], seconds: float, tree: Device | None = None
 ) -> list[ClassRow]:
-    """Rows for the classes of the second sample, shapekit's in tree order first."""
+    """Rows for the classes of the second sample, shapekit's in tree order first.
+
+    The rates of shapekit's classes in `tree` are shown as configured (a ptm tree's are written 64/65 of them).
+    """
     earlier = {c.classid: c for c in before}
     order = {cid: n for n, cid in enumerate(names)}
     rows = []
@@ -71,8 +74,8 @@ def class_rows(
                 name=names.get(c.classid, "(not shapekit's)"),
                 classid=c.classid,
                 parent=c.parent,
-                rate=c.rate,
-                ceil=c.ceil,
+                rate=configured_rate(c.rate, tree) if tree and c.classid in names else c.rate,
+                ceil=configured_rate(c.ceil, tree) if tree and c.classid in names else c.ceil,
                 throughput=max(sent, 0) * 8 / seconds,
                 bytes=c.bytes,
                 packets=c.packets,

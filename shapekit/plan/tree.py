@@ -89,14 +89,59 @@ def quantum(rate: int, line_rate: int) -> int:
     return max(MIN_QUANTUM, rate // 8 // r2q(line_rate))
 
 
-def rate_options(rate: int, ceil: int, line_rate: int, explicit_quantum: int | None = None) -> list[str]:
-    quantum_bytes = quantum(rate, line_rate) if explicit_quantum is None else explicit_quantum
+# PTM (VDSL2) sends 65 bytes for every 64; neither HTB nor tc's size tables know it, so a ptm tree's
+# rates are written 64/65 of the configured ones, rounded down (tc-cake(8), sqm-scripts do the same).
+PTM_PAYLOAD, PTM_WIRE = 64, 65
+
+
+def wire_rate(rate: int, tree: Device) -> int:
+    """The rate (bits/s) tc is given for a configured `rate` of `tree`: 64/65 of it on a ptm line."""
+    return rate * PTM_PAYLOAD // PTM_WIRE if tree.linklayer == "ptm" else rate
+
+
+def configured_rate(wire: int, tree: Device) -> int:
+    """The configured rate a rate read from the kernel stands for: `wire_rate` undone (rounded up)."""
+    return -(-wire * PTM_WIRE // PTM_PAYLOAD) if tree.linklayer == "ptm" else wire
+
+
+def rate_options(rate: int, ceil: int, tree: Device, explicit_quantum: int | None = None) -> list[str]:
+    """A class's rates and quantum in `tree`, charged as the tree's line charges a packet."""
+    quantum_bytes = quantum(rate, tree.rate) if explicit_quantum is None else explicit_quantum
     # tc reads a plain number of bytes for the quantum
-    return ["rate", format_rate(rate), "ceil", format_rate(ceil), "quantum", str(quantum_bytes)]
+    rates = ["rate", format_rate(wire_rate(rate, tree)), "ceil", format_rate(wire_rate(ceil, tree))]
+    return [*rates, "quantum", str(quantum_bytes), *link_options(tree)]
 
 
-def _class_options(cls: HtbClass, line_rate: int) -> tuple[str, ...]:
-    options = rate_options(cls.rate, cls.ceil, line_rate, cls.quantum)
+def link_options(tree: Device) -> tuple[str, ...]:
+    """HTB's own per-packet accounting for the line (`overhead`, `linklayer`); none on a plain ethernet line.
+
+    Given to every class of the tree (top, bypass, classes, caps): HTB charges each class by its own
+    rate tables. Measured against a size table on the root (`stab`), it is as exact for wire-size
+    packets and closer for GSO super-packets, since the size table reads a super-packet's length
+    without the headers of its later segments (README, Link-layer overhead). HTB's overhead is
+    unsigned: a negative one goes in the root's size table instead (`size_table`), and then no class
+    charges anything of its own.
+    """
+    if tree.overhead < 0:
+        return ()
+    overhead = ("overhead", str(tree.overhead)) if tree.overhead else ()
+    linklayer = ("linklayer", "atm") if tree.linklayer == "atm" else ()
+    return overhead + linklayer
+
+
+def size_table(tree: Device) -> tuple[str, ...]:
+    """The root's size table (`stab`) for a negative overhead, which every class of the tree then sees; else none.
+
+    tc's defaults cover 2047 bytes (a 1500-byte MTU's frame) and the kernel extrapolates longer
+    packets (GSO super-packets, larger MTUs) from the table's last slot.
+    """
+    if tree.overhead >= 0:
+        return ()
+    return ("stab", "overhead", str(tree.overhead), *(("linklayer", "atm") if tree.linklayer == "atm" else ()))
+
+
+def _class_options(cls: HtbClass, tree: Device) -> tuple[str, ...]:
+    options = rate_options(cls.rate, cls.ceil, tree, cls.quantum)
     for name, value in (("burst", cls.burst), ("cburst", cls.cburst)):
         if value is not None:
             options += [name, f"{value}b"]
@@ -124,9 +169,20 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     """Build shapekit's whole HTB tree on an empty root."""
     dev = device.name
     top = classid(TOP_MINOR)
-    line = tuple(rate_options(device.rate, device.rate, device.rate))
+    line = tuple(rate_options(device.rate, device.rate, device))
     cmds = [
-        _tc(dev, "qdisc", "add", "root", "handle", root_handle(), "htb", "default", f"{device.default_class.minor:x}"),
+        _tc(
+            dev,
+            "qdisc",
+            "add",
+            "root",
+            "handle",
+            root_handle(),
+            *size_table(device),
+            "htb",
+            "default",
+            f"{device.default_class.minor:x}",
+        ),  # fmt: skip
         _htb_class(dev, root_handle(), TOP_MINOR, line),
         # Bypassed traffic is not shaped: a class guaranteed the whole line, under the top class so
         # that bypassed and shaped traffic together never exceed the line (the seed's 100:1).
@@ -135,7 +191,7 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     ]
     for cls in device.classes:
         parent = top if cls.parent is None else classid(device.by_name(cls.parent).minor)
-        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls, device.rate)))
+        cmds.append(_htb_class(dev, parent, cls.minor, _class_options(cls, device)))
         if cls.is_leaf:
             cmds += leaf_qdisc(dev, cls.minor, cls.leaf or device.leaf)
     if device.classifier == "fw":

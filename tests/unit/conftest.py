@@ -29,6 +29,8 @@ class System:
             hook(argv, stdin)
         if argv in self.answers:
             return self.answers[argv]
+        if argv[:4] == ("tc", "-j", "-d", "qdisc"):  # with the size table: the same roots
+            argv = argv[:2] + argv[3:]
         if argv[:4] == ("tc", "-j", "qdisc", "show"):
             if len(argv) > 4:  # one device's root
                 return json.dumps([self.roots.get(argv[5], {"kind": "noqueue", "handle": "0:", "root": True})])

@@ -250,6 +250,63 @@ BAD_CONFIGS = {
         GOOD + RULE + 'sport = ["1:2", "3:4", "5:6", "7:8", "9:10", "11:12", "13:14", "15:16"]\n',
         "a range counts 2",
     ),
+    # percentages: of a parent's ceil, so only a class's rate and ceil
+    "line rate as a percentage": (
+        '[device.eth0]\nrate = "40%"\n',
+        "device.eth0.rate: '40%' is a percentage, which only a class's rate and ceil take: the line rate is what"
+        " they are shares of, so write the line's own, e.g. '100mbit'",
+    ),
+    "ingress line rate as a percentage": (
+        GOOD + '[device.eth0.ingress]\nrate = "100%"\n',
+        "device.eth0.ingress.rate: '100%' is a percentage, which only a class's rate and ceil take: the line rate",
+    ),
+    "cap as a percentage": (
+        GOOD + '[device.eth0.limits]\n"198.51.100.7" = "50%"\n',
+        "device.eth0.limits.\"198.51.100.7\": '50%' is a percentage, which only a class's rate and ceil take:"
+        " a cap holds a host to a rate of its own, not a share of a class, so write one, e.g. '2mbit'",
+    ),
+    "cap table as a percentage": (
+        GOOD + '[device.eth0.limits]\n"198.51.100.7" = { rate = "50%", direction = "out" }\n',
+        "'50%' is a percentage, which only a class's rate and ceil take: a cap holds a host",
+    ),
+    "zero percent": (
+        GOOD.replace('rate = "1mbit"', 'rate = "0%"'),
+        "classes.bulk.rate: '0%' is out of range: a share of the parent's ceil is above 0% and up to 100%",
+    ),
+    "above 100 percent": (GOOD.replace('rate = "1mbit"', 'ceil = "150%"\nrate = "1mbit"'), "'150%' is out of range"),
+    "a percent sign alone": (
+        GOOD.replace('rate = "1mbit"', 'rate = "%"'),
+        "classes.bulk.rate: '%' is not a percentage (expected a number above 0 and up to 100, e.g. '40%')",
+    ),
+    "negative percent": (GOOD.replace('rate = "1mbit"', 'rate = "-5%"'), "'-5%' is not a percentage"),
+    "percent of a tiny ceil below a byte": (
+        '[device.eth0]\nrate = "1kbit"\ndefault = "a"\n[device.eth0.classes.a]\nrate = "0.1%"\n',
+        "classes.a.rate: '0.1%' of 1kbit is below 8bit (one byte/s), the least HTB takes",
+    ),
+    "percent rate above the ceil (60% of the parent's ceil, not its rate)": (
+        GOOD.replace('rate = "1mbit"', 'rate = "60%"\nceil = "2mbit"'),
+        "classes.bulk.rate: 60mbit is above the ceil 2mbit",
+    ),
+    "burst as a percentage": (GOOD + 'burst = "10%"\n', "classes.bulk.burst: '10%' is not a size"),
+    "quantum as a percentage": (GOOD + 'quantum = "10%"\n', "classes.bulk.quantum: '10%' is not a size"),
+    # link-layer overhead
+    "overhead below -64": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = -65'),
+        "device.eth0.overhead: -65 is out of range: use -64..256 bytes each packet costs on the line beyond its length",
+    ),
+    "overhead too big": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = 1000'),
+        "device.eth0.overhead: 1000 is out of range: use -64..256 bytes each packet costs on the line beyond its length",
+    ),
+    "overhead not an integer": (
+        GOOD.replace('default = "bulk"', 'default = "bulk"\noverhead = "40b"'),
+        "device.eth0.overhead: must be an integer, not '40b'",
+    ),
+    "unknown link layer": (
+        GOOD + '[device.eth0.ingress]\nrate = "1mbit"\nlinklayer = "adsl"\n',
+        "device.eth0.ingress.linklayer: 'adsl' is not one of 'ethernet', 'atm', 'ptm'",
+    ),
+    "overhead on a class": (GOOD + "overhead = 10\n", "device.eth0.classes.bulk.overhead: unknown key"),
     "bypass every host": (
         GOOD + '[bypass]\nhosts = ["0.0.0.0/0"]\n',
         "bypass.hosts: 0.0.0.0/0 would bypass every host",
@@ -514,6 +571,17 @@ def test_a_duration_that_is_empty_or_no_time_is_refused(system, cli_runner_limit
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("shape-limit-ip: --for: ") and result.stderr.count("\n") == 1
     assert system.batches() == []
+
+
+def test_a_run_time_cap_as_a_percentage_is_refused(system, cli_runner_limit):
+    result = cli_runner_limit("add", "198.51.100.7", "50%")
+
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (
+        "shape-limit-ip: '50%' is a percentage, which only a class's rate and ceil take: a cap holds a host to a"
+        " rate of its own, not a share of a class, so write one, e.g. '2mbit'\n"
+    )
+    assert system.calls == []
 
 
 @pytest.fixture

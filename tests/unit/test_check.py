@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 from paths import SEED_CONFIG
 
@@ -53,6 +55,41 @@ def test_every_kind_of_difference_is_one_line():
         "eth0: class 5c:1010 hangs under 5c:1, the config says 5c:10",
         "eth0: class 5c:1090 ceil is 4mbit, the config says 2048kbit",
         "eth0: leaf qdisc under 5c:2 is pfifo, the config says sfq",
+    ]
+
+
+def atm_seed_tree() -> drift.Tree:
+    config = load_config(SEED_CONFIG, check_owner=False)
+    device = replace(config.devices["eth0"], overhead=10, linklayer="atm")
+    return drift.planned_tree(plan.plan_tree(device, config.bypass))
+
+
+def with_atm(classes: str) -> str:
+    """The class lines as `tc class show` prints a tree whose classes charge overhead 10 and ATM cells."""
+    return re.sub(r"(rate \S+) (ceil \S+)", r"\1 overhead 10 \2 linklayer atm", classes)
+
+
+def test_overhead_and_linklayer_read_back_clean():
+    assert drift.diff_tree("eth0", atm_seed_tree(), drift.kernel_tree(QDISCS, with_atm(TC_CLASSES), "5c:")) == []
+
+
+def test_a_class_without_the_configured_overhead_or_linklayer_is_a_difference():
+    have = with_atm(TC_CLASSES).replace("rate 10Mbit overhead 10 ceil 50Mbit linklayer atm", "rate 10Mbit ceil 50Mbit")
+    have = have.replace(
+        "rate 100Mbit overhead 10 ceil 100Mbit linklayer atm burst 1600b cburst 1600b\n",
+        "rate 100Mbit overhead 10 ceil 100Mbit burst 1600b cburst 1600b\n",
+        1,
+    )
+
+    lines = drift.diff_tree("eth0", atm_seed_tree(), drift.kernel_tree(QDISCS, have, "5c:"))
+
+    assert lines == [
+        "eth0: class 5c:1 charges overhead 10 linklayer ethernet, the config says overhead 10 linklayer atm",
+        "eth0: class 5c:1010 charges overhead 0 linklayer ethernet, the config says overhead 10 linklayer atm",
+    ]
+    # and the other way: the kernel's classes charge ATM cells the config no longer asks for
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(QDISCS, with_atm(TC_CLASSES), "5c:"))[:1] == [
+        "eth0: class 5c:1 charges overhead 10 linklayer atm, the config says overhead 0 linklayer ethernet"
     ]
 
 
@@ -152,3 +189,46 @@ def test_skip_absent_builds_the_devices_that_are_there(system, cli, write_config
     assert skipped.exit_code == 0, skipped.stderr
     assert [b.splitlines()[0] for b in system.batches()] == ["qdisc add dev eth0 root handle 5c: htb default 10"]
     assert refused.exit_code == 2 and "device 'ppp0' does not exist" in refused.stderr
+
+
+def stab_seed_tree(overhead: int, linklayer: str) -> drift.Tree:
+    config = load_config(SEED_CONFIG, check_owner=False)
+    device = replace(config.devices["eth0"], overhead=overhead, linklayer=linklayer)
+    return drift.planned_tree(plan.plan_tree(device, config.bypass))
+
+
+STAB_QDISCS = QDISCS.replace(
+    '"options": {"default": "0x1030"}}',
+    '"options": {"default": "0x1030"}, "stab": {"linklayer": "atm", "overhead": -4, "mtu": 2047, "tsize": 512}}',
+)
+
+
+def test_the_roots_size_table_reads_back_clean():
+    assert drift.diff_tree("eth0", stab_seed_tree(-4, "atm"), drift.kernel_tree(STAB_QDISCS, TC_CLASSES, "5c:")) == []
+
+
+def test_a_missing_or_other_size_table_is_a_difference():
+    assert drift.diff_tree("eth0", stab_seed_tree(-4, "atm"), drift.kernel_tree(QDISCS, TC_CLASSES, "5c:")) == [
+        "eth0: the root's size table is none, the config says overhead -4 linklayer atm"
+    ]
+    assert drift.diff_tree("eth0", seed_tree(), drift.kernel_tree(STAB_QDISCS, TC_CLASSES, "5c:")) == [
+        "eth0: the root's size table is overhead -4 linklayer atm, the config says none"
+    ]
+
+
+def test_a_ptm_tree_reads_back_clean_and_an_unscaled_one_is_a_difference():
+    # tc prints the kernel's bytes/s as bits: 64/65 of 100mbit is 98461538bit, kept as 12307692 bytes/s
+    scaled = {
+        "100Mbit": "98461536bit",
+        "50Mbit": "49230768bit",
+        "10Mbit": "9846152bit",
+        "512Kbit": "504120bit",
+        "2048Kbit": "2016488bit",
+    }
+    ptm = re.sub(r"\b(100Mbit|50Mbit|10Mbit|512Kbit|2048Kbit)\b", lambda m: scaled[m.group(1)], TC_CLASSES)
+    want = stab_seed_tree(0, "ptm")
+
+    assert drift.diff_tree("eth0", want, drift.kernel_tree(QDISCS, ptm, "5c:")) == []
+    assert "eth0: class 5c:1 rate is 100mbit, the config says 98461538bit" in drift.diff_tree(
+        "eth0", want, drift.kernel_tree(QDISCS, TC_CLASSES, "5c:")
+    )

@@ -142,7 +142,7 @@ def test_a_rule_shapekit_cannot_express_says_why(line, problem):
 def answer_recorded(system, name: str) -> None:
     case = DATA / name
     system.roots["eth0"] = {"kind": "htb", "handle": "1:", "root": True}
-    system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = (case / "qdisc.json").read_text()
+    system.answers[("tc", "-j", "-d", "qdisc", "show", "dev", "eth0")] = (case / "qdisc.json").read_text()
     system.answers[("tc", "-d", "class", "show", "dev", "eth0")] = (case / "class.txt").read_text()
     for path in case.glob("filter-*.txt"):
         system.answers[("tc", "filter", "show", "dev", "eth0", "parent", path.stem.split("-")[1] + ":")] = (
@@ -155,7 +155,7 @@ def answer_recorded(system, name: str) -> None:
 
 def test_import_prints_the_config_and_exits_0_when_all_is_expressed(system, cli):
     system.roots["eth0"] = {"kind": "htb", "handle": "1:", "root": True}
-    system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = HDR_QDISC
+    system.answers[("tc", "-j", "-d", "qdisc", "show", "dev", "eth0")] = HDR_QDISC
     system.answers[("tc", "-d", "class", "show", "dev", "eth0")] = HDR_CLASSES
     system.answers[("tc", "filter", "show", "dev", "eth0", "parent", "1:")] = u32(1, "1:20", "c6120028/ffffff00 at 16")
     result = cli(import_app, "--dev", "eth0")
@@ -219,7 +219,7 @@ def test_dry_run_lists_what_it_would_read(system, cli):
     assert result.exit_code == 0
     assert result.stdout.splitlines()[:3] == [
         "# shape-import reads these and changes nothing:",
-        "tc -j qdisc show dev eth0",
+        "tc -j -d qdisc show dev eth0",
         "tc -d class show dev eth0",
     ]
     assert system.calls == []
@@ -292,6 +292,61 @@ def test_a_host_class_behind_an_earlier_rule_stays_a_class_not_a_cap():
         ("c20", ("22",), "None"),
         ("c50", (), "198.18.0.40/32"),
     ]
+
+
+def atm_classes(overheads: tuple[int, int, int]) -> str:
+    """HDR_CLASSES as `tc -d class show` prints them when the script gave each class overhead N linklayer atm."""
+    lines = HDR_CLASSES.splitlines()
+    return "".join(
+        line.replace(" ceil ", f" overhead {n} ceil ").replace("linklayer ethernet", "linklayer atm") + "\n"
+        for line, n in zip(lines, overheads, strict=True)
+    )
+
+
+def test_overhead_and_linklayer_every_class_shares_become_the_trees_keys():
+    tree = adopt.TreeReading("eth0", HDR_QDISC, atm_classes((40, 40, 40)), {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert "LEFT OUT" not in imported.text
+    assert 'classifier = "classify"\noverhead = 40\nlinklayer = "atm"\n' in imported.text
+    device = parse_config_text(imported.text, Path("x")).devices["eth0"]
+    assert (device.overhead, device.linklayer) == (40, "atm")
+
+
+def test_classes_that_charge_differently_are_left_out():
+    tree = adopt.TreeReading("eth0", HDR_QDISC, atm_classes((40, 40, 10)), {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert (
+        "# LEFT OUT: class 1:20: linklayer atm, overhead 10: shapekit charges every class of a tree alike,"
+        " overhead 0..256 with linklayer ethernet or atm\n" in imported.text
+    )
+    assert "overhead =" not in imported.text and "linklayer =" not in imported.text
+
+
+STAB_QDISC = HDR_QDISC.replace("}}]", '},"stab":{"linklayer":"atm","overhead":-4,"mtu":2047,"tsize":512}}]')
+
+
+def test_a_root_size_table_over_classes_that_charge_nothing_becomes_the_trees_keys():
+    tree = adopt.TreeReading("eth0", STAB_QDISC, HDR_CLASSES, {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert "LEFT OUT" not in imported.text
+    assert 'classifier = "classify"\noverhead = -4\nlinklayer = "atm"\n' in imported.text
+    device = parse_config_text(imported.text, Path("x")).devices["eth0"]
+    assert (device.overhead, device.linklayer) == (-4, "atm")
+
+
+def test_a_root_size_table_under_classes_that_charge_too_is_left_out():
+    tree = adopt.TreeReading("eth0", STAB_QDISC, atm_classes((40, 40, 40)), {"1:": ""})
+    imported = adopt.adopt(adopt.KernelReading((tree,), {}))
+
+    assert (
+        "# LEFT OUT: qdisc 1: size table overhead -4 linklayer atm: shapekit writes one only on the root, for"
+        " classes that charge nothing of their own, overhead -64..256 with linklayer ethernet or atm\n" in imported.text
+    )
+    assert 'overhead = 40\nlinklayer = "atm"\n' in imported.text
+    assert imported.left_out == 1
 
 
 def test_a_u32_filter_in_a_hash_table_of_the_scripts_own_is_left_out():

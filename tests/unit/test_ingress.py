@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from paths import DOWNLOAD_CONFIG
@@ -180,6 +181,21 @@ def test_a_class_leaf_in_the_ingress_table_overrides_its_leaf_for_that_class(sys
         "qdisc add dev lo parent 1:1 handle 2: fq_codel",
         "qdisc add dev lo parent 1:1 handle 2: pfifo",
     ]
+
+
+def test_the_ingress_tree_takes_its_own_overhead_and_percentages(system, cli, write_config):
+    text = CONFIG.replace(
+        '[device.eth0.ingress]\nrate = "50mbit"',
+        '[device.eth0.ingress]\nrate = "50mbit"\noverhead = 18\nlinklayer = "atm"',
+    ).replace('rate = "10mbit"\nprio = 0', 'rate = "20%"\nprio = 0')  # of the ingress line: 10mbit
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    egress, ifb = system.batches()[0], system.batches()[1]
+    assert "overhead" not in egress and "linklayer" not in egress  # eth0's egress line is another line
+    assert ifb == re.sub(r"(htb rate .*? quantum \d+)", r"\1 overhead 18 linklayer atm", IFB_BATCH)
+    assert ifb.count(" overhead 18 linklayer atm") == 6  # top, bypass, two classes, two caps
 
 
 def test_an_ingress_class_leaf_that_is_no_leaf_qdisc_is_refused(system, cli, write_config):

@@ -160,6 +160,82 @@ def test_seed_002_tree_is_a_default_class_at_the_line_rate_and_a_class_per_cap(s
     ]
 
 
+def test_percentages_are_of_the_parents_ceil_and_resolve_to_the_seeds_own_rates(system, cli, write_config):
+    text = (
+        SEED_CONFIG.read_text()
+        .replace('rate = "50mbit"         # SHAPEDLINK\nceil = "50mbit"', 'rate = "50%"\nceil = "50%"')  # of the line
+        .replace('rate = "10mbit"         # HIGHPRIO\nceil = "50mbit"', 'rate = "20%"\nceil = "100%"')  # of shaped
+        .replace('rate = "512kbit"        # TOR\nceil = "2048kbit"', 'rate = "1.024%"\nceil = "4.096%"')
+    )
+    assert text.count("%") == 6
+
+    result = cli(init_app, "--config", str(write_config(text)), "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + "".join(
+        f"tc {line}\n" for line in SEED_000_BATCH.splitlines()
+    )
+
+
+def test_a_percentage_rounds_down_to_whole_bits(system, cli, write_config):
+    config = write_config(
+        '[device.eth1]\nrate = "1mbit"\ndefault = "a"\nleaf = "none"\nclassifier = "classify"\n'
+        '[device.eth1.classes.a]\nrate = "33.3333333%"\nceil = "66.66666666%"\n'
+    )
+
+    cli(init_app, "--config", str(config))
+
+    assert "classid 5c:10 htb rate 333333bit ceil 666666bit quantum 4166\n" in system.batches()[0]
+
+
+def test_overhead_and_linklayer_go_to_every_class_the_bypass_and_the_caps(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = 40\nlinklayer = "atm"\n[device.eth0.limits]'
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    charged = " overhead 40 linklayer atm"
+    assert system.batches() == [
+        "qdisc add dev eth0 root handle 5c: htb default 10\n"
+        f"class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412{charged}\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412{charged}\n"
+        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit quantum 198412{charged}\n"
+        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "charged"), [("overhead = 8\n", " overhead 8"), ('linklayer = "atm"\n', " linklayer atm")]
+)
+def test_overhead_alone_or_linklayer_alone_is_passed_alone(system, cli, write_config, keys, charged):
+    text = INCIDENT_CONFIG.read_text().replace("[device.eth0.limits]", keys + "[device.eth0.limits]")
+
+    cli(init_app, "--config", str(write_config(text)))
+
+    assert f"classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412{charged}\n" in system.batches()[0]
+
+
+def test_ethernet_with_no_overhead_is_todays_tree_exactly(system, cli, write_config):
+    text = SEED_CONFIG.read_text().replace(
+        'classifier = "fw"', 'classifier = "fw"\noverhead = 0\nlinklayer = "ethernet"'
+    )
+
+    cli(init_app, "--config", str(write_config(text)))
+
+    assert system.batches() == [SEED_000_BATCH]
+
+
 def test_an_existing_root_qdisc_is_deleted_first(system, cli):
     system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}
 
@@ -273,3 +349,59 @@ def test_flush_of_a_device_without_a_tree_does_nothing(system, cli):
 def test_version_and_help(cli, app):
     assert cli(app, "--version").stdout.startswith("shapekit ")
     assert "--dry-run" in cli(app, "--help").stdout
+
+
+def test_a_negative_overhead_is_the_roots_size_table_and_no_class_charges_its_own(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = -4\nlinklayer = "atm"\n[device.eth0.limits]'
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    batch = system.batches()[0]
+    assert batch.startswith(
+        "qdisc add dev eth0 root handle 5c: stab overhead -4 linklayer atm htb default 10\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
+    )
+    assert "overhead" not in batch.split("\n", 1)[1] and "linklayer" not in batch.split("\n", 1)[1]
+
+
+def test_ptm_writes_every_rate_64_65_of_the_configured_and_the_overhead_per_class(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = 22\nlinklayer = "ptm"\n[device.eth0.limits]'
+    )
+
+    result = cli(init_app, "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    line = "rate 98461538bit ceil 98461538bit quantum 198412 overhead 22"
+    assert system.batches() == [
+        "qdisc add dev eth0 root handle 5c: htb default 10\n"
+        f"class add dev eth0 parent 5c: classid 5c:1 htb {line}\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:2 htb {line}\n"
+        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+        f"class add dev eth0 parent 5c:1 classid 5c:10 htb {line}\n"
+        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 504123bit ceil 504123bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 31507bit ceil 31507bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
+    ]
+
+
+def test_ptm_with_a_negative_overhead_is_an_ethernet_size_table_and_scaled_rates(system, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = -4\nlinklayer = "ptm"\n[device.eth0.limits]'
+    )
+
+    cli(init_app, "--config", str(write_config(text)))
+
+    assert system.batches()[0].startswith(
+        "qdisc add dev eth0 root handle 5c: stab overhead -4 htb default 10\n"
+        "class add dev eth0 parent 5c: classid 5c:1 htb rate 98461538bit ceil 98461538bit quantum 198412\n"
+    )

@@ -156,6 +156,21 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
     ]
 
 
+def test_a_run_time_cap_on_a_line_with_overhead_charges_it_too(booted, cli, write_config):
+    text = INCIDENT_CONFIG.read_text().replace(
+        "[device.eth0.limits]", 'overhead = 40\nlinklayer = "atm"\n[device.eth0.limits]'
+    )
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(write_config(text)))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches() == [
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514"
+        " overhead 40 linklayer atm\n"
+        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+    ]
+
+
 def test_a_run_time_cap_given_a_new_rate_keeps_its_class(booted, cli, tmp_path):
     config = str(INCIDENT_CONFIG)
     cli(limit_ip_app, "add", "198.51.100.1", "1mbit", "--config", config)  # 5c:8003
@@ -564,3 +579,27 @@ def test_a_device_away_gets_its_sets_made_for_the_rules_that_name_them(booted, c
     v4 = next(stdin for argv, stdin in booted.calls if argv == V4)
     assert "-A SHAPEKIT-LIMIT -o usb0 -j SET --map-set SHAPEKIT-usb0-4 dst --map-prio\n" in v4
     assert not any(argv[:4] == ("tc", "class", "show", "dev") and argv[4] == "usb0" for argv, _ in booted.calls)
+
+
+PTM = 'overhead = 22\nlinklayer = "ptm"\n[device.eth0.limits]'
+
+
+def test_a_ptm_lines_caps_are_written_scaled_and_read_back_as_configured(booted, cli, write_config):
+    config = str(write_config(INCIDENT_CONFIG.read_text().replace("[device.eth0.limits]", PTM)))
+    # the kernel keeps bytes/s: 64/65 of 128kbit is 126030bit, kept as 126024bit
+    booted.answers[CLASSES] = (
+        "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 126024bit overhead 22 ceil 126024bit burst 1600b cburst 1600b \n"
+        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 504120bit overhead 22 ceil 504120bit burst 1600b cburst 1600b \n"
+        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 31504bit overhead 22 ceil 31504bit burst 1600b cburst 1600b \n"
+    )
+
+    assert cli(limit_ip_app, "--config", config).exit_code == 0
+    assert booted.batches() == []  # every cap's class is as configured: nothing to change
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", config)
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches()[-1] == (
+        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+    )

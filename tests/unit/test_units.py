@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from shapekit.config.units import UnitError, format_rate, parse_rate, parse_size
+from shapekit.config.units import (
+    PercentError,
+    UnitError,
+    format_rate,
+    is_percent,
+    parse_percent,
+    parse_rate,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +79,44 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(UnitError):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "whole", "bits"),
+    [
+        ("40%", 100_000_000, 40_000_000),
+        ("100%", 2_000_000, 2_000_000),
+        ("12.5 %", 1_000_000, 125_000),  # a space before the sign, as before a unit
+        (" 0.1% ", 10_000_000, 10_000),
+        ("33.3333333%", 1_000_000, 333_333),  # rounded down: never above the parent's ceil
+        ("99.99999999%", 1_000_000, 999_999),
+    ],
+)
+def test_parse_percent(text, whole, bits):
+    assert parse_percent(text, whole) == bits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0%", "out of range"),
+        ("0.0%", "out of range"),
+        ("100.01%", "out of range"),
+        ("150%", "out of range"),
+        ("%", "is not a percentage"),
+        ("-5%", "is not a percentage"),
+        ("40%%", "is not a percentage"),
+        ("1e2%", "is not a percentage"),
+        ("0.0001%", "below 8bit"),
+    ],
+)
+def test_parse_percent_refuses(text, message):
+    with pytest.raises(UnitError, match=message):
+        parse_percent(text, 1_000_000)
+
+
+@pytest.mark.parametrize("text", ["40%", " 40 % ", "%"])
+def test_a_plain_rate_is_never_a_percentage(text):
+    assert is_percent(text)
+    with pytest.raises(PercentError, match="only a class's rate and ceil take"):
+        parse_rate(text)
