@@ -8,7 +8,9 @@ shapekit shapes the sender at the same 2mbit. Charged by length, shapekit sends
 more cells than the line carries and the modem's short queue overflows; charged
 cells but not the overhead, one cell a frame too few, the queue still fills;
 charged both (`overhead`, `linklayer = "atm"`), the modem's queue stays empty
-and the goodput is the cell-rounded rate.
+and the goodput is the cell-rounded rate. The same modem charging the frame
+less 4 bytes tells `overhead = -4` (a root size table) from `0`; a ptm tree's
+goodput is 64/65 of the plain tree's.
 
 The sender's packets are kept wire-size (`gso_max_segs 1`), as on a DSL line:
 a GSO super-packet is charged its cells as one packet (README, Link-layer overhead).
@@ -17,6 +19,7 @@ a GSO super-packet is charged its cells as one packet (README, Link-layer overhe
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import subprocess
 import threading
@@ -57,13 +60,13 @@ ATM = f'overhead = {OVERHEAD}\nlinklayer = "atm"'
 
 
 @contextlib.contextmanager
-def atm_modem(pair):
+def atm_modem(pair, overhead: int = OVERHEAD):
     """The right namespace's arriving traffic through a 2mbit ATM-cell queue on an IFB of its own."""
     right, ifb = pair.right, "modem0"
     right.run("ip", "link", "add", ifb, "type", "ifb")
     right.run("ip", "link", "set", ifb, "up")
     batch = (
-        f"qdisc add dev {ifb} root handle 1: stab linklayer atm overhead {OVERHEAD} mtu 2047 tsize 512 htb default 1\n"
+        f"qdisc add dev {ifb} root handle 1: stab linklayer atm overhead {overhead} mtu 2047 tsize 512 htb default 1\n"
         f"class add dev {ifb} parent 1: classid 1:1 htb rate {LINE}bit ceil {LINE}bit\n"
         f"qdisc add dev {ifb} parent 1:1 handle 10: pfifo limit {MODEM_QUEUE}\n"
         f"qdisc add dev {right.dev} handle ffff: ingress\n"
@@ -188,3 +191,80 @@ def test_percentages_overhead_and_linklayer_read_back_and_check_sees_them_lost(n
         f"{netpair.dev}: class 5c:10 charges overhead 0 linklayer ethernet, the config says overhead {OVERHEAD} linklayer atm"
         in check.stdout.splitlines()
     ), check.stdout
+
+
+# PPPoA VC-MUX on an Ethernet device: the line adds 10 bytes to the IP packet, 4 less than the 14-byte Ethernet header.
+# A 1492-byte frame (MTU 1478) minus 4 is exactly 31 cells' payload (1488), so every wrong charge moves it a cell:
+# lengths 1492 bytes for 1643 of cells (10% too few: the modem's queue fills), `overhead = 0` 32 cells (3.1% too many:
+# goodput lost against the prediction), `overhead = -4` 31 cells (the modem's own).
+NEG_MTU = 1478
+NEG_FRAME, NEG_MSS = NEG_MTU + 14, NEG_MTU - 52  # 1492, 1426: iperf3's payload with TCP timestamps
+NEG_CELLS = math.ceil((NEG_FRAME - 4) / 48)  # 31
+NEG_GOODPUT = LINE * NEG_MSS / (NEG_CELLS * 53)  # 1.7359mbit
+NEG_ZERO_GOODPUT = LINE * NEG_MSS / ((NEG_CELLS + 1) * 53)  # 1.6816mbit: overhead 0 charges 32 cells
+
+
+def test_negative_overhead_keeps_a_modem_charging_ethernet_length_less_4_empty(wire_size):
+    pair = wire_size
+    for side in (pair.left, pair.right):
+        side.run("ip", "link", "set", "dev", side.dev, "mtu", str(NEG_MTU))
+    with atm_modem(pair, overhead=-4) as ifb:
+        by_length = measure(pair, ifb, "")
+        time.sleep(1)  # the modem's queue drains
+        zero = measure(pair, ifb, 'overhead = 0\nlinklayer = "atm"')
+        time.sleep(1)
+        right = measure(pair, ifb, 'overhead = -4\nlinklayer = "atm"')
+    for name, (goodput, drops, longest) in (("by length", by_length), ("overhead 0", zero), ("overhead -4", right)):
+        print(f"{name}: goodput {goodput / 1e6:.4f}mbit, modem drops {drops}, longest queue {longest}")
+    print(f"predicted: {NEG_GOODPUT / 1e6:.4f}mbit at 31 cells a frame, {NEG_ZERO_GOODPUT / 1e6:.4f}mbit at 32")
+
+    # By length, 10% more than the line carries: the modem's queue fills and drops.
+    assert by_length[1] > 0 and by_length[2] >= MODEM_QUEUE // 2, by_length
+    # overhead 0: a cell a frame too many; the modem idles and goodput is 32 cells' rate, 3.1% under the line's.
+    assert zero[1] == 0 and zero[2] <= 3, zero
+    assert 0.99 <= zero[0] / NEG_ZERO_GOODPUT <= 1.01, zero
+    # overhead -4: the modem's own charge, nothing waits there and goodput is the 31-cell prediction.
+    assert right[1] == 0 and right[2] <= 3, right
+    assert 0.99 <= right[0] / NEG_GOODPUT <= 1.01, right
+
+
+PTM_LINE = LINE * 64 // 65  # 1969230 bit/s: what tc is given for a 2mbit ptm line
+PTM_GOODPUT = PTM_LINE * MSS / FRAME  # 1.8834mbit
+
+
+def test_ptm_sends_64_of_every_65_bytes_of_the_line_rate(wire_size):
+    pair = wire_size
+    plain, ptm = (goodput_alone(pair, link) for link in ("", 'linklayer = "ptm"'))
+    print(f"plain: goodput {plain / 1e6:.4f}mbit (predicted {LENGTH_GOODPUT / 1e6:.4f})")
+    print(
+        f"ptm:   goodput {ptm / 1e6:.4f}mbit (predicted {PTM_GOODPUT / 1e6:.4f}), ratio {ptm / plain:.4f} (64/65 = {64 / 65:.4f})"
+    )
+
+    assert 0.995 <= plain / LENGTH_GOODPUT <= 1.005, plain
+    assert 0.995 <= ptm / PTM_GOODPUT <= 1.005, ptm
+    assert abs(ptm / plain - 64 / 65) <= 0.005, (ptm, plain)
+
+
+def test_a_ptm_tree_reads_back_clean_and_a_run_time_cap_lists_as_given(netpair):
+    config = str(netpair.write_config(SHAPED.replace("LINK", 'linklayer = "ptm"')))
+    netpair.shapekit("shape-init", "--config", config)
+    netpair.shapekit("shape-limit-ip", "--config", config)
+    netpair.shapekit("shape-limit-ip", "add", "198.18.0.88", "1mbit", "--config", config)
+
+    classes = parse_classes(netpair.left.run("tc", "class", "show", "dev", netpair.dev).stdout)
+    rates = {cid: (cls["rate"], cls["ceil"]) for cid, cls in classes.items()}
+    # 64/65 of the configured, in the kernel's whole bytes/s: 2mbit → 1969230bit → 246153 B/s → "1969Kbit";
+    # 1mbit → 984615bit → 123076 B/s → 984608bit; 500kbit → 492307bit → 61538 B/s → 492304bit
+    assert rates == {
+        "5c:1": ("1969Kbit", "1969Kbit"),
+        "5c:2": ("1969Kbit", "1969Kbit"),
+        "5c:10": ("984608bit", "1969Kbit"),
+        "5c:11": ("492304bit", "984608bit"),
+        "5c:8000": ("984608bit", "984608bit"),  # the config's cap, 1mbit
+        "5c:8001": ("984608bit", "984608bit"),  # the run-time cap, 1mbit
+    }, rates
+    check = netpair.shapekit("shape-init", "--check", "--config", config, check=False)
+    assert (check.returncode, check.stdout) == (0, "the kernel matches the config and saved state\n"), check.stdout
+    listed = json.loads(netpair.shapekit("shape-limit-ip", "list", "--json", "--config", config).stdout)
+    rates = {row["host"]: row["rate"] for row in listed}
+    assert rates == {"198.18.0.77": "1mbit", "198.18.0.88": "1mbit"}, listed
