@@ -23,10 +23,15 @@ from shapekit.errors import CommandFailed, UsageError
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"
 LIMITS_FILE = "limits.json"
+TABLES_FILE = "tables.json"  # the IP families whose mangle table shapekit created
 # 100,000 caps are about 20 MB: a bigger file is not one shapekit wrote.
 MAX_STATE_BYTES = 256 << 20
 _LONGEST_VALUE = 100  # a host, port, rate or device name is far shorter
-_LOST = {LIMITS_FILE: "the run-time caps in it are lost", BYPASS_FILE: "the run-time bypass entries in it are lost"}
+_LOST = {
+    LIMITS_FILE: "the run-time caps in it are lost",
+    BYPASS_FILE: "the run-time bypass entries in it are lost",
+    TABLES_FILE: "shape-flush then leaves the mangle tables in place",
+}
 T = TypeVar("T")
 
 
@@ -284,3 +289,27 @@ def save_caps(directory: Path, caps: list[Cap]) -> None:
         for c in caps
     ]
     write_state(directory / LIMITS_FILE, {"caps": items})
+
+
+def load_created_tables(directory: Path) -> set[int]:
+    """The IP families (4, 6) whose mangle table a shapekit command created, kept in tables.json."""
+    path = directory / TABLES_FILE
+    data = read_state(path)
+    _known_keys(path, "", data, ("mangle_created",))
+    families = _list(path, data, "mangle_created")
+    for n, family in enumerate(families):
+        if not isinstance(family, int) or isinstance(family, bool) or family not in (4, 6):
+            raise state_problem(path, f"mangle_created[{n}]", f"{_show(family)} is not 4 or 6")
+    return set(families)
+
+
+def save_created_tables(directory: Path, families: set[int]) -> None:
+    """Write tables.json; with no family left, remove it (shape-flush leaves nothing behind)."""
+    path = directory / TABLES_FILE
+    if families:
+        write_state(path, {"mangle_created": sorted(families)})
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CommandFailed(f"removing {path}", exc.strerror or str(exc)) from None

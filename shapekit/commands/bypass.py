@@ -15,7 +15,7 @@ from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_po
 from shapekit.config.model import Config
 from shapekit.config.rules import parse_bypass_host
 from shapekit.errors import UsageError
-from shapekit.kernel import change, run
+from shapekit.kernel import run
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan.mangle import FAMILIES
@@ -33,7 +33,7 @@ def _install_bypass(
     inbound = common.ingress_filters(config, lambda _: bypassed)
     common.probe_mangle(plans, None)
     with run.transaction(runner) as journal:
-        change.apply_mangle(runner, plans, None, journal)
+        common.install_mangle(runner, plans, None, journal)
         common.refresh_ingress(runner, journal, "bypass", plan_ingress.BYPASS_PREF, inbound)
         if then is not None and not options.dry_run:
             then()  # last: a failure before it leaves the file as the kernel is again

@@ -29,7 +29,14 @@ from shapekit.plan.ingress import U32Filter
 from shapekit.plan.limits import lapsed
 from shapekit.plan.mangle import Chains
 from shapekit.plan.status import table
-from shapekit.state import RuntimeBypass, change_lock, load_caps, state_dir
+from shapekit.state import (
+    RuntimeBypass,
+    change_lock,
+    load_caps,
+    load_created_tables,
+    save_created_tables,
+    state_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,19 @@ def refresh_ingress(
 def probe_mangle(plans: dict[int, Chains], own: str | None) -> None:
     """Load the chains into a throwaway namespace: refuse what this machine cannot load, before any change."""
     probe.probe_rules({f: plan_mangle.plan_restore(plan_mangle.EMPTY, plans[f], own) for f in plans})
+
+
+def install_mangle(runner: run.Runner, plans: dict[int, Chains], own: str | None, journal: run.Journal) -> None:
+    """shapekit's chains (change.apply_mangle), then tables.json says which mangle tables shapekit created.
+
+    Decided afresh in each family where none of shapekit's chains was there (a first install, or
+    a fresh kernel after a reboot); kept as it is where they were.
+    """
+    before = load_created_tables(state_dir())  # a broken file is refused before anything changes
+    fresh = change.apply_mangle(runner, plans, own, journal)
+    created = (before - fresh.keys()) | {family for family, made in fresh.items() if made}
+    if created != before:
+        save_created_tables(state_dir(), created)
 
 
 def merged_bypass(config: Config, runtime: RuntimeBypass) -> Bypass:

@@ -13,7 +13,7 @@ from shapekit.errors import CommandFailed
 from shapekit.kernel import change, probe, read
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import tree as plan
-from shapekit.state import BYPASS_FILE, LIMITS_FILE, state_dir
+from shapekit.state import BYPASS_FILE, LIMITS_FILE, load_created_tables, save_created_tables, state_dir
 
 
 def flush(options: common.Options, devs: list[str], forget: bool) -> None:
@@ -23,6 +23,7 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
     probe.require_devices(devs)
     runner = options.runner()
     with options.lock():
+        created = set() if devs else load_created_tables(state_dir())  # a broken file: refused before any change
         ifbs = read.shapekit_ifbs(runner)
         names = devs or read.devices_with_root(runner, plan.root_handle(), "htb")
         for dev in names:
@@ -32,7 +33,9 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
             if not devs or owner in devs:
                 change.remove_ingress(runner, owner, ifb)
         if not devs:
-            change.flush_mangle(runner)
+            change.flush_mangle(runner, created)
+            if created and not options.dry_run:
+                save_created_tables(state_dir(), set())  # shapekit's chains are gone: nothing left to decide
             if shutil.which("ipset"):  # sets go after the rules that use them
                 change.ipset_restore(
                     runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(read.list_sets(runner))
@@ -65,7 +68,8 @@ def shape_flush(
     on every device that has one, its IFB devices (alias "shapekit ingress of X")
     with their redirect from X (and X's ingress qdisc when no other filter is on
     it), its mangle chains (SHAPEKIT*) and the jump to them, in iptables and
-    ip6tables, and its ipsets.
+    ip6tables, and its ipsets. A mangle table goes too when a shapekit command
+    created it (iptables-nft) and nothing but shapekit's chains is in it.
 
     With --dev, only those devices' trees (and IFBs) go; the chains stay for the
     other devices. Run-time entries stay saved (the boot sequence re-applies them)

@@ -71,7 +71,7 @@ def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
             for device in config.devices.values():
                 limit_ip.put_sets(runner, journal, device, placed[device.name], now, before[device.name])
             rules = {f: plan_mangle.boot_plan(config, bypass, f) for f in FAMILIES}
-            change.apply_mangle(runner, rules, EVERY, journal)
+            common.install_mangle(runner, rules, EVERY, journal)
             if not options.dry_run:
                 save_caps(state_dir(), limit_ip.caps_to_save(common.live_caps(saved, now), config, placed))
 

@@ -75,7 +75,7 @@ def install_limits(options: common.Options, config: Config, runtime: list[Cap], 
             _sync_caps_out(runner, journal, device, placed[device.name], now)
             if device.ingress is not None:
                 _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
-        change.apply_mangle(runner, rules, LIMIT, journal)
+        common.install_mangle(runner, rules, LIMIT, journal)
         if not options.dry_run:  # last: a failure before it leaves the file as the kernel is again
             save_caps(state_dir(), caps_to_save(runtime, config, placed))
 

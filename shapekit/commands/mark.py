@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 from shapekit.commands import common
-from shapekit.kernel import change, run
+from shapekit.kernel import run
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan.mangle import FAMILIES, MARK
@@ -25,7 +25,7 @@ def mark(options: common.Options) -> None:
         inbound = common.ingress_filters(config, partial(plan_ingress.rule_filters, rules=config.marks))
         common.probe_mangle(plans, MARK)
         with run.transaction(runner) as journal:
-            change.apply_mangle(runner, plans, MARK, journal)
+            common.install_mangle(runner, plans, MARK, journal)
             common.refresh_ingress(runner, journal, 'direction = "in" rule', plan_ingress.RULE_PREF, inbound)
 
 

@@ -15,7 +15,7 @@ from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan.ingress import U32Filter
-from shapekit.plan.mangle import FAMILIES, TOOLS, Chains
+from shapekit.plan.mangle import FAMILIES, TOOLS, Chains, MangleState
 from shapekit.plan.tree import (
     Argv,
     configured_rate,
@@ -25,24 +25,52 @@ from shapekit.plan.tree import (
 _NOISE = re.compile(r"^(Command failed -:\d+|Warning: .*)\s*$")
 
 
-def apply_mangle(runner: run.Runner, plans: dict[int, Chains], own: str | None, journal: run.Journal) -> None:
-    """Make shapekit's chains `plans` in each family, one transaction each, each put back if a later step fails."""
+def apply_mangle(
+    runner: run.Runner, plans: dict[int, Chains], own: str | None, journal: run.Journal
+) -> dict[int, bool]:
+    """Make shapekit's chains `plans` in each family, one transaction each, each put back if a later step fails.
+
+    Returns, for each family where no chain of shapekit's was there yet (a first install, or a
+    fresh kernel after a reboot), whether this run created its mangle table (iptables-nft only).
+    """
     before = {family: read.read_mangle(runner, family) for family in plans}
+    fresh = {
+        family: not read.mangle_table_exists(runner, family)
+        for family, state in before.items()
+        if state.empty and state.nf_tables and not runner.dry_run
+    }
     for family, chains in plans.items():
         header = f"IPv{family}: shapekit's mangle chains (one {TOOLS[family][1]} --noflush)"
         text = plan_mangle.plan_restore(before[family], chains, own)
-        undo = plan_mangle.plan_undo(before[family], text)
         journal.change(
             f"the IPv{family} rules",
             partial(runner.restore, family, header, text),
-            partial(runner.restore, family, "undo", undo),
+            partial(_undo_mangle, runner, family, before[family], text, fresh.get(family, False)),
             atomic=True,  # iptables-restore changes all of it or nothing
         )
+    return fresh
 
 
-def flush_mangle(runner: run.Runner) -> None:
+def _undo_mangle(runner: run.Runner, family: int, before: MangleState, applied: str, created: bool) -> None:
+    """shapekit's chains as they were; a table this run created goes whole if nothing else came into it."""
+    if created and plan_mangle.deletes_table(read.read_mangle(runner, family), created):
+        runner.restore(family, "undo", plan_mangle.DELETE_TABLE, noflush=False)
+    else:
+        runner.restore(family, "undo", plan_mangle.plan_undo(before, applied))
+
+
+def flush_mangle(runner: run.Runner, created: set[int]) -> None:
+    """Remove shapekit's chains and the jump to them; a table shapekit created (`created`) goes whole
+    when nothing but its chains is in it."""
     for family in FAMILIES:
-        text = plan_mangle.plan_flush_mangle(read.read_mangle(runner, family))
+        state = read.read_mangle(runner, family)
+        if plan_mangle.deletes_table(state, family in created):
+            header = f"IPv{family}: remove shapekit's chains and the mangle table it created (nothing else is in it)"
+            runner.restore(family, header, plan_mangle.DELETE_TABLE, noflush=False)
+            continue
+        if family in created and not state.empty and state.foreign:
+            runner.remark(f"IPv{family}: the mangle table shapekit created stays: {state.foreign[0]} is not shapekit's")
+        text = plan_mangle.plan_flush_mangle(state)
         if text:
             runner.restore(family, f"IPv{family}: remove shapekit's chains and the jump to them", text)
 

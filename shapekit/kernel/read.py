@@ -45,6 +45,11 @@ def read_mangle(runner: run.Runner, family: int) -> MangleState:
     return plan_mangle.parse_mangle_save(runner.query((TOOLS[family][0], "-t", "mangle")))
 
 
+def mangle_table_exists(runner: run.Runner, family: int) -> bool:
+    """Whether the mangle table is there (a whole save: `-t mangle` shows one even when it is not)."""
+    return plan_mangle.table_listed(runner.query((TOOLS[family][0],)))
+
+
 def read_sets(runner: run.Runner, dev: str) -> dict[int, list[str] | None]:
     """A device's cap set entries now, per family, as `plan_limits.fill_sets` takes them; None: no such set."""
     present = set(list_sets(runner))

@@ -167,6 +167,13 @@ class Runner:
         if self.dry_run:
             self.out.write(f"# {text}\n")
 
+    def remark(self, text: str) -> None:
+        """Something left alone on purpose: in the printed script (dry-run), or on stderr under -v."""
+        if self.dry_run:
+            self.out.write(f"# {text}\n")
+        elif self.verbose:
+            self.err.write(f"# {text}\n")
+
     def query(self, argv: Argv) -> str:
         """A read-only command: it runs under --dry-run too."""
         return run_command(argv)
@@ -190,9 +197,10 @@ class Runner:
             self.err.write("".join(f"+ {shlex.join(cmd)}\n" for cmd in cmds))
         return False
 
-    def restore(self, family: int, header: str, text: str) -> None:
-        """One `iptables-restore --noflush` (or ip6tables-): one transaction."""
-        self.feed((TOOLS[family][1], "--noflush"), header, text)
+    def restore(self, family: int, header: str, text: str, noflush: bool = True) -> None:
+        """One `iptables-restore --noflush` (or ip6tables-): one transaction. Without --noflush
+        it replaces each table it names (iptables-nft deletes a table named with nothing in it)."""
+        self.feed((TOOLS[family][1], "--noflush") if noflush else (TOOLS[family][1],), header, text)
 
     def feed(self, argv: Argv, header: str, text: str) -> None:
         """Run a tool that reads its commands on stdin (iptables-restore, ipset restore)."""

@@ -348,6 +348,9 @@ def test_the_benchmark_script_runs(tmp_path):
     for name in ("apply", "add", "packet", "tcconfig", "ingress"):
         assert json.loads((tmp_path / f"{name}.json").read_text())
     assert "seed/shapekit" in result.stdout
+    tcconfig = json.loads((tmp_path / "tcconfig.json").read_text())
+    # tcset really ran here (no lsmod on its PATH) and built each rule's class and filter as asked.
+    assert (tcconfig.get("runs"), tcconfig.get("as_asked"), tcconfig.get("u32_filters")) == (True, True, 3), tcconfig
 
 
 def test_the_add_against_a_revision_script_runs():

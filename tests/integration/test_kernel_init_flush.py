@@ -214,3 +214,73 @@ def test_a_failing_tc_command_leaves_the_device_unshaped(netpair):
     assert fifth in result.stderr and "injected failure" in result.stderr, result.stderr
     assert "left unshaped" in result.stderr
     assert not [q for q in netpair.qdiscs() if q["kind"] == "htb"]
+
+
+# --- the mangle tables (iptables-nft): shape-flush deletes one only when shapekit created it
+# and nothing but its chains is in it.
+
+
+def _tables(netpair, tool: str) -> list[str]:
+    """The tables a whole save of the left namespace lists (`-t mangle` shows one even when there is none)."""
+    return [line[1:] for line in netpair.left.run(tool).stdout.splitlines() if line.startswith("*")]
+
+
+def _mark_then_flush(netpair, saves: tuple[str, str] = ("iptables-save", "ip6tables-save")) -> None:
+    config = str(netpair.write_config(TREE))
+    for command in ("shape-init", "shape-mark"):
+        netpair.shapekit(command, "--config", config)
+    for tool in saves:
+        assert "-A POSTROUTING -j SHAPEKIT" in netpair.save(tool).splitlines(), tool
+    netpair.shapekit("shape-flush")
+
+
+def test_flush_deletes_the_mangle_tables_shapekit_created(netpair):
+    assert (_tables(netpair, "iptables-save"), _tables(netpair, "ip6tables-save")) == ([], [])
+
+    _mark_then_flush(netpair)
+
+    assert (_tables(netpair, "iptables-save"), _tables(netpair, "ip6tables-save")) == ([], [])
+    assert not (netpair.workdir / "state" / "tables.json").exists()
+
+
+def test_a_foreign_rule_keeps_its_table_and_itself(netpair):
+    config = str(netpair.write_config(TREE))
+    netpair.shapekit("shape-mark", "--config", config)  # the table is shapekit's...
+    rule = ("-t", "mangle", "-A", "PREROUTING", "-d", "198.18.0.9/32", "-j", "ACCEPT")
+    netpair.left.run("iptables", *rule)  # ...and then another tool's too
+
+    _mark_then_flush(netpair)
+
+    assert _tables(netpair, "iptables-save") == ["mangle"]
+    assert "-A PREROUTING -d 198.18.0.9/32 -j ACCEPT" in netpair.save().splitlines()
+    assert "SHAPEKIT" not in netpair.save()
+    assert _tables(netpair, "ip6tables-save") == []  # IPv6's held shapekit's chains alone
+
+
+def test_a_table_there_before_shapekit_stays(netpair):
+    netpair.left.run("iptables", "-t", "mangle", "-N", "OTHER")
+    netpair.left.run("iptables", "-t", "mangle", "-X", "OTHER")  # leaves the table, empty
+    assert _tables(netpair, "iptables-save") == ["mangle"]
+
+    _mark_then_flush(netpair)
+
+    assert _tables(netpair, "iptables-save") == ["mangle"]
+    assert "SHAPEKIT" not in netpair.save()
+    assert _tables(netpair, "ip6tables-save") == []
+
+
+def test_iptables_legacy_keeps_working_and_its_table_stays(netpair):
+    """iptables-legacy's tables are kernel modules: shapekit removes its chains and nothing else."""
+    legacy = netpair.workdir / "legacy"
+    legacy.mkdir()
+    multi = sh("sh", "-c", "command -v xtables-legacy-multi").stdout.strip()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"):
+        (legacy / tool).symlink_to(multi)  # it acts as the name it is called by
+    netpair.env["PATH"] = f"{legacy}:{os.environ['PATH']}"
+
+    _mark_then_flush(netpair, ("iptables-legacy-save", "ip6tables-legacy-save"))
+
+    assert not (netpair.workdir / "state" / "tables.json").exists()  # nothing recorded: nothing to delete
+    assert "SHAPEKIT" not in netpair.left.run("iptables-legacy-save", "-t", "mangle").stdout
+    assert "SHAPEKIT" not in netpair.left.run("ip6tables-legacy-save", "-t", "mangle").stdout
+    assert (_tables(netpair, "iptables-nft-save"), _tables(netpair, "ip6tables-nft-save")) == ([], [])
