@@ -22,6 +22,9 @@ The path of a packet leaving any device (mangle POSTROUTING, one jump):
                        other RELATED packet, which would stamp the connection it reports on)
     SHAPEKIT-PKT-M     set mark M on this packet only (tcp_flags, dscp, length: a SYN is not
                        a connection, nor is a small ACK of a bulk one)
+    SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
+    SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
+                       last, so a cap holds whatever the rules above chose)
 
 Per-packet rules (dscp, length, a tcp_flags list) must see every packet, also
 those of a connection a later rule has marked. When a family has any, the
@@ -35,9 +38,6 @@ A connection rule among 1..P matches every packet of its connection alike, so
 trying it again gives the answer it gave the first time: the first match in
 file order wins either way. Without per-packet rules the chains are as above.
 src_mac is a connection rule, matched with the bpf match (see src_mac_bytecode).
-    SHAPEKIT-CLASSIFY  mark → class per out device, for classifier = "classify"
-    SHAPEKIT-LIMIT     per-IP caps: the class from an ipset lookup (shape-limit-ip owns it;
-                       last, so a cap holds whatever the rules above chose)
 """
 
 from __future__ import annotations
