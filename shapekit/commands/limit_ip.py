@@ -8,18 +8,21 @@ beside the others'.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from shapekit.commands import common
 from shapekit.config.addresses import Network, ValueProblem, parse_host
+from shapekit.config.cap_file import parse_cap_rows, read_cap_file
 from shapekit.config.model import Config, Device
-from shapekit.config.rules import CAP_NOT_A_SHARE, Cap, check_cap
+from shapekit.config.rules import CAP_NOT_A_SHARE, IPSET_MAX_TIMEOUT, Cap, check_cap
 from shapekit.config.units import PercentError, UnitError, format_rate, parse_duration, parse_rate
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
@@ -28,7 +31,7 @@ from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan import tree as plan
 from shapekit.plan.ingress import CapFilters, U32Filter
-from shapekit.plan.limits import IPSET_MAX_TIMEOUT, LIMIT, PlacedCap, lapsed, place_caps, with_minor
+from shapekit.plan.limits import LIMIT, PlacedCap, lapsed, place_caps, with_minor
 from shapekit.plan.mangle import FAMILIES
 from shapekit.state import RuntimeBypass, save_caps, state_dir
 
@@ -55,9 +58,15 @@ def require_cap_trees(runner: run.Runner, config: Config) -> None:
         probe.require_shapekit_tree(runner, tree.name)
 
 
-def install_limits(options: common.Options, config: Config, runtime: list[Cap], now: float) -> None:
+def install_limits(
+    options: common.Options, config: Config, runtime: list[Cap], now: float, until_now: list[Cap] | None = None
+) -> None:
     """Make the kernel's caps exactly `runtime` plus the config's; save the run-time ones. Hold the lock,
-    with the machine's caps probed and the trees built (`probe.probe_caps`, `require_cap_trees`)."""
+    with the machine's caps probed and the trees built (`probe.probe_caps`, `require_cap_trees`).
+
+    `until_now` (sync): the run-time caps in force so far, when the sets hold them: then only the
+    entries that differ are written, instead of every entry filled aside and swapped in.
+    """
     runner = options.runner()
     devices = list(config.devices.values())
     present = [d for d in devices if read.device_exists(d.name)]  # a hotplug device may be away
@@ -72,10 +81,12 @@ def install_limits(options: common.Options, config: Config, runtime: list[Cap], 
             if device not in present:  # its sets (the rules name them); its classes come with its tree
                 put_sets(runner, journal, device, placed[device.name], now, read.read_sets(runner, device.name))
                 continue
-            _sync_caps_out(runner, journal, device, placed[device.name], now)
+            was = None if until_now is None else place_caps(device, until_now, now)
+            _sync_caps_out(runner, journal, device, placed[device.name], now, was)
             if device.ingress is not None:
                 _sync_caps_in(runner, journal, device.ingress, placed[device.ingress.name])
-        common.install_mangle(runner, rules, LIMIT, journal)
+        if until_now is None:  # else the sets are there, and so the rules that read them
+            common.install_mangle(runner, rules, LIMIT, journal)
         if not options.dry_run:  # last: a failure before it leaves the file as the kernel is again
             save_caps(state_dir(), caps_to_save(runtime, config, placed))
 
@@ -88,9 +99,15 @@ def caps_to_save(runtime: list[Cap], config: Config, placed: dict[str, list[Plac
 
 
 def _sync_caps_out(
-    runner: run.Runner, journal: run.Journal, device: Device, placed: list[PlacedCap], now: float
+    runner: run.Runner,
+    journal: run.Journal,
+    device: Device,
+    placed: list[PlacedCap],
+    now: float,
+    was: list[PlacedCap] | None = None,
 ) -> None:
-    """A device's new and re-rated cap classes, then its sets swapped in, then the classes no entry points to go."""
+    """A device's new and re-rated cap classes, then its sets (swapped in whole, or with `was`, the caps
+    they hold now, only the entries that differ), then the classes no entry points to go."""
     classes, sets = read.read_cap_classes(runner, device), read.read_sets(runner, device.name)
     put_back_classes = partial(change.put_back_all_classes, runner, device, classes)
     new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
@@ -99,7 +116,7 @@ def _sync_caps_out(
         partial(runner.tc_batch, f"{device.name}: per-IP cap classes", new_rates),
         put_back_classes,
     )
-    put_sets(runner, journal, device, placed, now, sets)
+    put_sets(runner, journal, device, placed, now, sets, was)
     stale = plan_limits.sync_classes(device, plan_limits.stale(classes, placed), classes)
     journal.change(
         f"{device.name}'s cap classes",
@@ -115,16 +132,20 @@ def put_sets(
     placed: list[PlacedCap],
     now: float,
     before: dict[int, list[str] | None],
+    was: list[PlacedCap] | None = None,
 ) -> None:
-    """A device's cap sets made to hold exactly `placed`, put back to `before` if a later step fails."""
+    """A device's cap sets made to hold exactly `placed`, put back to `before` if a later step fails:
+    filled aside and swapped in, or, given `was` (the caps they hold now), only the entries that differ."""
+    if was is None:
+        header, text = f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now)
+    else:
+        header, text = (
+            f"{device.name}: the cap entries that differ",
+            plan_limits.plan_set_changes(device.name, was, placed, now),
+        )
     journal.change(
         f"{device.name}'s cap sets",
-        partial(
-            change.ipset_restore,
-            runner,
-            f"{device.name}: per-IP cap sets",
-            plan_limits.plan_sets(device.name, placed, now),
-        ),
+        partial(change.ipset_restore, runner, header, text),
         partial(change.put_back_sets, runner, device.name, before),
     )
 
@@ -221,6 +242,32 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
                 save_caps(state_dir(), [*others, with_minor(placed)])  # last: see install_limits
+
+
+def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
+    """shape-limit-ip sync: make the device's run-time caps exactly the file's, touching only what differs."""
+    config = options.load()
+    device = common.pick_device(config, dev)
+    text = read_cap_file(path)
+    wanted = parse_cap_rows(path, text, device, time.time())
+    _check_limits(options)
+    probe.require_devices([device.name])
+    runner = options.runner()
+    with options.lock():
+        probe.probe_caps()
+        require_cap_trees(runner, config)
+        now = time.time()
+        saved = common.live_caps(common.saved_caps(config), now)
+        mine = {c.key: c for c in saved if c.dev == device.name}
+        synced = [dataclasses.replace(c, minor=mine[c.key].minor if c.key in mine else None) for c in wanted]
+        # A cap gone keeps its class's minor from new caps until that class goes, after its entry: as lapsed.
+        gone = [
+            dataclasses.replace(c, expires=now - 1) for key, c in mine.items() if key not in {c.key for c in wanted}
+        ]
+        others = [c for c in saved if c.dev != device.name]
+        sets = {plan_limits.set_name(device.name, f) for f in FAMILIES}
+        until_now = saved if sets <= set(read.list_sets(runner)) else None  # else: never installed since boot
+        install_limits(options, config, [*others, *synced, *gone], now, until_now)
 
 
 def _cap_until_now(tree: Device, host: Network, mine: Cap | None, minor: int, now: float) -> PlacedCap | None:
@@ -577,6 +624,38 @@ def remove_cap(
     common.reported(
         "shape-limit-ip",
         lambda: limit_remove(common.inherit_options(ctx, config, dry_run, verbose), host, dev, direction),
+    )
+
+
+@limit_ip_app.command("sync")
+def sync_caps(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            help="CSV with a header (host,rate[,direction,comment,expires]) or JSON lines with those keys.",
+            show_default=False,
+        ),
+    ],
+    dev: Annotated[
+        Optional[str],
+        typer.Option("--dev", "-d", metavar="DEV", help="Device (needed when the config shapes several)."),
+    ] = None,
+    config: common.ConfigOption = None,
+    dry_run: common.DryRunOption = False,
+    verbose: common.VerboseOption = False,
+) -> None:
+    """Make the device's run-time caps exactly FILE's, for a billing system: a cap
+    kept keeps its class (a new rate is a class change, no queue dropped), a new
+    one gets a class and an entry, one gone loses both; hosts whose cap is the
+    same see nothing. direction is out (default), in or both; expires is ISO
+    8601 with a zone or epoch seconds. Every row is checked first: a bad one is
+    one line naming the file and row, exit 2, and nothing changes. --dry-run
+    prints only what would change."""
+
+    common.reported(
+        "shape-limit-ip", lambda: limit_sync(common.inherit_options(ctx, config, dry_run, verbose), file, dev)
     )
 
 

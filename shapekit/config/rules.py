@@ -367,6 +367,7 @@ class Cap:
         return (self.dev, self.direction, self.host)
 
 
+IPSET_MAX_TIMEOUT = 2147483  # seconds: the most an ipset entry's timeout takes (about 24.8 days)
 CAP_NOT_A_SHARE = "a cap holds a host to a rate of its own, not a share of a class, so write one, e.g. '2mbit'"
 
 

@@ -35,7 +35,6 @@ from shapekit.plan.tree import Argv, classid, leaf_qdisc, rate_options
 LIMIT = "SHAPEKIT-LIMIT"
 SET_PREFIX = "SHAPEKIT-"
 U32_NODES = 0xFFF  # node ids in one u32 hash bucket
-IPSET_MAX_TIMEOUT = 2147483  # seconds: the most an ipset entry's timeout takes (about 24.8 days)
 
 
 @dataclass(frozen=True)
@@ -258,6 +257,19 @@ def plan_set_entry(dev: str, placed: PlacedCap, now: float) -> str:
     """`ipset restore` text for one cap: its entry added, or changed in place (`-exist`: one atomic step)."""
     name = set_name(dev, placed.cap.host.version)
     return f"{_create(name, placed.cap.host.version)}\nadd {name} {_entry(placed, now)} -exist\n"
+
+
+def plan_set_changes(dev: str, before: Sequence[PlacedCap], after: Sequence[PlacedCap], now: float) -> str:
+    """`ipset restore` text for only the entries that differ: added or changed in place (`-exist`), or gone."""
+    was = {p.cap.host: p for p in before}
+    lines = [f"{_create(set_name(dev, f), f)}" for f in (4, 6)]
+    for placed in after:
+        old = was.get(placed.cap.host)
+        if old is None or (old.minor, old.cap.expires) != (placed.minor, placed.cap.expires):
+            lines.append(f"add {set_name(dev, placed.cap.host.version)} {_entry(placed, now)} -exist")
+    kept = {p.cap.host for p in after}
+    lines += [f"del {set_name(dev, h.version)} {h} -exist" for h in was if h not in kept]
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def plan_set_removal(dev: str, host: Network) -> str:
