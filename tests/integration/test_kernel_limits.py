@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 import pytest
@@ -144,3 +145,38 @@ def test_bad_hosts_and_rates_change_neither_kernel_nor_state(hosts, args):
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (hosts.snapshot(), hosts.left.run("ipset", "save").stdout, hosts.save(), state.read_text()) == before
+
+
+def test_sync_makes_the_caps_the_files_and_a_flow_of_an_unchanged_host_sees_nothing(hosts):
+    config = boot(hosts)
+    first = hosts.write_config(f"host,rate,comment\n{CAPPED_AT_RUN_TIME},1mbit,plan A\n{FREE},2mbit,plan B\n", "a.csv")
+    hosts.shapekit("shape-limit-ip", "sync", str(first), "--config", config)
+    before = {
+        row["host"]: row
+        for row in json.loads(hosts.shapekit("shape-limit-ip", "list", "--json", "--config", config).stdout)
+    }
+    # .3 stays at 1mbit, .4 goes to 4mbit in its own class, .2's config cap is overridden by one at 3mbit
+    second = hosts.write_config(
+        f'{{"host": "{CAPPED_AT_RUN_TIME}", "rate": "1mbit", "comment": "plan A"}}\n'
+        f'{{"host": "{FREE}", "rate": "4mbit", "comment": "plan C"}}\n'
+        f'{{"host": "{CAPPED_IN_CONFIG}", "rate": "3mbit"}}\n',
+        "b.jsonl",
+    )
+
+    sync = threading.Timer(2.0, hosts.shapekit, ("shape-limit-ip", "sync", str(second), "--config", config))
+    sync.start()
+    unchanged = ratio(hosts, CAPPED_AT_RUN_TIME, 1_000_000)  # 5 s, the sync 2 s in
+    sync.join()
+
+    after = {
+        row["host"]: row
+        for row in json.loads(hosts.shapekit("shape-limit-ip", "list", "--json", "--config", config).stdout)
+    }
+    rerated = ratio(hosts, FREE, 4_000_000, seconds=4)
+    print(f"unchanged host through the sync {unchanged:.3f} of its cap; re-rated host {rerated:.3f} of its new cap")
+    assert after[CAPPED_AT_RUN_TIME] == before[CAPPED_AT_RUN_TIME]
+    assert (after[FREE]["rate"], after[FREE]["classid"]) == ("4mbit", before[FREE]["classid"])  # the same class
+    assert (after[CAPPED_IN_CONFIG]["rate"], after[CAPPED_IN_CONFIG]["source"]) == ("3mbit", "run-time")
+    assert 0.90 <= unchanged <= 1.0
+    assert 0.90 <= rerated <= 1.0
+    assert hosts.shapekit("shape-init", "--check", "--config", config, check=False).returncode == 0

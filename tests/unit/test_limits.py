@@ -603,3 +603,103 @@ def test_a_ptm_lines_caps_are_written_scaled_and_read_back_as_configured(booted,
         "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
         "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
     )
+
+
+# --- sync ----------------------------------------------------------------------------
+
+SYNCED = [  # the run-time caps the last sync left: two hosts, in classes of their own
+    {"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "comment": "plan A", "minor": 0x8003},
+    {"host": "198.51.100.8/32", "rate": "2mbit", "dev": "eth0", "comment": "plan B", "minor": 0x8004},
+]
+SYNCED_CLASSES = (
+    "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 128Kbit ceil 128Kbit burst 1600b cburst 1600b \n"
+    "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 512Kbit ceil 512Kbit burst 1600b cburst 1600b \n"
+    "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 32Kbit ceil 32Kbit burst 1600b cburst 1600b \n"
+    "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
+    "class htb 5c:8004 parent 5c:1 leaf 8004: prio 0 rate 2Mbit ceil 2Mbit burst 1600b cburst 1600b \n"
+    "class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+)
+
+
+@pytest.fixture
+def synced(booted, tmp_path):
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "limits.json").write_text(json.dumps({"caps": SYNCED}))
+    booted.answers[CLASSES] = SYNCED_CLASSES
+    return booted
+
+
+def test_sync_changes_only_what_differs(synced, cli, write_config, tmp_path):
+    file = write_config("host,rate,comment\n198.51.100.7,3mbit,plan C\n198.51.100.9,1mbit,new\n", "caps.csv")
+
+    result = cli(limit_ip_app, "sync", str(file), "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert synced.batches() == [
+        # .7 re-rated in its own class (no queue dropped); .9 new, not in the class .8 leaves
+        "class change dev eth0 parent 5c:1 classid 5c:8003 htb rate 3mbit ceil 3mbit quantum 5952\n"
+        "class add dev eth0 parent 5c:1 classid 5c:8005 htb rate 1mbit ceil 1mbit quantum 1984\n"
+        "qdisc add dev eth0 parent 5c:8005 handle 8005: sfq perturb 10\n",
+        "class del dev eth0 classid 5c:8004\n",  # .8's class, once no entry points to it
+    ]
+    assert [stdin for argv, stdin in synced.calls if argv == IPSET] == [
+        "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
+        "add SHAPEKIT-eth0-4 198.51.100.9/32 skbprio 5c:8005 -exist\n"
+        "del SHAPEKIT-eth0-4 198.51.100.8/32 -exist\n"
+    ]
+    assert not any(argv in (V4, V6) for argv, _ in synced.calls)  # the rules that read the sets stay
+    assert [(c["host"], c["rate"], c["minor"], c["comment"]) for c in state(tmp_path)] == [
+        ("198.51.100.7/32", "3mbit", 0x8003, "plan C"),
+        ("198.51.100.9/32", "1mbit", 0x8005, "new"),
+    ]
+
+
+def test_sync_of_the_same_file_changes_nothing(synced, cli, write_config):
+    file = write_config(
+        '{"host": "198.51.100.7", "rate": "1mbit", "comment": "plan A"}\n'
+        '{"host": "198.51.100.8", "rate": "2mbit", "comment": "plan B"}\n',
+        "caps.jsonl",
+    )
+
+    result = cli(limit_ip_app, "sync", str(file), "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert synced.batches() == []
+    assert not any(argv == IPSET for argv, _ in synced.calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("host,rate\n198.51.100.7,1mbit\nbogus,1mbit\n", "row 3: 'bogus' is not an IPv4/IPv6 address or CIDR block"),
+        ("host,rate\n198.51.100.7,1mbit\n198.51.100.7,2mbit\n", "row 3: 198.51.100.7/32 is capped (out) on row 2 already"),
+        ("host,rate\n198.51.100.7,fast\n", "row 2: 'fast' is not a rate"),
+        ("host,rate\n198.51.100.7,50%\n", "row 2: '50%'"),
+        ("host,speed\n198.51.100.7,1mbit\n", "line 1: no 'rate' column"),
+        ("host,rate\n198.51.100.7,1mbit,extra\n", "row 2: 2 columns in the header, not as many here"),
+        ('{"host": "198.51.100.7"}\n', "row 1: no rate"),
+        ('{"host": "198.51.100.7", "rate": "1mbit", "expires": "2001-01-01T00:00:00Z"}\n', "row 1: expires"),
+        ('{"host": "198.51.100.7", "rate": "1mbit", "expires": "2030-01-01T00:00"}\n', "row 1: expires"),
+        ('{"host": "198.51.100.7", "rate": "1mbit", "direction": "in"}\n', 'row 1: direction "in" needs a [device.eth0.ingress] table'),
+        ('{"host": "198.51.100.7", "rate": "1mbit", "speed": 1}\n', "row 1: unknown key 'speed'"),
+        ('{"host": "198.51.100.7", "rate": }\n', "row 1: not JSON"),
+        ('{"host": "198.51.100.7", "rate": "1mbit"}\n[1, 2]\n', "row 2: a JSON object per line, not list"),
+    ],
+)  # fmt: skip
+def test_a_bad_row_is_one_line_naming_file_and_row_and_nothing_changes(synced, cli, write_config, text, line):
+    file = write_config(text, "caps.txt")
+
+    result = cli(limit_ip_app, "sync", str(file), "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"shape-limit-ip: {file}: {line}")
+    assert len(result.stderr.splitlines()) == 1
+    assert synced.calls == []
+
+
+def test_sync_of_a_missing_file_is_one_line(synced, cli, tmp_path):
+    result = cli(limit_ip_app, "sync", str(tmp_path / "nope.csv"), "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == f"shape-limit-ip: {tmp_path / 'nope.csv'}: no such file\n"
