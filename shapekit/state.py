@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
-from shapekit.config.files import TOO_BIG, InputProblem, input_problem, open_input, read_at_most
+from shapekit.config.files import InputProblem, read_bounded
 from shapekit.config.model import device_name_problem
 from shapekit.config.rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_rate
@@ -57,24 +57,13 @@ def change_lock(directory: Path) -> Iterator[None]:
 def read_state(path: Path) -> dict[str, Any]:
     """A state file's JSON object; {} when there is none yet."""
     try:
-        fd = open_input(path)
+        raw = read_bounded(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return {}
     except InputProblem as exc:
         raise state_problem(path, "", str(exc)) from None
     except OSError as exc:
         raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
-    try:
-        problem = input_problem(os.fstat(fd), MAX_STATE_BYTES)
-        if problem:
-            raise state_problem(path, "", problem)
-        raw = read_at_most(fd, MAX_STATE_BYTES + 1)
-    except OSError as exc:
-        raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_STATE_BYTES:  # its size said otherwise: not a file shapekit wrote
-        raise state_problem(path, "", TOO_BIG.format(MAX_STATE_BYTES >> 20))
     return _json_object(path, raw)
 
 

@@ -13,13 +13,12 @@ import csv
 import datetime
 import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shapekit.config.addresses import ValueProblem, parse_host
-from shapekit.config.files import MAX_CONFIG_BYTES, TOO_BIG, InputProblem, input_problem, open_input, read_at_most
+from shapekit.config.files import MAX_CONFIG_BYTES, InputProblem, read_bounded
 from shapekit.config.model import Device
 from shapekit.config.rules import CAP_NOT_A_SHARE, DIRECTIONS, IPSET_MAX_TIMEOUT, Cap, check_cap
 from shapekit.config.units import PercentError, UnitError, parse_rate
@@ -36,22 +35,13 @@ class RowProblem(ValueError):
 def read_cap_file(path: Path) -> str:
     """The file's text: a regular file of at most 16 MiB (a FIFO or a device is refused unread)."""
     try:
-        fd = open_input(path)
+        raw = read_bounded(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except (InputProblem, OSError) as exc:
-        raise UsageError(f"{path}: {exc.strerror or exc}: give the CSV or JSON lines file of caps") from None
-    try:
-        problem = input_problem(os.fstat(fd), MAX_CONFIG_BYTES)
-        if problem:
-            raise UsageError(f"{path}: {problem}: give the CSV or JSON lines file of caps")
-        raw = read_at_most(fd, MAX_CONFIG_BYTES + 1)
+    except InputProblem as exc:
+        raise UsageError(f"{path}: {exc}: give the CSV or JSON lines file of caps") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read it: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UsageError(f"{path}: {TOO_BIG.format(MAX_CONFIG_BYTES >> 20)}")
     try:
         return raw.decode()
     except UnicodeDecodeError:

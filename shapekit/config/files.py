@@ -43,6 +43,29 @@ def open_input(path: Path) -> int:
         os.close(held)
 
 
+def read_bounded(path: Path, most: int, check_owner: bool = False) -> bytes:
+    """The bytes of `path`, a regular file of at most `most` bytes (and, with `check_owner`, one only
+    root can change), checked before a byte is read.
+
+    Raises FileNotFoundError; InputProblem, saying what the path is instead (not a regular file,
+    too big); ConfigError from the owner check; OSError when it cannot be read.
+    """
+    fd = open_input(path)
+    try:
+        opened = os.fstat(fd)
+        problem = input_problem(opened, most)
+        if problem:
+            raise InputProblem(problem)
+        if check_owner:
+            check_not_writable_by_others(path, opened)
+        raw = read_at_most(fd, most + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > most:  # its size said otherwise (/proc and the like report 0)
+        raise InputProblem(TOO_BIG.format(most >> 20))
+    return raw
+
+
 def input_problem(opened: os.stat_result, most: int) -> str | None:
     """Why the file behind an fd (its fstat) is not one to read: not regular, or above `most` bytes."""
     kind = _kind(opened.st_mode)

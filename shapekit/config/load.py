@@ -13,15 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from shapekit.config.files import (
-    MAX_CONFIG_BYTES,
-    TOO_BIG,
-    InputProblem,
-    check_not_writable_by_others,
-    input_problem,
-    open_input,
-    read_at_most,
-)
+from shapekit.config.files import MAX_CONFIG_BYTES, InputProblem, read_bounded
 from shapekit.config.model import (
     CLASS_NAME,
     CLASSIFIERS,
@@ -112,28 +104,13 @@ def parse_config_text(text: str, path: Path) -> Config:
 def _read_config(path: Path, check_owner: bool) -> bytes:
     """The file's bytes, read only once it is known to be a sane file (and, as root, one only root can change)."""
     try:
-        fd = open_input(path)
+        return read_bounded(path, MAX_CONFIG_BYTES, check_owner)
     except FileNotFoundError:
         raise ConfigError(path, "", "no such file (pass --config PATH or set SHAPEKIT_CONFIG)") from None
     except InputProblem as exc:
         raise ConfigError(path, "", f"{exc}: point --config at the TOML file") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
-    try:
-        opened = os.fstat(fd)
-        problem = input_problem(opened, MAX_CONFIG_BYTES)
-        if problem:
-            raise ConfigError(path, "", f"{problem}: point --config at the TOML file")
-        if check_owner:
-            check_not_writable_by_others(path, opened)
-        raw = read_at_most(fd, MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_CONFIG_BYTES:  # /proc and the like report size 0
-        raise ConfigError(path, "", f"{TOO_BIG.format(MAX_CONFIG_BYTES >> 20)}: point --config at the TOML file")
-    return raw
 
 
 def parse_config(data: dict[str, Any], path: Path) -> Config:

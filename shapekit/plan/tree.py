@@ -170,19 +170,9 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
     dev = device.name
     top = classid(TOP_MINOR)
     line = tuple(rate_options(device.rate, device.rate, device))
+    default = f"{device.default_class.minor:x}"
     cmds = [
-        _tc(
-            dev,
-            "qdisc",
-            "add",
-            "root",
-            "handle",
-            root_handle(),
-            *size_table(device),
-            "htb",
-            "default",
-            f"{device.default_class.minor:x}",
-        ),  # fmt: skip
+        _tc(dev, "qdisc", "add", "root", "handle", root_handle(), *size_table(device), "htb", "default", default),
         _htb_class(dev, root_handle(), TOP_MINOR, line),
         # Bypassed traffic is not shaped: a class guaranteed the whole line, under the top class so
         # that bypassed and shaped traffic together never exceed the line (the seed's 100:1).

@@ -71,7 +71,7 @@ def system(mocker, tmp_path, monkeypatch) -> System:
         return 2
 
     mocker.patch("socket.if_nametoindex", side_effect=if_nametoindex)
-    mocker.patch("shapekit.config.load.check_not_writable_by_others")
+    mocker.patch("shapekit.config.files.check_not_writable_by_others")
     return fake
 
 
