@@ -89,6 +89,7 @@ class Scenario:
     command: tuple[str, ...]  # run with --config CONFIG (or the changed config)
     prepare: tuple[tuple[str, ...], ...] = ()  # shapekit commands run after the boot, unfaulted
     changed_config: bool = False
+    files: tuple[tuple[str, str], ...] = ()  # (name, text) written beside the config; the command names them
 
 
 SCENARIOS = [
@@ -144,6 +145,15 @@ SCENARIOS = [
         prepare=(("shape-limit-ip", "add", "198.18.0.102", "1mbit"),),
         changed_config=True,
     ),
+    Scenario(
+        "limit sync, a cap re-rated, one new, one gone",
+        ("shape-limit-ip", "sync", "caps.csv"),
+        prepare=(
+            ("shape-limit-ip", "add", "198.18.0.102", "1mbit"),
+            ("shape-limit-ip", "add", "198.18.0.103", "1mbit"),
+        ),
+        files=(("caps.csv", "host,rate\n198.18.0.102,2mbit\n198.18.0.104,1mbit\n"),),
+    ),
     Scenario("bypass add", ("shape-bypass", "add", "9091/tcp", "198.18.0.50")),
     Scenario(
         "bypass remove",
@@ -155,8 +165,12 @@ SCENARIOS = [
 ]
 
 
-def boot(pair: NetPair, prepare: tuple[tuple[str, ...], ...]) -> tuple[str, str]:
+def boot(
+    pair: NetPair, prepare: tuple[tuple[str, ...], ...], files: tuple[tuple[str, str], ...] = ()
+) -> tuple[str, str]:
     """shapekit's boot sequence and the scenario's own preparation, with foreign rules and sets around it."""
+    for name, text in files:
+        pair.write_config(text, name)
     for argv in FOREIGN:
         pair.left.run(*argv)
     config = str(pair.write_config(CONFIG))
@@ -248,10 +262,12 @@ def _run_once(netpair: NetPair, faults: Faults, scenario: Scenario, fail_at: int
     """Boot afresh, run the scenario's command with step `fail_at` failing (or signalled); the result, and
     the kernel state and state files before and after."""
     reset(netpair)
-    config, changed = boot(netpair, scenario.prepare)
+    config, changed = boot(netpair, scenario.prepare, scenario.files)
     before = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
     config_used = changed if scenario.changed_config else config
-    result = _faulted(netpair, faults, fail_at, *scenario.command, "--config", config_used, signum=signum)
+    named = {name: str(netpair.workdir / name) for name, _ in scenario.files}
+    argv = [named.get(word, word) for word in scenario.command]
+    result = _faulted(netpair, faults, fail_at, *argv, "--config", config_used, signum=signum)
     after = (comparable(kernel_state(netpair, [netpair.dev])), saved_files(netpair))
     return result, before, after
 
@@ -298,6 +314,39 @@ def test_shape_init_failing_at_any_step_leaves_each_tree_whole_or_gone(netpair, 
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unshaped" in result.stderr, what
         for was, whole, gone, now in zip(_tree(before, dev, ifb), built, unshaped, _tree(after, dev, ifb), strict=True):
             assert now in (was, whole, gone), f"{what}\n{state_diff(gone, now)}"
+        for key in ("mangle4", "mangle6", "ipset"):
+            assert after[key] == before[key], f"{what}\n{state_diff(before, after)}"
+        assert saved_files(netpair) == files, what
+
+
+def test_shape_init_all_failing_leaves_each_tree_whole_or_gone_and_the_rules_sets_and_state_as_before(netpair, faults):
+    """shape-init --all: a tree step failing leaves that tree gone, as shape-init does; any later step (the
+    sets, the chains) fails inside one transaction, put back as before with the trees left built."""
+    dev, ifb = netpair.dev, f"ifb-{netpair.dev}"
+    config, changed = boot(netpair, ())
+    assert _faulted(netpair, faults, None, "shape-init", "--config", changed).returncode == 0
+    tree_steps = faults.steps
+    reset(netpair)
+    boot(netpair, ())
+    assert _faulted(netpair, faults, None, "shape-init", "--all", "--config", changed).returncode == 0
+    steps, built = faults.steps, _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
+    reset(netpair)
+    unshaped = _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
+    print(f"shape-init --all: {steps} steps, the trees' {tree_steps} first")
+    for n in (
+        1,
+        *range(tree_steps + 1, steps + 1),
+    ):  # one tree step (shape-init's own test takes each), every later one
+        reset(netpair)
+        boot(netpair, ())
+        before, files = comparable(kernel_state(netpair, [dev])), saved_files(netpair)
+        result = _faulted(netpair, faults, n, "shape-init", "--all", "--config", changed)
+        after = comparable(kernel_state(netpair, [dev]))
+        what = f"{faults.step(n)}: {result.stderr}"
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, what
+        assert ("unshaped" if n <= tree_steps else "put back as before") in result.stderr, what
+        for was, whole, gone, now in zip(_tree(before, dev, ifb), built, unshaped, _tree(after, dev, ifb), strict=True):
+            assert now in ((was, whole, gone) if n <= tree_steps else (whole,)), f"{what}\n{state_diff(whole, now)}"
         for key in ("mangle4", "mangle6", "ipset"):
             assert after[key] == before[key], f"{what}\n{state_diff(before, after)}"
         assert saved_files(netpair) == files, what
