@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config.files import InputProblem, read_bounded
 from shapekit.config.model import device_name_problem
-from shapekit.config.rules import CAP_MINORS, DIRECTIONS, Cap, check_cap
+from shapekit.config.rules import CAP_MINORS, CAP_SLOTS, DIRECTIONS, Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import CommandFailed, UsageError
 
@@ -180,7 +180,7 @@ class RuntimeBypass:
         )
 
 
-_CAP_KEYS = ("host", "rate", "dev", "expires", "comment", "minor", "direction")
+_CAP_KEYS = ("host", "rate", "dev", "expires", "comment", "slot", "minor", "direction")
 
 
 def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None = None) -> list[Cap]:
@@ -214,6 +214,7 @@ def _cap(path: Path, where: str, item: Any) -> Cap:
     for key in ("host", "rate", "dev"):
         if key not in item:
             raise state_problem(path, f"{where}.{key}", "missing")
+    direction = _direction(path, f"{where}.direction", item.get("direction", "out"))
     return Cap(
         host=_parsed(path, f"{where}.host", item["host"], parse_host),
         rate=_parsed(path, f"{where}.rate", item["rate"], parse_rate),
@@ -221,8 +222,8 @@ def _cap(path: Path, where: str, item: Any) -> Cap:
         source="run-time",
         expires=_expires(path, f"{where}.expires", item.get("expires")),
         comment=_comment(path, f"{where}.comment", item.get("comment", "")),
-        minor=_minor(path, f"{where}.minor", item.get("minor")),
-        direction=_direction(path, f"{where}.direction", item.get("direction", "out")),
+        slot=_slot(path, where, item, direction),
+        direction=direction,
     )
 
 
@@ -249,12 +250,20 @@ def _comment(path: Path, where: str, value: Any) -> str:
     return value
 
 
-def _minor(path: Path, where: str, value: Any) -> int | None:
+def _slot(path: Path, where: str, item: dict[str, Any], direction: str) -> int | None:
+    """A cap's saved place. A file from before cap groups has `minor`: kept on arriving traffic (the same
+    class), dropped on sent traffic, whose caps shape-init moves into groups."""
+    if "minor" in item and "slot" not in item:
+        return _place(path, f"{where}.minor", item["minor"], CAP_MINORS) if direction == "in" else None
+    return _place(path, f"{where}.slot", item.get("slot"), CAP_SLOTS if direction == "out" else CAP_MINORS)
+
+
+def _place(path: Path, where: str, value: Any, places: range) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value not in CAP_MINORS:
-        first, last = CAP_MINORS[0], CAP_MINORS[-1]
-        raise state_problem(path, where, f"{_show(value)} is not a cap's class minor ({first:#x}-{last:#x}) or null")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in places:
+        first, last = places[0], places[-1]
+        raise state_problem(path, where, f"{_show(value)} is not a cap's place ({first}-{last}) or null")
     return value
 
 
@@ -272,7 +281,7 @@ def save_caps(directory: Path, caps: list[Cap]) -> None:
             "dev": c.dev,
             "expires": c.expires,
             "comment": c.comment,
-            "minor": c.minor,
+            "slot": c.slot,
             "direction": c.direction,
         }
         for c in caps

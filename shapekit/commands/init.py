@@ -35,9 +35,42 @@ def init(options: common.Options, devs: list[str], skip_unknown: bool = False, s
     with options.lock():
         bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
         saved, now = common.saved_caps(config), time.time()
-        build_trees(
-            runner, config, devices, bypass, {t.name: place_caps(t, saved, now) for d in devices for t in d.trees}
-        )
+        flat = [d for d in devices if built_flat(runner, d)]
+        placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
+        build_trees(runner, config, devices, bypass, placed)
+        if flat:
+            _move_caps_into_groups(options, runner, config, flat, bypass, placed, now)
+
+
+def built_flat(runner: run.Runner, device: Device) -> bool:
+    """Whether `device` has a tree from a shapekit before cap groups: its caps flat under the top class."""
+    return read.read_root(runner, device.name).is_shapekit and not read.has_group_filter(runner, device.name)
+
+
+def _move_caps_into_groups(
+    options: common.Options,
+    runner: run.Runner,
+    config: Config,
+    devices: list[Device],
+    bypass: Bypass,
+    placed: dict[str, list[PlacedCap]],
+    now: float,
+) -> None:
+    """After rebuilding trees whose caps were flat: their cap sets' entries and the cap rule made the groups'
+    (each entry carries its group's mark bits, which the old rule did not set), in one transaction; the
+    run-time caps saved with their new places."""
+    before = {d.name: read.read_sets(runner, d.name) for d in devices}
+    installed = [d for d in devices if any(entries is not None for entries in before[d.name].values())]
+    with run.transaction(runner) as journal:
+        for device in installed:  # else shape-limit-ip has not run since boot: it makes them
+            limit_ip.put_sets(runner, journal, device, placed[device.name], now, before[device.name])
+        if installed:
+            rules = {f: plan_mangle.limit_plan(config, bypass, f) for f in FAMILIES}
+            common.install_mangle(runner, rules, plan_limits.LIMIT, journal)
+        if not options.dry_run:
+            save_caps(
+                state_dir(), limit_ip.caps_to_save(common.live_caps(common.saved_caps(config), now), config, placed)
+            )
 
 
 def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
@@ -166,7 +199,7 @@ def check_drift(options: common.Options, devs: list[str]) -> list[str]:
             want = drift.before_caps(want, have, plan_limits.LIMIT)
         differences += drift.diff_chains(family, want, have)
     want_entries = {
-        (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan.classid(p.minor))
+        (plan_limits.set_name(name, p.cap.host.version), str(p.cap.host), plan_limits.in_group(p.slot))
         for name, caps in egress.items()
         for p in caps
     }
@@ -177,7 +210,8 @@ def _tree_drift(runner: run.Runner, tree: Device, placed: list[PlacedCap], saved
     cmds = plan.plan_tree(tree, Bypass()) + plan_limits.cap_tree(tree, placed)
     have = read.read_tree(runner, tree.name, plan.root_handle())
     # A lapsed cap's class stays until the next full install: neither wanted nor drift.
-    have = drift.without(have, {plan.classid(m) for m in plan_limits.lapsed_minors(tree, saved, now)})
+    lapsed = {plan_limits.cap_classid(tree, slot) for slot in plan_limits.lapsed_slots(tree, saved, now)}
+    have = drift.without(have, lapsed)
     return drift.diff_tree(tree.name, drift.planned_tree(cmds), have)
 
 

@@ -31,7 +31,7 @@ from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan import tree as plan
 from shapekit.plan.ingress import CapFilters, U32Filter
-from shapekit.plan.limits import LIMIT, PlacedCap, lapsed, place_caps, with_minor
+from shapekit.plan.limits import LIMIT, PlacedCap, lapsed, place_caps, with_slot
 from shapekit.plan.mangle import FAMILIES
 from shapekit.state import RuntimeBypass, save_caps, state_dir
 
@@ -56,6 +56,17 @@ def require_cap_trees(runner: run.Runner, config: Config) -> None:
     """Caps go into shapekit's trees: each device there now must have them (a hotplug device may be away)."""
     for tree in (t for d in config.devices.values() if read.device_exists(d.name) for t in d.trees):
         probe.require_shapekit_tree(runner, tree.name)
+        if tree.direction == "out":
+            require_groups(runner, tree)
+
+
+def require_groups(runner: run.Runner, tree: Device) -> None:
+    """A tree built before cap groups keeps its caps flat until shape-init moves them: refused until then."""
+    if not read.has_group_filter(runner, tree.name):
+        raise UsageError(
+            f"{tree.name}'s tree was built by a shapekit without cap groups: run shape-init --dev {tree.name} "
+            "to rebuild it (its caps move into groups, run-time ones kept), then change caps"
+        )
 
 
 def install_limits(
@@ -92,10 +103,10 @@ def install_limits(
 
 
 def caps_to_save(runtime: list[Cap], config: Config, placed: dict[str, list[PlacedCap]]) -> list[Cap]:
-    """The run-time caps placed, with their minors (later commands find their classes by them), and those
+    """The run-time caps placed, with their places (later commands find their classes by them), and those
     on devices the config no longer shapes, kept for when it does again."""
     kept = [c for c in runtime if c.dev not in config.devices]
-    return kept + [with_minor(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
+    return kept + [with_slot(p) for caps in placed.values() for p in caps if p.cap.source == "run-time"]
 
 
 def _sync_caps_out(
@@ -110,14 +121,15 @@ def _sync_caps_out(
     they hold now, only the entries that differ), then the classes no entry points to go."""
     classes, sets = read.read_cap_classes(runner, device), read.read_sets(runner, device.name)
     put_back_classes = partial(change.put_back_all_classes, runner, device, classes)
-    new_rates = plan_limits.sync_classes(device, plan_limits.class_rates(placed), classes)
+    wanted = plan_limits.class_rates(device, placed)
+    new_rates = plan_limits.sync_classes(device, wanted, classes)
     journal.change(
         f"{device.name}'s cap classes",
         partial(runner.tc_batch, f"{device.name}: per-IP cap classes", new_rates),
         put_back_classes,
     )
     put_sets(runner, journal, device, placed, now, sets, was)
-    stale = plan_limits.sync_classes(device, plan_limits.stale(classes, placed), classes)
+    stale = plan_limits.sync_classes(device, plan_limits.stale(classes, wanted), classes)
     journal.change(
         f"{device.name}'s cap classes",
         partial(runner.tc_batch, f"{device.name}: classes of caps no more", stale),
@@ -137,7 +149,8 @@ def put_sets(
     """A device's cap sets made to hold exactly `placed`, put back to `before` if a later step fails:
     filled aside and swapped in, or, given `was` (the caps they hold now), only the entries that differ."""
     if was is None:
-        header, text = f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now)
+        present = [family for family, entries in before.items() if entries is not None]
+        header, text = f"{device.name}: per-IP cap sets", plan_limits.plan_sets(device.name, placed, now, present)
     else:
         header, text = (
             f"{device.name}: the cap entries that differ",
@@ -218,14 +231,16 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
     with options.lock():
         if options.dry_run or tree.direction == "in":
             probe.require_shapekit_tree(runner, tree.name)
+        if tree.direction == "out":
+            require_groups(runner, tree)
         now = time.time()
-        saved = common.saved_caps(config)  # lapsed ones too: their classes still hold their minors
+        saved = common.saved_caps(config)  # lapsed ones too: their classes still hold their places
         mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
         others = [c for c in saved if c is not mine]
         expires = now + seconds if seconds else None
         # Capped already: the new rate goes into the same class.
         cap = Cap(
-            host, rate, device.name, "run-time", expires, request.comment, mine.minor if mine else None, tree.direction
+            host, rate, device.name, "run-time", expires, request.comment, mine.slot if mine else None, tree.direction
         )
         if tree.direction == "out" and not {plan_limits.set_name(device.name, f) for f in FAMILIES} <= set(
             read.list_sets(runner)
@@ -237,11 +252,11 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
             return
         every = place_caps(tree, [*others, cap], now)
         placed = next(p for p in every if p.cap.host == host)
-        before = _cap_until_now(tree, host, mine, placed.minor, now)
+        before = _cap_until_now(tree, host, mine, placed.slot, now)
         with run.transaction(runner) as journal:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
-                save_caps(state_dir(), [*others, with_minor(placed)])  # last: see install_limits
+                save_caps(state_dir(), [*others, with_slot(placed)])  # last: see install_limits
 
 
 def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
@@ -259,8 +274,8 @@ def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
         now = time.time()
         saved = common.live_caps(common.saved_caps(config), now)
         mine = {c.key: c for c in saved if c.dev == device.name}
-        synced = [dataclasses.replace(c, minor=mine[c.key].minor if c.key in mine else None) for c in wanted]
-        # A cap gone keeps its class's minor from new caps until that class goes, after its entry: as lapsed.
+        synced = [dataclasses.replace(c, slot=mine[c.key].slot if c.key in mine else None) for c in wanted]
+        # A cap gone keeps its class's place from new caps until that class goes, after its entry: as lapsed.
         gone = [
             dataclasses.replace(c, expires=now - 1) for key, c in mine.items() if key not in {c.key for c in wanted}
         ]
@@ -270,12 +285,12 @@ def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
         install_limits(options, config, [*others, *synced, *gone], now, until_now)
 
 
-def _cap_until_now(tree: Device, host: Network, mine: Cap | None, minor: int, now: float) -> PlacedCap | None:
+def _cap_until_now(tree: Device, host: Network, mine: Cap | None, slot: int, now: float) -> PlacedCap | None:
     """The host's cap before this add (its run-time one, else the config's), in the class the add keeps."""
     if mine is not None and not lapsed(mine, now):
-        return PlacedCap(mine, minor)
+        return PlacedCap(mine, slot)
     configured = next((c for c in tree.limits if c.host == host), None)
-    return PlacedCap(configured, minor) if configured else None
+    return PlacedCap(configured, slot) if configured else None
 
 
 def _check_request(
@@ -317,8 +332,10 @@ def _put_cap(
     `before` is the host's cap until now, if it had one: what a failure puts back.
     """
     host = placed.cap.host
-    cmds = plan_limits.cap_class(tree, placed.minor, placed.cap.rate, "replace")
-    put_back_class = partial(change.put_back_classes, runner, tree, _class_now(tree, placed.minor))
+    classes = _class_now(tree, placed.slot)
+    present = {cid: rate for cid, rate in classes.items() if rate is not None}
+    cmds = plan_limits.sync_classes(tree, plan_limits.class_rates(tree, [placed]), present)
+    put_back_class = partial(change.put_back_classes, runner, tree, classes)
     if tree.direction == "out":
         journal.change(f"the class of {host}", partial(_cap_batch, runner, tree, host, cmds), put_back_class)
         _put_set_entry(runner, journal, tree, placed, before, now)
@@ -333,10 +350,13 @@ def _put_cap(
     )
 
 
-def _class_now(tree: Device, minor: int) -> dict[int, int | None]:
-    """One cap class's rate now (None: not there), as change.put_back_classes takes it."""
-    found = read.read_class(tree.name, minor)
-    return {minor: plan.configured_rate(found.ceil, tree) if found else None}
+def _class_now(tree: Device, slot: int) -> dict[str, int | None]:
+    """One cap's class's rate now, and its group's (None: not there), as change.put_back_classes takes them."""
+    cids = [plan_limits.cap_classid(tree, slot)]
+    if tree.direction == "out":
+        cids.insert(0, plan_limits.group_classid(plan_limits.group_of(slot)))
+    found = {cid: read.read_class(tree.name, cid) for cid in cids}
+    return {cid: plan.configured_rate(c.ceil, tree) if c else None for cid, c in found.items()}
 
 
 def _cap_batch(runner: run.Runner, tree: Device, host: Network, cmds: list[plan.Argv]) -> None:
@@ -413,6 +433,8 @@ def limit_remove(options: common.Options, host_text: str, dev: str | None, direc
         device = config.devices.get(matches[0].dev)
         if device is not None:
             probe.require_devices([device.name])
+            if any(c.direction == "out" for c in matches):
+                require_groups(runner, device)
         with run.transaction(runner) as journal:
             for removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress
@@ -441,13 +463,18 @@ def _lift(runner: run.Runner, journal: run.Journal, tree: Device, removed: Cap, 
         _put_cap(runner, journal, tree, after, rest, before, now)
         return
     if tree.direction == "out":
-        _lift_out(runner, journal, tree, before, now)
+        held = {p.slot for p in rest} | plan_limits.lapsed_slots(tree, kept, now)
+        keep_group = plan_limits.group_of(before.slot) in {plan_limits.group_of(slot) for slot in held}
+        _lift_out(runner, journal, tree, before, keep_group, now)
     else:
         _lift_in(runner, journal, tree, before, rest)
 
 
-def _lift_out(runner: run.Runner, journal: run.Journal, tree: Device, before: PlacedCap, now: float) -> None:
-    """The host's set entry first (no packet is sent to a class that is going), then its class."""
+def _lift_out(
+    runner: run.Runner, journal: run.Journal, tree: Device, before: PlacedCap, keep_group: bool, now: float
+) -> None:
+    """The host's set entry first (no packet is sent to a class that is going), then its class, and its
+    group when no other cap is left in it."""
     host = before.cap.host
     journal.change(
         f"the set entry of {host}",
@@ -455,10 +482,11 @@ def _lift_out(runner: run.Runner, journal: run.Journal, tree: Device, before: Pl
         partial(change.ipset_restore, runner, f"{tree.name}: {host}'s entry back", plan_limits.plan_set_entry(tree.name, before, now)),
         atomic=True,
     )  # fmt: skip
-    old_class = _class_now(tree, before.minor)
-    cmds = (
-        plan_limits.remove_cap_class(tree.name, before.minor) if old_class[before.minor] else []
-    )  # gone after a re-init
+    old_class = _class_now(tree, before.slot)
+    mine = plan_limits.cap_classid(tree, before.slot)
+    gone = {cid: None for cid in old_class if cid == mine or not keep_group}
+    present = {cid: rate for cid, rate in old_class.items() if rate is not None}  # none after a re-init
+    cmds = plan_limits.sync_classes(tree, gone, present)
     journal.change(
         f"the class of {host}",
         partial(runner.tc_batch, f"{tree.name}: {host} uncapped", cmds),
@@ -470,9 +498,9 @@ def _lift_in(runner: run.Runner, journal: run.Journal, tree: Device, before: Pla
     """The host's u32 filter and then its class, in one batch (HTB keeps a class that a filter points to)."""
     filters = _cap_filter_before(runner, tree, before)
     cmds = plan_ingress.cap_removal(tree, before, rest, filters.present, filters.nodes)
-    old_class = _class_now(tree, before.minor)
-    if old_class[before.minor] is not None:  # gone already after a re-init
-        cmds += plan_limits.remove_cap_class(tree.name, before.minor)
+    old_class = _class_now(tree, before.slot)
+    present = {cid: rate for cid, rate in old_class.items() if rate is not None}  # none after a re-init
+    cmds += plan_limits.sync_classes(tree, dict.fromkeys(old_class), present)
     journal.change(
         f"the class and filter of {before.cap.host}",
         partial(runner.tc_batch, f"{tree.name}: {before.cap.host} uncapped", cmds),
@@ -525,17 +553,17 @@ def limit_list(options: common.Options) -> list[CapRow]:
     runtime = common.live_caps(common.saved_caps(config), now)
     rows = []
     for tree in (t for d in config.devices.values() for t in d.trees):
-        rows += [_row(p) for p in place_caps(tree, runtime, now)]
+        rows += [_row(tree, p) for p in place_caps(tree, runtime, now)]
     return rows
 
 
-def _row(placed: PlacedCap) -> CapRow:
+def _row(tree: Device, placed: PlacedCap) -> CapRow:
     cap = placed.cap
     host = str(cap.host.network_address) if cap.host.prefixlen == cap.host.max_prefixlen else str(cap.host)
     expires = None
     if cap.expires is not None:
         expires = datetime.datetime.fromtimestamp(cap.expires, datetime.timezone.utc).isoformat(timespec="seconds")
-    rate, cid = format_rate(cap.rate), plan.classid(placed.minor)
+    rate, cid = format_rate(cap.rate), plan_limits.cap_classid(tree, placed.slot)
     return CapRow(host, rate, cap.dev, cap.direction, cap.source, expires, cap.comment, cid)
 
 

@@ -19,7 +19,7 @@ from shapekit.plan.limits import PlacedCap, lapsed, place_caps
 
 
 def _lapsed(device: Device, caps: list[Cap], now: float) -> list[PlacedCap]:
-    return [PlacedCap(c, c.minor) for c in caps if device.holds(c) and lapsed(c, now) and c.minor is not None]
+    return [PlacedCap(c, c.slot) for c in caps if device.holds(c) and lapsed(c, now) and c.slot is not None]
 
 
 def status_sample(options: common.Options, devs: list[str], interval: float) -> dict:

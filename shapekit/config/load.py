@@ -39,7 +39,7 @@ from shapekit.config.model import (
     device_name_problem,
     ifb_name,
 )
-from shapekit.config.rules import check_bypass_mark, parse_bypass, parse_limits, parse_marks
+from shapekit.config.rules import MARK_BITS_WHY, MAX_MARK, check_bypass_mark, parse_bypass, parse_limits, parse_marks
 from shapekit.config.units import (
     PercentError,
     UnitError,
@@ -393,6 +393,8 @@ def _allocate_marks(
     for name in order:
         key = f"{dev_key}.classes.{name}.mark"
         mark = _int(path, key, tables[name].get("mark"), 1, 0xFFFFFFFF)
+        if mark is not None and mark > MAX_MARK:
+            raise ConfigError(path, key, f"{mark} is above {MAX_MARK}{MARK_BITS_WHY}: pick a smaller mark")
         if mark is None:
             continue
         if name in parents:

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
 
 DEFAULT_BYPASS_MARK = 1001
 BYPASS_MINOR = 0x2  # the unshaped class 5c:2, beside the top class
-CAP_MINORS = range(0x8000, 0xFFFF)  # one class per capped host (leaf handle ffff: is ingress's)
+CAP_MINORS = range(0x8000, 0xFFFF)  # arriving traffic: one class 5c:MINOR per capped host (ffff: is ingress's)
+# Sent traffic: caps live in groups of GROUP_SIZE (shapekit.plan.limits), and a packet's mark carries
+# its group in the top byte; the marks a config sets stay below it.
+GROUP_SIZE = 512
+GROUP_COUNT = 255  # groups 1..255: the top byte of the mark, 0 meaning none
+CAP_SLOTS = range(GROUP_COUNT * GROUP_SIZE)  # a cap's place among the groups: 130,560 per device
+MAX_MARK = 0xFFFFFF
+MARK_BITS_WHY = " (the top byte of the mark is per-IP caps' group)"
 
 _BYPASS_KEYS = {"mark", "ports", "hosts"}
 _MARK_KEYS = {
@@ -100,8 +107,8 @@ def parse_bypass(path: Path, raw: Any) -> Bypass:
         if key not in _BYPASS_KEYS:
             raise ConfigError(path, f"bypass.{key}", f"unknown key (known: {', '.join(sorted(_BYPASS_KEYS))})")
     mark = raw.get("mark", DEFAULT_BYPASS_MARK)
-    if isinstance(mark, bool) or not isinstance(mark, int) or not 1 <= mark <= 0xFFFFFFFF:
-        raise ConfigError(path, "bypass.mark", f"{mark!r} is not a mark: use an integer 1..4294967295")
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 1 <= mark <= MAX_MARK:
+        raise ConfigError(path, "bypass.mark", f"{mark!r} is not a mark: use an integer 1..{MAX_MARK}{MARK_BITS_WHY}")
     return Bypass(
         mark=mark,
         ports=tuple(_each(path, "bypass.ports", raw.get("ports", []), parse_port_proto)),
@@ -359,7 +366,7 @@ class Cap:
     source: str = "config"  # or "run-time"
     expires: float | None = None  # epoch seconds; run-time caps added with --for
     comment: str = ""
-    minor: int | None = None  # run-time caps keep the class minor they were given
+    slot: int | None = None  # run-time caps keep their place: a CAP_SLOTS index, or (direction "in") a class minor
     direction: str = "out"  # "in": traffic from `host`, shaped on the device's ingress tree
 
     @property
@@ -405,8 +412,10 @@ def parse_limits(path: Path, key: str, raw: Any, dev: str, line_rate: int, ingre
             if caps.setdefault((direction, host), cap) is not cap:  # one hash of the host, not two
                 raise ConfigError(path, where, f"{host} is capped twice on {dev}")
     for direction in DIRECTIONS:
-        if sum(d == direction for d, _ in caps) > len(CAP_MINORS):
-            raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {len(CAP_MINORS)} each way")
+        most = len(CAP_SLOTS if direction == "out" else CAP_MINORS)
+        if sum(d == direction for d, _ in caps) > most:
+            where = "sent to hosts" if direction == "out" else "arriving from hosts"
+            raise ConfigError(path, key, f"{len(caps)} caps: a device takes at most {most} on traffic {where}")
     return tuple(caps.values())
 
 

@@ -143,13 +143,13 @@ def put_back_prefs(runner: run.Runner, dev: str, prefs: list[tuple[int, int]], b
     runner.tc_batch(f"{dev}: put its filters back", plan_ingress.replace_prefs(dev, prefs, present, before))
 
 
-def put_back_classes(runner: run.Runner, tree: Device, before: dict[int, int | None]) -> None:
+def put_back_classes(runner: run.Runner, tree: Device, before: dict[str, int | None]) -> None:
     """The cap classes named in `before` as they were (None: not there); each read by one rtnetlink get."""
-    now = {m: configured_rate(c.ceil, tree) for m in before if (c := read.read_class(tree.name, m)) is not None}
+    now = {cid: configured_rate(c.ceil, tree) for cid in before if (c := read.read_class(tree.name, cid)) is not None}
     runner.tc_batch(f"{tree.name}: put its cap classes back", plan_limits.sync_classes(tree, before, now))
 
 
-def put_back_all_classes(runner: run.Runner, tree: Device, before: dict[int, int]) -> None:
+def put_back_all_classes(runner: run.Runner, tree: Device, before: dict[str, int]) -> None:
     """Every cap class of a tree as it was."""
     now = read.read_cap_classes(runner, tree)
     runner.tc_batch(
@@ -161,8 +161,10 @@ def put_back_sets(runner: run.Runner, dev: str, before: dict[int, list[str] | No
     """A device's cap sets as they were: refilled and swapped in, and gone where there was none."""
     kept = {family: entries for family, entries in before.items() if entries is not None}
     gone = {plan_limits.set_name(dev, f) + scratch for f in before if f not in kept for scratch in ("", "~")}
-    text = plan_limits.fill_sets(dev, kept) if kept else ""
-    text += plan_limits.plan_destroy_sets([name for name in read.list_sets(runner) if name in gone])
+    there = read.list_sets(runner)
+    present = [f for f in kept if plan_limits.set_name(dev, f) in there]
+    text = plan_limits.fill_sets(dev, kept, present) if kept else ""
+    text += plan_limits.plan_destroy_sets([name for name in there if name in gone])
     ipset_restore(runner, f"{dev}: put its cap sets back", text)
 
 

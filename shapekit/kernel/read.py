@@ -24,7 +24,6 @@ from shapekit.plan.mangle import FAMILIES, TOOLS, MangleState
 from shapekit.plan.tree import (
     KERNEL_DEFAULT,
     RootQdisc,
-    classid,
     configured_rate,
     root_handle,
 )
@@ -75,10 +74,10 @@ def local_addresses(runner: run.Runner) -> list[ipaddress.IPv4Address | ipaddres
     return [ipaddress.ip_address(a["local"]) for link in links for a in link.get("addr_info", []) if "local" in a]
 
 
-def read_cap_classes(runner: run.Runner, tree: Device) -> dict[int, int]:
-    """Cap classes (minor → the cap's configured rate, bits/s) of a tree: a ptm tree's rates are written scaled."""
-    classes = plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", tree.name)))
-    return {minor: configured_rate(ceil, tree) for minor, ceil in classes.items()}
+def read_cap_classes(runner: run.Runner, tree: Device) -> dict[str, int]:
+    """Cap classes and groups (class id → the configured rate, bits/s) of a tree: a ptm tree's rates are written scaled."""
+    classes = plan_limits.parse_cap_classes(runner.query(("tc", "class", "show", "dev", tree.name)), tree)
+    return {cid: configured_rate(ceil, tree) for cid, ceil in classes.items()}
 
 
 def read_tree(runner: run.Runner, dev: str, root_handle: str) -> drift.Tree:
@@ -101,19 +100,20 @@ def read_classes(dev: str) -> list[tc_netlink.ClassStats]:
     return [c for c in classes if c.kind == "htb"]  # sfq and fq_codel list a class per flow: not shapekit's
 
 
-def read_class(dev: str, minor: int) -> tc_netlink.ClassStats | None:
-    """One class of shapekit's tree, by minor (None: not there): one rtnetlink get, however many classes.
+def read_class(dev: str, cid: str) -> tc_netlink.ClassStats | None:
+    """One class of shapekit's tree (None: not there): one rtnetlink get, however many classes.
 
     The kernel answers a class get as a notification: a `tc monitor` running
     meanwhile sees the class go by, unchanged.
     """
-    handle = int(root_handle().rstrip(":"), 16) << 16 | minor
+    major, minor = (int(part, 16) for part in cid.split(":"))
+    handle = major << 16 | minor
     try:
         classes = _rtnetlink(lambda index: tc_netlink.get_request(index, handle), dev)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return None
-        raise CommandFailed(f"rtnetlink get of {dev}'s class {classid(minor)}", exc.strerror or str(exc)) from None
+        raise CommandFailed(f"rtnetlink get of {dev}'s class {cid}", exc.strerror or str(exc)) from None
     return classes[0] if classes else None
 
 
@@ -191,11 +191,21 @@ def read_u32_filters(runner: run.Runner, dev: str) -> tuple[set[int], list[plan_
 
 def read_root(runner: run.Runner, dev: str) -> RootQdisc:
     """The root qdisc of `dev` now."""
-    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev, "root")) or "[]")
+    qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev)) or "[]")
     root = next((q for q in qdiscs if q.get("root")), None)
     if root is None:
         return KERNEL_DEFAULT
-    return RootQdisc(kind=root["kind"], handle=root["handle"])
+    groups = [q["parent"] for q in qdiscs if q.get("kind") == "htb" and q.get("parent", "").startswith(root["handle"])]
+    groups.sort(key=lambda cid: int(cid.split(":")[1], 16))  # the order shapekit makes them in
+    return RootQdisc(kind=root["kind"], handle=root["handle"], groups=tuple(groups))
+
+
+def has_group_filter(runner: run.Runner, dev: str) -> bool:
+    """Whether `dev`'s tree has the root filter that finds cap groups: a tree shape-init built before them has not."""
+    shown = runner.query(
+        ("tc", "filter", "show", "dev", dev, "parent", root_handle(), "prio", str(plan_limits.GROUP_FILTER_PRIO))
+    )
+    return " bpf " in shown
 
 
 def devices_with_root(runner: run.Runner, handle: str, kind: str) -> list[str]:

@@ -40,13 +40,12 @@ def kernel_tree(qdisc_json: str, class_text: str, root_handle: str) -> Tree:
     if root is None or root.get("kind") != "htb" or root.get("handle") != root_handle:
         return Tree(default=None, classes={}, leaves={})
     default = format(int(str(root.get("options", {}).get("default", "0")), 16), "x")
-    leaves = {
-        q["parent"]: q["kind"] for q in qdiscs if not q.get("root") and q.get("parent", "").startswith(root_handle)
-    }
+    classes = parse_tc_classes(class_text)  # the caps' too, in their groups' qdiscs
+    leaves = {q["parent"]: q["kind"] for q in qdiscs if not q.get("root") and q.get("parent") in classes}
     # `tc -j -d` shows the size table; tc's mtu and tsize are its own defaults, not the config's
     stab = root.get("stab")
     shown = _stab(int(stab.get("overhead", 0)), stab.get("linklayer", "ethernet")) if stab else "none"
-    return Tree(default=default, classes=parse_tc_classes(class_text), leaves=leaves, stab=shown)
+    return Tree(default=default, classes=classes, leaves=leaves, stab=shown)
 
 
 def without(tree: Tree, classids: set[str]) -> Tree:

@@ -206,12 +206,12 @@ def cap_filter(placed: PlacedCap) -> U32Filter:
     """A cap's filter: in its hash bucket (one host), else at the pref of its prefix length."""
     host = placed.cap.host
     keys = tuple(host_keys(host, _SRC[host.version]))
-    slot = u32_slot(placed.cap, placed.minor)
+    slot = u32_slot(placed.cap, placed.slot)
     handle = None
     if slot is not None:
         _, bucket, node = slot
         handle = f"{HASH_TABLE[host.version]}{bucket:x}:{node:x}"
-    return U32Filter(host.version, cap_pref(host), keys, classid(placed.minor), handle)
+    return U32Filter(host.version, cap_pref(host), keys, classid(placed.slot), handle)
 
 
 def hash_tables(dev: str) -> list[Argv]:
@@ -278,7 +278,7 @@ def _rule_keys(rule: MarkRule, family: int) -> list[tuple[U32Key, ...]]:
 
 def ingress_filters(tree: Device, config: Config, bypass: Bypass, caps: Sequence[PlacedCap]) -> list[U32Filter]:
     """Every classifying filter of an ingress tree, in the order a packet meets them."""
-    by_pref = sorted(caps, key=lambda p: (cap_pref(p.cap.host), p.minor))
+    by_pref = sorted(caps, key=lambda p: (cap_pref(p.cap.host), p.slot))
     return listable([cap_filter(p) for p in by_pref] + bypass_filters(bypass) + rule_filters(tree, config.marks))
 
 
@@ -314,7 +314,7 @@ class CapFilters:
 
     @classmethod
     def of(cls, placed: Sequence[PlacedCap]) -> CapFilters:
-        filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.minor))]
+        filters = [cap_filter(p) for p in sorted(placed, key=lambda p: (cap_pref(p.cap.host), p.slot))]
         return cls(tuple(f for f in filters if f.handle), tuple(f for f in filters if not f.handle))
 
     @classmethod
@@ -417,7 +417,7 @@ def cap_removal(
 
 
 def _pref_anew(tree: Device, mine: U32Filter, every: Sequence[PlacedCap], present: set[int]) -> list[Argv]:
-    same = [cap_filter(p) for p in sorted(every, key=lambda p: p.minor) if cap_pref(p.cap.host) == mine.pref]
+    same = [cap_filter(p) for p in sorted(every, key=lambda p: p.slot) if cap_pref(p.cap.host) == mine.pref]
     return replace_prefs(tree.name, [(mine.family, mine.pref)], present, same)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from shapekit.config.model import TOP_MINOR, Device
 from shapekit.config.rules import BYPASS_MINOR
-from shapekit.plan.limits import PlacedCap
+from shapekit.plan.limits import PlacedCap, cap_classid, group_classid, group_of
 from shapekit.plan.tree import classid, configured_rate
 
 if TYPE_CHECKING:  # the kernel's classes come in as data: the plan layer never reads the kernel
@@ -45,10 +45,13 @@ def class_names(device: Device, caps: list[PlacedCap], lapsed: list[PlacedCap] =
     names = {classid(TOP_MINOR): "(line)", classid(BYPASS_MINOR): "bypass"}
     for cls in device.classes:
         names[classid(cls.minor)] = cls.name + (" (default)" if cls.name == device.default else "")
+    if device.direction == "out":
+        for group in sorted({group_of(p.slot) for p in [*caps, *lapsed]}):
+            names[group_classid(group)] = f"cap group {group}"
     for placed in caps:
-        names[classid(placed.minor)] = f"cap {_host(placed)}"
+        names[cap_classid(device, placed.slot)] = f"cap {_host(placed)}"
     for placed in lapsed:  # its class stays until the next full install
-        names.setdefault(classid(placed.minor), f"cap {_host(placed)} (lapsed)")
+        names.setdefault(cap_classid(device, placed.slot), f"cap {_host(placed)} (lapsed)")
     return names
 
 

@@ -54,6 +54,7 @@ class RootQdisc:
 
     kind: str
     handle: str  # "5c:", "0:" for the kernel's default
+    groups: tuple[str, ...] = ()  # the cap groups' classes ("5c:8001"), in the order they were made
 
     @property
     def is_shapekit(self) -> bool:
@@ -192,19 +193,32 @@ def plan_tree(device: Device, bypass: Bypass) -> list[Argv]:
 
 def plan_init(device: Device, bypass: Bypass, current: RootQdisc) -> list[Argv]:
     """Replace whatever root qdisc the device has with shapekit's tree."""
-    remove = [] if current.is_kernel_default else [_tc(device.name, "qdisc", "del", "root")]
+    remove = [] if current.is_kernel_default else _remove_root(device.name, current)
     return remove + plan_tree(device, bypass)
 
 
 def plan_flush(dev: str, current: RootQdisc) -> list[Argv]:
     """Remove shapekit's tree, and only shapekit's: back to the kernel default."""
-    return [_tc(dev, "qdisc", "del", "root")] if current.is_shapekit else []
+    return _remove_root(dev, current) if current.is_shapekit else []
+
+
+def _remove_root(dev: str, current: RootQdisc) -> list[Argv]:
+    """The root qdisc deleted, its cap groups first, newest first.
+
+    Every class binds a filter block; on a device without tc offload (veth,
+    ifb, many NICs) the kernel keeps those in one machine-wide list, walked
+    from the newest entry for each one unbound. One `qdisc del` of 100,000
+    caps held the rtnl lock for 26 s and tripped the soft-lockup watchdog;
+    a group at a time takes it for a few milliseconds each.
+    """
+    groups = [_tc(dev, "class", "del", "classid", cid) for cid in reversed(current.groups)]
+    return [*groups, _tc(dev, "qdisc", "del", "root")]
 
 
 def batch_text(cmds: list[Argv]) -> str:
-    """The text `tc -batch -` reads: one command a line, without the `tc`."""
+    """The text `tc -batch -` reads: one command a line, without the `tc`; a word with spaces (bytecode) quoted."""
     assert all(cmd[0] == "tc" for cmd in cmds), "a tc batch holds tc commands only"
-    return "".join(" ".join(cmd[1:]) + "\n" for cmd in cmds)
+    return "".join(" ".join(f'"{word}"' if " " in word else word for word in cmd[1:]) + "\n" for cmd in cmds)
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,10 @@ def kernel_features(devices: list[Device]) -> list[KernelFeature]:
     """What these trees (egress and ingress) need from the kernel, each tried on `lo` of a scratch namespace."""
     base = ("qdisc add dev lo root handle 1: htb", "class add dev lo parent 1: classid 1:1 htb rate 1mbit")
     features = [KernelFeature("HTB (sch_htb)", base, "shapekit needs HTB; no config change avoids it")]
+    if any(d.direction == "out" for d in devices):  # the root's filter that finds a capped host's group
+        line = 'filter add dev lo parent 1: protocol all prio 1 bpf bytecode "1,6 0 0 0"'
+        fix = "shapekit's per-IP caps need it; no config change avoids it"
+        features.append(KernelFeature("the bpf classifier (cls_bpf)", (*base, line), fix))
     for leaf, keys in _leaf_keys(devices).items():
         line = f"qdisc add dev lo parent 1:1 handle 2: {' '.join(LEAF_QDISC[leaf])}"
         fix = f'set leaf = "pfifo" (or "none") in {", ".join(f"[{key}]" for key in keys)}'
