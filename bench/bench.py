@@ -8,6 +8,7 @@
     bench/bench.py boot --rounds 10                 # seed 000's boot: four commands vs shape-init --all
     bench/bench.py tcconfig [--caps 100]            # tcconfig's tcset as a peer (installs it in bench/.tcconfig; no lsmod)
     bench/bench.py ingress [--caps 10000]           # --in caps: build, one add, and a download's cost vs linear u32
+    bench/bench.py scale [--caps 10000 100000]      # caps at ISP scale: apply, add, sync, flush, memory, a flow
     bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
 
 Each table is printed and written as JSON to bench/results/NAME.json. The
@@ -160,7 +161,8 @@ def kbit(n: int) -> int:
 
 
 def config_text(dev: str, caps: int) -> str:
-    lines = [f'[device.{dev}]\nrate = "{LINE}"\nleaf = "pfifo"\nclassifier = "classify"\n', f"[device.{dev}.limits]"]
+    # leaf "none": caps queue in HTB's own pfifo (a qdisc each would need a handle each: 32,511 at most)
+    lines = [f'[device.{dev}]\nrate = "{LINE}"\nleaf = "none"\nclassifier = "classify"\n', f"[device.{dev}.limits]"]
     lines += [f'"{host(n)}" = "{kbit(n)}kbit"' for n in range(caps)]
     return "\n".join(lines) + "\n"
 
@@ -211,26 +213,53 @@ def seed_loop(p: Pair, caps: int) -> float:
 
 
 def floor_texts(dev: str, caps: int) -> tuple[str, str, str]:
-    """shapekit's objects as one tc batch, one ipset restore and one iptables restore."""
-    tc = [
+    """The flat layout (shapekit before cap groups): every cap a class under the top class, as one tc
+    batch and one `ipset restore` + `iptables-restore`: what any tool building it must at least spend."""
+    tc = _floor_root(dev)
+    sets = [f"create SHAPEKIT-{dev}-4 hash:net family inet skbinfo timeout 0 maxelem 131072"]
+    for n in range(caps):
+        minor = 0x8000 + n
+        tc.append(f"class add dev {dev} parent 5c:1 classid 5c:{minor:x} htb rate {kbit(n)}kbit ceil {kbit(n)}kbit")
+        sets.append(f"add SHAPEKIT-{dev}-4 {host(n)} skbprio 5c:{minor:x}")
+    return "\n".join(tc) + "\n", "\n".join(sets) + "\n", _floor_rules(dev, "")
+
+
+def groups_floor_texts(dev: str, caps: int) -> tuple[str, str, str]:
+    """shapekit's layout, cap groups of 512 (README, "Caps at scale"), written the same way."""
+    tc = _floor_root(dev)
+    tc.append(f'filter add dev {dev} parent 5c: protocol all prio 1 bpf bytecode "{GROUP_BYTECODE}"')
+    sets = [f"create SHAPEKIT-{dev}-4 hash:net family inet skbinfo timeout 0 maxelem 131072"]
+    for n in range(caps):
+        group, index = n // 512 + 1, n % 512 + 1
+        if index == 1:
+            tc.append(f"class add dev {dev} parent 5c:1 classid 5c:{0x8000 + group:x} htb rate {LINE} ceil {LINE}")
+            tc.append(f"qdisc add dev {dev} parent 5c:{0x8000 + group:x} handle {0x8000 + group:x}: htb")
+        cid = f"{0x8000 + group:x}:{index:x}"
+        tc.append(
+            f"class add dev {dev} parent {0x8000 + group:x}: classid {cid} htb rate {kbit(n)}kbit ceil {kbit(n)}kbit"
+        )
+        sets.append(f"add SHAPEKIT-{dev}-4 {host(n)} skbprio {cid} skbmark {group << 24:#x}/0xff000000")
+    return "\n".join(tc) + "\n", "\n".join(sets) + "\n", _floor_rules(dev, " --map-mark")
+
+
+GROUP_BYTECODE = "6,32 0 0 4294963220,116 0 0 24,21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0"
+
+
+def _floor_root(dev: str) -> list[str]:
+    return [
         f"qdisc add dev {dev} root handle 5c: htb default 10",
         f"class add dev {dev} parent 5c: classid 5c:1 htb rate {LINE} ceil {LINE}",
         f"class add dev {dev} parent 5c:1 classid 5c:10 htb rate {LINE} ceil {LINE}",
     ]
-    sets = [f"create SHAPEKIT-{dev}-4 hash:net family inet skbinfo timeout 0"]
-    for n in range(caps):
-        minor = 0x8000 + n
-        tc += [
-            f"class add dev {dev} parent 5c:1 classid 5c:{minor:x} htb rate {kbit(n)}kbit ceil {kbit(n)}kbit",
-            f"qdisc add dev {dev} parent 5c:{minor:x} handle {minor:x}: pfifo",
-        ]
-        sets.append(f"add SHAPEKIT-{dev}-4 {host(n)} skbprio 5c:{minor:x}")
-    rules = f"*mangle\n:SHAPEKIT-LIMIT - [0:0]\n-A SHAPEKIT-LIMIT -o {dev} -j SET --map-set SHAPEKIT-{dev}-4 dst --map-prio\n-A POSTROUTING -j SHAPEKIT-LIMIT\nCOMMIT\n"
-    return "\n".join(tc) + "\n", "\n".join(sets) + "\n", rules
 
 
-def floor(p: Pair, caps: int) -> float:
-    tc, sets, rules = floor_texts(p.dev, caps)
+def _floor_rules(dev: str, more: str) -> str:
+    rule = f"-A SHAPEKIT-LIMIT -o {dev} -j SET --map-set SHAPEKIT-{dev}-4 dst --map-prio{more}"
+    return f"*mangle\n:SHAPEKIT-LIMIT - [0:0]\n{rule}\n-A POSTROUTING -j SHAPEKIT-LIMIT\nCOMMIT\n"
+
+
+def apply_floor(p: Pair, texts: tuple[str, str, str]) -> float:
+    tc, sets, rules = texts
 
     def apply() -> None:
         p.inside("tc", "-batch", "-", stdin=tc)
@@ -240,11 +269,35 @@ def floor(p: Pair, caps: int) -> float:
     return p.timed(apply)
 
 
+def floor(p: Pair, caps: int) -> float:
+    return apply_floor(p, floor_texts(p.dev, caps))
+
+
+def groups_floor(p: Pair, caps: int) -> float:
+    return apply_floor(p, groups_floor_texts(p.dev, caps))
+
+
+def tear_down_groups(p: Pair) -> float:
+    """The groups deleted newest first, then the root: what shape-flush does (one `qdisc del` of 100,000
+    classes holds the rtnl lock for about 26 s on this kernel)."""
+    shown = p.inside("tc", "class", "show", "dev", p.dev, "parent", "5c:1")
+    groups = sorted(set(re.findall(r"class htb (5c:8[0-9a-f]{3}) ", shown)), key=lambda c: int(c[3:], 16))
+    batch = "".join(f"class del dev {p.dev} classid {cid}\n" for cid in reversed(groups))
+    return p.timed(lambda: p.inside("tc", "-batch", "-", stdin=batch + f"qdisc del dev {p.dev} root\n"))
+
+
 def bench_apply(sizes: list[int]) -> list[dict[str, object]]:
     rows = []
     for caps in sizes:
         seconds = {}
-        for name, way in (("shapekit", shapekit_caps), ("boot", shapekit_boot), ("seed", seed_loop), ("floor", floor)):
+        ways = (
+            ("shapekit", shapekit_caps),
+            ("boot", shapekit_boot),
+            ("seed", seed_loop),
+            ("floor", floor),
+            ("groups_floor", groups_floor),
+        )
+        for name, way in ways:
             with pair() as p:
                 seconds[name] = way(p, caps)
         rows.append(
@@ -254,11 +307,91 @@ def bench_apply(sizes: list[int]) -> list[dict[str, object]]:
                 "shapekit_boot_s": seconds["boot"],
                 "seed_loop_s": seconds["seed"],
                 "floor_s": seconds["floor"],
+                "groups_floor_s": seconds["groups_floor"],
                 "seed_over_shapekit": seconds["seed"] / seconds["shapekit"],
-                "shapekit_over_floor": seconds["shapekit"] / seconds["floor"],
+                "shapekit_over_floor": seconds["shapekit"] / seconds["groups_floor"],
             }
         )
     return rows
+
+
+# --- caps at scale -----------------------------------------------------------------
+
+FLAT_MOST = 0x7FFF  # the flat layout's cap minors 8000-fffe
+
+
+def peak_rss_mb(p: Pair, command: str, *args: str) -> tuple[float, float]:
+    """Seconds and shapekit's own peak memory (MB, `/usr/bin/time -v`) of one command in the pair."""
+    start = time.perf_counter()
+    report = run(
+        "ip", "netns", "exec", p.ns, "/usr/bin/time", "-v", tool(command), *args, env=p.env, capture_stderr=True
+    )
+    seconds = time.perf_counter() - start
+    kbytes = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report).group(1))
+    return seconds, kbytes / 1024
+
+
+def cap_rows(caps: int, rate: Callable[[int], int] = kbit) -> str:
+    return "host,rate\n" + "".join(f"{host(n)},{rate(n)}kbit\n" for n in range(caps))
+
+
+def changed_rows(caps: int) -> str:
+    """1% of the rows changed, spread over every group, as a billing system's day: half of them
+    re-rated, a quarter gone, a quarter new hosts."""
+    changed = max(4, caps // 100)
+    picks = [i * caps // changed for i in range(changed)]
+    rerated, gone = set(picks[: changed // 2]), set(picks[changed // 2 : changed * 3 // 4])
+    rows = [f"{host(n)},{kbit(n) * 2 if n in rerated else kbit(n)}kbit\n" for n in range(caps) if n not in gone]
+    rows += [f"{host(caps + n)},1000kbit\n" for n in range(changed - changed * 3 // 4)]
+    return "host,rate\n" + "".join(rows)
+
+
+def bench_scale(sizes: list[int], repeat: int, rounds: int) -> list[dict[str, object]]:
+    return [scale_row(caps, repeat, rounds) for caps in sizes]
+
+
+def scale_row(caps: int, repeat: int, rounds: int) -> dict[str, object]:
+    """Caps at ISP scale: apply, one add, sync, flush, memory, an unlimited flow; floors side by side."""
+    row: dict[str, object] = {"caps": caps}
+    with pair() as p, pair() as none:
+        config = write_config(p, caps)
+        init_s, init_mb = peak_rss_mb(p, "shape-init", "--config", config)
+        limit_s, limit_mb = peak_rss_mb(p, "shape-limit-ip", "--config", config)
+        row |= {"apply_s": init_s + limit_s, "shape_init_mb": init_mb, "shape_limit_ip_mb": limit_mb}
+        adds = [
+            p.timed(lambda i=i: p.shapekit("shape-limit-ip", "add", host(caps + i), "1mbit", "--config", config))
+            for i in range(repeat)
+        ]
+        row["add_median_s"] = statistics.median(adds)
+        zero = write_config(none, 0)
+        for command in ("shape-init", "shape-limit-ip"):
+            none.shapekit(command, "--config", zero)
+        flows: dict[str, list[float]] = {"with": [], "none": []}
+        for _ in range(rounds):
+            flows["with"].append(p.throughput())
+            flows["none"].append(none.throughput())
+        row["flow_ratio"] = statistics.median(flows["with"]) / statistics.median(flows["none"])
+        row["flush_s"] = p.timed(lambda: p.shapekit("shape-flush", "--config", config))
+    with pair() as p:
+        config = write_config(p, 0)
+        for command in ("shape-init", "shape-limit-ip"):
+            p.shapekit(command, "--config", config)
+        (p.tmp / "all.csv").write_text(cap_rows(caps))
+        (p.tmp / "changed.csv").write_text(changed_rows(caps))
+        row["sync_all_s"], row["sync_all_mb"] = peak_rss_mb(
+            p, "shape-limit-ip", "sync", str(p.tmp / "all.csv"), "--config", config
+        )
+        row["sync_1pct_s"], _ = peak_rss_mb(p, "shape-limit-ip", "sync", str(p.tmp / "changed.csv"), "--config", config)
+        p.shapekit("shape-flush", "--config", config)
+    with pair() as p:
+        row["groups_floor_s"] = groups_floor(p, caps)
+        row["groups_floor_teardown_s"] = tear_down_groups(p)
+    if caps <= FLAT_MOST:
+        with pair() as p:
+            row["flat_floor_s"] = floor(p, caps)
+            row["flat_teardown_s"] = p.timed(lambda: p.inside("tc", "qdisc", "del", "dev", p.dev, "root"))
+    row["apply_over_groups_floor"] = row["apply_s"] / row["groups_floor_s"]
+    return row
 
 
 # --- seed 000's boot ------------------------------------------------------------------
@@ -478,7 +611,7 @@ def tcset_rules(classes: str, filters: str) -> list[tuple[int, str]]:
 
 def table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
     header = [title for _, title, _ in columns]
-    body = [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    body = [[format(row[key], spec) if key in row else "-" for key, _, spec in columns] for row in rows]
     widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body])
 
@@ -490,7 +623,7 @@ def save(name: str, data: object, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress"])
+    parser.add_argument("what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale"])
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
@@ -500,7 +633,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
     quick = args.quick
-    todo = ["apply", "add", "packet", "boot", "tcconfig", "ingress"] if args.what == "all" else [args.what]
+    todo = ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale"] if args.what == "all" else [args.what]
     if "apply" in todo:
         rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
         save("apply", rows, args.out)
@@ -513,9 +646,10 @@ def main() -> None:
                     ("shapekit_s", "shapekit", ".3f"),
                     ("shapekit_boot_s", "boot", ".3f"),
                     ("seed_loop_s", "seed loop", ".3f"),
-                    ("floor_s", "floor", ".3f"),
+                    ("floor_s", "flat floor", ".3f"),
+                    ("groups_floor_s", "groups floor", ".3f"),
                     ("seed_over_shapekit", "seed/shapekit", ".1f"),
-                    ("shapekit_over_floor", "shapekit/floor", ".2f"),
+                    ("shapekit_over_floor", "shapekit/groups floor", ".2f"),
                 ],
             )
         )
@@ -552,6 +686,29 @@ def main() -> None:
         print(
             f"  shape-init with {caps} --in caps: {row['shape_init_s']:.2f} s; one add --in: {row['add_in_median_s']:.3f} s"
         )
+    if "scale" in todo:
+        rows = bench_scale(
+            args.caps or ([10] if quick else [10000, 100000]), 2 if quick else 5, 1 if quick else args.rounds
+        )
+        save("scale", rows, args.out)
+        print("\ncaps at scale (seconds; MB: peak resident memory of the command; flow: unlimited, N caps / none)")
+        columns = [
+            ("caps", "caps", "d"),
+            ("apply_s", "apply", ".2f"),
+            ("groups_floor_s", "groups floor", ".2f"),
+            ("apply_over_groups_floor", "apply/floor", ".2f"),
+            ("flat_floor_s", "flat floor", ".2f"),
+            ("add_median_s", "one add", ".3f"),
+            ("sync_all_s", "sync all", ".2f"),
+            ("sync_1pct_s", "sync 1%", ".2f"),
+            ("flush_s", "flush", ".2f"),
+            ("groups_floor_teardown_s", "floor teardown", ".2f"),
+            ("flat_teardown_s", "flat teardown", ".2f"),
+            ("flow_ratio", "flow", ".3f"),
+            ("shape_limit_ip_mb", "MB limit-ip", ".0f"),
+            ("sync_all_mb", "MB sync", ".0f"),
+        ]
+        print(table(rows, columns))
     if "tcconfig" in todo:
         row = bench_tcconfig((args.caps or [3 if quick else 100])[0])
         save("tcconfig", row, args.out)

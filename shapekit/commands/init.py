@@ -35,16 +35,11 @@ def init(options: common.Options, devs: list[str], skip_unknown: bool = False, s
     with options.lock():
         bypass = common.merged_bypass(config, RuntimeBypass.load(state_dir()))
         saved, now = common.saved_caps(config), time.time()
-        flat = [d for d in devices if built_flat(runner, d)]
+        flat = [d for d in devices if probe.built_flat(runner, d.name)]
         placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
         build_trees(runner, config, devices, bypass, placed)
         if flat:
             _move_caps_into_groups(options, runner, config, flat, bypass, placed, now)
-
-
-def built_flat(runner: run.Runner, device: Device) -> bool:
-    """Whether `device` has a tree from a shapekit before cap groups: its caps flat under the top class."""
-    return read.read_root(runner, device.name).is_shapekit and not read.has_group_filter(runner, device.name)
 
 
 def _move_caps_into_groups(

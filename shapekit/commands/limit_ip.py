@@ -60,13 +60,18 @@ def require_cap_trees(runner: run.Runner, config: Config) -> None:
             require_groups(runner, tree)
 
 
-def require_groups(runner: run.Runner, tree: Device) -> None:
-    """A tree built before cap groups keeps its caps flat until shape-init moves them: refused until then."""
-    if not read.has_group_filter(runner, tree.name):
+def require_groups(runner: run.Runner, tree: Device, tree_needed: bool = True) -> None:
+    """A tree built before cap groups keeps its caps flat until shape-init moves them: refused until then.
+    So is a device with no shapekit tree, when the change needs one."""
+    if read.has_group_filter(runner, tree.name):
+        return
+    if probe.built_flat(runner, tree.name):
         raise UsageError(
             f"{tree.name}'s tree was built by a shapekit without cap groups: run shape-init --dev {tree.name} "
             "to rebuild it (its caps move into groups, run-time ones kept), then change caps"
         )
+    if tree_needed:
+        probe.require_shapekit_tree(runner, tree.name)
 
 
 def install_limits(
@@ -433,8 +438,8 @@ def limit_remove(options: common.Options, host_text: str, dev: str | None, direc
         device = config.devices.get(matches[0].dev)
         if device is not None:
             probe.require_devices([device.name])
-            if any(c.direction == "out" for c in matches):
-                require_groups(runner, device)
+            if any(c.direction == "out" for c in matches):  # after a flush, no tree: nothing to lift there
+                require_groups(runner, device, tree_needed=False)
         with run.transaction(runner) as journal:
             for removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress

@@ -169,7 +169,7 @@ def put_back_sets(runner: run.Runner, dev: str, before: dict[int, list[str] | No
 
 
 def put_back_ingress_caps(
-    runner: run.Runner, tree: Device, filters: plan_ingress.CapFilters, classes: dict[int, int]
+    runner: run.Runner, tree: Device, filters: plan_ingress.CapFilters, classes: dict[str, int]
 ) -> None:
     """An ingress tree's cap filters and classes as they were."""
     present, entries = read.read_u32_filters(runner, tree.name)

@@ -152,6 +152,13 @@ def _rule_hint(failed: CommandFailed, text: str) -> str:
     return f" (in {rule.group(1)})" if rule else ""
 
 
+def built_flat(runner: run.Runner, dev: str) -> bool:
+    """Whether `dev` has a tree from a shapekit before cap groups: its caps flat under the top class."""
+    return (
+        read.device_exists(dev) and read.read_root(runner, dev).is_shapekit and not read.has_group_filter(runner, dev)
+    )
+
+
 def require_shapekit_tree(runner: run.Runner, dev: str) -> None:
     if not read.device_exists(dev) or not read.read_root(runner, dev).is_shapekit:
         raise UsageError(f"{dev} has no shapekit tree to cap hosts in: run shape-init first")

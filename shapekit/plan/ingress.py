@@ -326,20 +326,20 @@ class CapFilters:
 
 
 def sync_caps(
-    tree: Device, placed: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry], classes: dict[int, int]
+    tree: Device, placed: Sequence[PlacedCap], present: set[int], nodes: dict[str, U32Entry], classes: dict[str, int]
 ) -> list[Argv]:
     """Make an ingress tree's caps `placed`, given its prefs, its hash nodes (by handle) and cap classes now."""
-    wanted = exactly(class_rates(placed), classes)
+    wanted = exactly(class_rates(tree, placed), classes)
     return sync_cap_filters(tree, CapFilters.of(placed), wanted, present, nodes, classes)
 
 
 def sync_cap_filters(
     tree: Device,
     filters: CapFilters,
-    wanted: dict[int, int | None],
+    wanted: dict[str, int | None],
     present: set[int],
     nodes: dict[str, U32Entry],
-    classes: dict[int, int],
+    classes: dict[str, int],
 ) -> list[Argv]:
     """Make an ingress tree's cap filters exactly `filters` and its cap classes `wanted`.
 

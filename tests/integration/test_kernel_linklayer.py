@@ -170,8 +170,9 @@ def test_percentages_overhead_and_linklayer_read_back_and_check_sees_them_lost(n
 
     shown = netpair.left.run("tc", "-d", "class", "show", "dev", netpair.dev).stdout
     classes = parse_classes(shown)
-    # 5c:1 top, 5c:2 bypass, 5c:10 bulk, 5c:11 small, 5c:8000 the cap: every class charges ATM cells
-    assert sorted(classes) == ["5c:1", "5c:10", "5c:11", "5c:2", "5c:8000"]
+    # 5c:1 top, 5c:2 bypass, 5c:10 bulk, 5c:11 small, 5c:8001 the caps' group, 8001:1 the cap:
+    # every class charges ATM cells
+    assert sorted(classes) == ["5c:1", "5c:10", "5c:11", "5c:2", "5c:8001", "8001:1"]
     for cid, cls in classes.items():
         assert (cls["overhead"], cls["linklayer"]) == (str(OVERHEAD), "atm"), (cid, cls)
     rates = {cid: (cls["rate"], cls["ceil"]) for cid, cls in classes.items()}
@@ -260,8 +261,9 @@ def test_a_ptm_tree_reads_back_clean_and_a_run_time_cap_lists_as_given(netpair):
         "5c:2": ("1969Kbit", "1969Kbit"),
         "5c:10": ("984608bit", "1969Kbit"),
         "5c:11": ("492304bit", "984608bit"),
-        "5c:8000": ("984608bit", "984608bit"),  # the config's cap, 1mbit
-        "5c:8001": ("984608bit", "984608bit"),  # the run-time cap, 1mbit
+        "5c:8001": ("1969Kbit", "1969Kbit"),  # the caps' group, at the line rate
+        "8001:1": ("984608bit", "984608bit"),  # the config's cap, 1mbit
+        "8001:2": ("984608bit", "984608bit"),  # the run-time cap, 1mbit
     }, rates
     check = netpair.shapekit("shape-init", "--check", "--config", config, check=False)
     assert (check.returncode, check.stdout) == (0, "the kernel matches the config and saved state\n"), check.stdout
