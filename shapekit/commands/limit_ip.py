@@ -61,17 +61,23 @@ def require_cap_trees(runner: run.Runner, config: Config) -> None:
 
 
 def require_groups(runner: run.Runner, tree: Device, tree_needed: bool = True) -> None:
-    """A tree built before cap groups keeps its caps flat until shape-init moves them: refused until then.
-    So is a device with no shapekit tree, when the change needs one."""
-    if read.has_group_filter(runner, tree.name):
-        return
-    if probe.built_flat(runner, tree.name):
-        raise UsageError(
-            f"{tree.name}'s tree was built by a shapekit without cap groups: run shape-init --dev {tree.name} "
-            "to rebuild it (its caps move into groups, run-time ones kept), then change caps"
+    """Caps a shapekit before cap groups installed stay as they are until shape-init moves them: changes are
+    refused until then. So is a device with no shapekit tree, when the change needs one."""
+    dev = tree.name
+    grouped = read.has_group_filter(runner, dev)  # on parent 5c:, so shapekit's tree is there
+    if grouped:
+        flat = read.sets_before_groups(runner, dev)
+    else:
+        flat = (read.device_exists(dev) and read.read_root(runner, dev).is_shapekit) or read.sets_before_groups(
+            runner, dev
         )
-    if tree_needed:
-        probe.require_shapekit_tree(runner, tree.name)
+    if flat:
+        raise UsageError(
+            f"{dev}'s caps were installed by a shapekit without cap groups: run shape-init --dev {dev} "
+            "to move them into groups (run-time caps kept), then change caps"
+        )
+    if tree_needed and not grouped:
+        probe.require_shapekit_tree(runner, dev)
 
 
 def install_limits(

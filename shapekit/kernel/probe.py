@@ -153,10 +153,10 @@ def _rule_hint(failed: CommandFailed, text: str) -> str:
 
 
 def built_flat(runner: run.Runner, dev: str) -> bool:
-    """Whether `dev` has a tree from a shapekit before cap groups: its caps flat under the top class."""
-    return (
-        read.device_exists(dev) and read.read_root(runner, dev).is_shapekit and not read.has_group_filter(runner, dev)
-    )
+    """Whether `dev` has a tree from a shapekit before cap groups (its caps flat under the top class), or cap
+    sets from one (when its tree was gone at the upgrade: a flush of that device, a device away)."""
+    tree = read.device_exists(dev) and read.read_root(runner, dev).is_shapekit
+    return (tree and not read.has_group_filter(runner, dev)) or read.sets_before_groups(runner, dev)
 
 
 def require_shapekit_tree(runner: run.Runner, dev: str) -> None:

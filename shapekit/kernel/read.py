@@ -9,6 +9,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 
@@ -195,9 +196,26 @@ def read_root(runner: run.Runner, dev: str) -> RootQdisc:
     root = next((q for q in qdiscs if q.get("root")), None)
     if root is None:
         return KERNEL_DEFAULT
+    current = RootQdisc(kind=root["kind"], handle=root["handle"])
+    if not current.is_shapekit:  # another tree's nested qdiscs are not cap groups
+        return current
     groups = [q["parent"] for q in qdiscs if q.get("kind") == "htb" and q.get("parent", "").startswith(root["handle"])]
     groups.sort(key=lambda cid: int(cid.split(":")[1], 16))  # the order shapekit makes them in
     return RootQdisc(kind=root["kind"], handle=root["handle"], groups=tuple(groups))
+
+
+def sets_before_groups(runner: run.Runner, dev: str) -> bool:
+    """Whether `dev`'s cap sets were made by a shapekit before cap groups (a smaller maxelem; their entries
+    carry no group bits, and the rule that reads them sets none): from every set's header, one query."""
+    if not runner.privileged:
+        return False
+    names = {plan_limits.set_name(dev, family) for family in FAMILIES}
+    headers = dict(
+        re.findall(r"^Name: (\S+)\n(?:.*\n)*?Header: (.*)$", runner.query(("ipset", "list", "-t")), re.MULTILINE)
+    )
+    return any(
+        f"maxelem {plan_limits.MAX_SET_SIZE} " not in header + " " for name, header in headers.items() if name in names
+    )
 
 
 def has_group_filter(runner: run.Runner, dev: str) -> bool:

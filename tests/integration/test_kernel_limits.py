@@ -235,8 +235,8 @@ def test_flat_caps_move_into_groups_on_the_next_shape_init_with_run_time_caps_in
     refused = hosts.shapekit("shape-limit-ip", "add", FREE, "1mbit", "--config", config, check=False)
     assert refused.returncode == 2
     assert refused.stderr == (
-        f"shape-limit-ip: {hosts.dev}'s tree was built by a shapekit without cap groups: run shape-init "
-        f"--dev {hosts.dev} to rebuild it (its caps move into groups, run-time ones kept), then change caps\n"
+        f"shape-limit-ip: {hosts.dev}'s caps were installed by a shapekit without cap groups: run shape-init "
+        f"--dev {hosts.dev} to move them into groups (run-time caps kept), then change caps\n"
     )
     hosts.shapekit("shape-init", "--config", config)
 

@@ -11,7 +11,14 @@ from unittest.mock import MagicMock
 import pytest
 from typer.testing import CliRunner
 
-from shapekit.plan.limits import parse_cap_classes
+from shapekit.plan.tc_text import parse_tc_classes
+
+# `tc filter show dev D parent 5c: prio 1` on a tree shape-init built: the group filter.
+GROUP_FILTER_SHOWN = (
+    "filter protocol all pref 1 bpf chain 0 \n"
+    "filter protocol all pref 1 bpf chain 0 handle 0x1 bytecode "
+    "'6,32 0 0 4294963220,116 0 0 24,21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0' \n"
+)
 
 
 @dataclass
@@ -22,6 +29,7 @@ class System:
     roots: dict[str, dict] = field(default_factory=dict)  # dev -> root qdisc as tc -j prints it
     hooks: list = field(default_factory=list)  # each sees (argv, stdin) first, and may raise
     answers: dict[tuple[str, ...], str] = field(default_factory=dict)  # argv → its stdout
+    flat: set[str] = field(default_factory=set)  # devices whose shapekit tree has no group filter (built flat)
 
     def answer(self, argv, stdin=None):
         argv = tuple(argv)
@@ -31,16 +39,25 @@ class System:
             return self.answers[argv]
         if argv[:4] == ("tc", "-j", "-d", "qdisc"):  # with the size table: the same roots
             argv = argv[:2] + argv[3:]
+        if argv[:4] == ("tc", "filter", "show", "dev") and argv[5:] == ("parent", "5c:", "prio", "1"):
+            return self._group_filter(argv[4])
         if argv[:4] == ("tc", "-j", "qdisc", "show"):
-            if len(argv) > 4:  # one device's root
+            if len(argv) > 4:  # one device's qdiscs: its root (the groups' when a test answers them)
                 return json.dumps([self.roots.get(argv[5], {"kind": "noqueue", "handle": "0:", "root": True})])
             return json.dumps([{**q, "dev": dev} for dev, q in self.roots.items()])
         return ""
 
-    def read_class(self, dev: str, minor: int):
+    def _group_filter(self, dev: str) -> str:
+        """The root's bpf filter that finds cap groups: on shapekit's tree, unless built flat."""
+        root = self.roots.get(dev, {})
+        if (root.get("kind"), root.get("handle")) != ("htb", "5c:") or dev in self.flat:
+            return ""
+        return GROUP_FILTER_SHOWN
+
+    def read_class(self, dev: str, cid: str):
         """read.read_class (an rtnetlink get, not a process): from the answer given for `tc class show`."""
-        ceil = parse_cap_classes(self.answers.get(("tc", "class", "show", "dev", dev), "")).get(minor)
-        return None if ceil is None else SimpleNamespace(ceil=ceil)
+        found = parse_tc_classes(self.answers.get(("tc", "class", "show", "dev", dev), "")).get(cid)
+        return None if found is None else SimpleNamespace(ceil=found.ceil)
 
     @property
     def calls(self) -> list[tuple[tuple[str, ...], str | None]]:

@@ -128,6 +128,11 @@ BAD_CONFIGS = {
         "classes.c.mark: mark 7 is already the mark of class 'bulk'",
     ),
     "mark out of range": (GOOD + "mark = 0\n", "classes.bulk.mark: 0 is out of range"),
+    "mark in the caps' group byte": (
+        GOOD + "mark = 16777216\n",
+        "classes.bulk.mark: 16777216 is above 16777215 (the top byte of the mark is per-IP caps' group): "
+        "pick a smaller mark",
+    ),
     "bad class name": (GOOD + '[device.eth0.classes."a b"]\nrate = "1mbit"\n', "a class name uses letters"),
     # [[mark]] and [bypass]
     "rule for unknown class": (
@@ -223,6 +228,11 @@ BAD_CONFIGS = {
     "bypass ports not a list": (GOOD + '[bypass]\nports = "22/tcp"\n', "bypass.ports: must be a list"),
     "bypass bad host": (GOOD + '[bypass]\nhosts = ["10.0.0.300"]\n', "bypass.hosts: '10.0.0.300' is not"),
     "bypass bad mark": (GOOD + "[bypass]\nmark = -1\n", "bypass.mark: -1 is not a mark"),
+    "bypass mark in the caps' group byte": (
+        GOOD + "[bypass]\nmark = 16777216\n",
+        "bypass.mark: 16777216 is not a mark: use an integer 1..16777215 "
+        "(the top byte of the mark is per-IP caps' group)",
+    ),
     "bypass unknown key": (GOOD + "[bypass]\nport = 22\n", "bypass.port: unknown key"),
     "one class, two marks": (
         GOOD + '[device.eth1]\nrate = "1mbit"\ndefault = "bulk"\n[device.eth1.classes.bulk]\nrate = "1mbit"\n'
@@ -406,6 +416,11 @@ def test_kernel_features_name_each_leaf_qdisc_with_the_tables_that_ask_for_it(wr
 
     assert [(f.name, f.lines[2:], f.fix) for f in features] == [
         ("HTB (sch_htb)", (), "shapekit needs HTB; no config change avoids it"),
+        (  # the root filter that finds a capped host's group: every egress tree has it
+            "the bpf classifier (cls_bpf)",
+            ('filter add dev lo parent 1: protocol all prio 1 bpf bytecode "1,6 0 0 0"',),
+            "shapekit's per-IP caps need it; no config change avoids it",
+        ),
         (
             "the cake qdisc (sch_cake)",
             ("qdisc add dev lo parent 1:1 handle 2: cake unlimited besteffort triple-isolate split-gso",),
@@ -440,6 +455,7 @@ def test_kernel_features_name_ingress_tables_and_their_classes(write_config):
 
     assert [(f.name, f.fix) for f in features] == [
         ("HTB (sch_htb)", "shapekit needs HTB; no config change avoids it"),
+        ("the bpf classifier (cls_bpf)", "shapekit's per-IP caps need it; no config change avoids it"),
         ("the cake qdisc (sch_cake)", 'set leaf = "pfifo" (or "none") in [device.eth0.ingress]'),
         (
             "the fq_codel qdisc (sch_fq_codel)",

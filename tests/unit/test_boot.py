@@ -37,16 +37,20 @@ class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantu
 qdisc add dev eth0 parent 5c:2 handle 2: pfifo
 class add dev eth0 parent 5c:1 classid 5c:10 htb rate 2mbit ceil 100mbit quantum 3968
 qdisc add dev eth0 parent 5c:10 handle 10: pfifo
-class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 1mbit ceil 1mbit quantum 1984
-qdisc add dev eth0 parent 5c:8000 handle 8000: pfifo
+filter add dev eth0 parent 5c: protocol all prio 1 bpf bytecode "6,32 0 0 4294963220,116 0 0 24,21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0"
+class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 100mbit ceil 100mbit quantum 198412
+qdisc add dev eth0 parent 5c:8001 handle 8001: htb
+class add dev eth0 parent 8001: classid 8001:1 htb rate 1mbit ceil 1mbit quantum 1984
+qdisc add dev eth0 parent 8001:1 handle 8100: pfifo
 """
+# No sets yet: both made, filled aside and swapped in; the entry names the cap's class and its group's mark bits.
 SETS = """\
-create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist
-create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist
+create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 maxelem 131072 -exist
+create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 maxelem 131072 -exist
 flush SHAPEKIT-eth0-4~
-add SHAPEKIT-eth0-4~ 198.18.0.2/32 skbprio 5c:8000
-create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist
-create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist
+add SHAPEKIT-eth0-4~ 198.18.0.2/32 skbprio 8001:1 skbmark 0x1000000/0xff000000
+create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist
+create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist
 flush SHAPEKIT-eth0-6~
 swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
 swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6
@@ -77,13 +81,15 @@ CHAINS_V4 = """\
 -A SHAPEKIT-MARK -p udp -m udp --dport 53 -m comment --comment "mark[1] bulk" -g SHAPEKIT-CONN-6029328
 -A SHAPEKIT-CONN-6029328 -j MARK --set-mark 6029328
 -A SHAPEKIT-CONN-6029328 -m conntrack ! --ctstate RELATED -j CONNMARK --save-mark
--A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio
+-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio --map-mark
 -A POSTROUTING -j SHAPEKIT
 COMMIT
 """
 CHAINS_V6 = CHAINS_V4.replace("SHAPEKIT-eth0-4", "SHAPEKIT-eth0-6")
 # The rules shape-mark would probe: the same chains without SHAPEKIT-LIMIT's rule (its set is not there).
-PROBED_V4 = CHAINS_V4.replace("-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio\n", "")
+PROBED_V4 = CHAINS_V4.replace(
+    "-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio --map-mark\n", ""
+)
 CAP_PROBE = (
     "unshare", "--net", "--", "sh", "-c",
     "ipset create probe hash:net family inet skbinfo timeout 0 && "
@@ -104,14 +110,15 @@ def test_all_checks_everything_then_builds_the_tree_the_sets_and_every_chain_onc
     assert result.exit_code == 0, result.stderr
     calls = system.calls
     assert [argv for argv, _ in calls] == [
-        TC_PROBE,  # the kernel has HTB, then pfifo (shape-init's checks)
+        TC_PROBE,  # the kernel has HTB, the bpf classifier, then pfifo (shape-init's checks)
+        TC_PROBE,
         TC_PROBE,
         CAP_PROBE,  # sets with skbinfo and the SET target (shape-limit-ip's)
         ("unshare", "--net", "--", *V4),  # the rules load here (shape-mark's)
         ("unshare", "--net", "--", *V6),
         ("ip", "-j", "link", "show", "type", "ifb"),
-        ("tc", "-j", "qdisc", "show", "dev", "eth0", "root"),
-        ("tc", "-batch", "-"),  # the tree with the cap's class
+        ("tc", "-j", "qdisc", "show", "dev", "eth0"),
+        ("tc", "-batch", "-"),  # the tree with the cap's group and class
         ("ipset", "list", "-n"),
         ("ipset", "restore"),
         ("iptables-save", "-t", "mangle"),
@@ -119,8 +126,8 @@ def test_all_checks_everything_then_builds_the_tree_the_sets_and_every_chain_onc
         V4,  # bypass, marks and caps: one restore per family instead of three
         V6,
     ]
-    assert calls[3][1] == PROBED_V4
-    assert [stdin for _, stdin in calls[7:8] + calls[9:10] + calls[12:]] == [TREE, SETS, CHAINS_V4, CHAINS_V6]
+    assert calls[4][1] == PROBED_V4
+    assert [stdin for _, stdin in calls[8:9] + calls[10:11] + calls[13:]] == [TREE, SETS, CHAINS_V4, CHAINS_V6]
     assert json.loads((tmp_path / "state" / "limits.json").read_text()) == {"caps": []}
 
 
@@ -138,11 +145,11 @@ def test_all_keeps_run_time_caps_and_bypass_entries(system, cli, small, tmp_path
     batch, sets, v4 = (
         stdin for argv, stdin in system.calls if argv in (("tc", "-batch", "-"), ("ipset", "restore"), V4)
     )
-    assert "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 3mbit ceil 3mbit quantum 5952\n" in batch
-    assert "add SHAPEKIT-eth0-4~ 198.18.0.9/32 skbprio 5c:8001\n" in sets
+    assert "class add dev eth0 parent 8001: classid 8001:2 htb rate 3mbit ceil 3mbit quantum 5952\n" in batch
+    assert "add SHAPEKIT-eth0-4~ 198.18.0.9/32 skbprio 8001:2 skbmark 0x1000000/0xff000000\n" in sets
     assert "-A SHAPEKIT-BYPASS -p tcp -m multiport --ports 22,8080 -j MARK --set-mark 1001\n" in v4
     saved = json.loads((state / "limits.json").read_text())["caps"]
-    assert [(c["host"], c["minor"], c["comment"]) for c in saved] == [("198.18.0.9/32", 0x8001, "incident")]
+    assert [(c["host"], c["slot"], c["comment"]) for c in saved] == [("198.18.0.9/32", 1, "incident")]
 
 
 @pytest.mark.parametrize(
@@ -194,7 +201,7 @@ def test_a_failed_ip6tables_restore_puts_back_the_v4_rules_and_the_sets_and_keep
     )
     assert "put back as before: eth0's cap sets, the IPv4 rules" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-    after = [(argv, stdin) for argv, stdin in system.calls][14:]
+    after = [(argv, stdin) for argv, stdin in system.calls][15:]
     assert after[0][0] == V4 and "-D POSTROUTING -j SHAPEKIT" in after[0][1]  # the v4 chains undone first
     assert after[1][0] == ("ipset", "list", "-n")  # then the sets as they were (none): those there now go
     assert [argv for argv, _ in system.calls].count(("tc", "-batch", "-")) == 1  # the tree stays, as after shape-init

@@ -108,8 +108,8 @@ def test_chains_and_sets():
     have = MangleState(chains={"SHAPEKIT": ("-A SHAPEKIT -j Y",), "SHAPEKIT-OLD": ()})
     entries = drift.parse_set_entries(
         "create SHAPEKIT-eth0-4 hash:net family inet\n"
-        "add SHAPEKIT-eth0-4 198.51.100.7 timeout 0 skbprio 5c:8000\n"
-        "add SHAPEKIT-eth0-4 198.51.100.0/24 skbprio 5c:8001\n"
+        "add SHAPEKIT-eth0-4 198.51.100.7 timeout 0 skbmark 0x1000000/0xff000000 skbprio 8001:1\n"
+        "add SHAPEKIT-eth0-4 198.51.100.0/24 skbmark 0x1000000/0xff000000 skbprio 8001:2\n"
         "add OTHER 198.51.100.9 skbprio 1:1\n",
         "SHAPEKIT-",
     )
@@ -120,14 +120,16 @@ def test_chains_and_sets():
         "IPv4: chain SHAPEKIT-MARK is missing",
         "IPv4: chain SHAPEKIT-OLD is not in the config",
     ]
-    assert drift.diff_sets({("SHAPEKIT-eth0-4", "198.51.100.7/32", "5c:8000")}, entries) == [
-        "SHAPEKIT-eth0-4 caps 198.51.100.0/24 (5c:8001), which the config and saved state do not"
+    assert drift.diff_sets({("SHAPEKIT-eth0-4", "198.51.100.7/32", "8001:1")}, entries) == [
+        "SHAPEKIT-eth0-4 caps 198.51.100.0/24 (8001:2), which the config and saved state do not"
     ]
 
 
 def test_with_no_caps_an_empty_limit_chain_is_as_configured():
     want = MangleState(
-        chains={"SHAPEKIT-LIMIT": ("-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio",)}
+        chains={
+            "SHAPEKIT-LIMIT": ("-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio --map-mark",)
+        }
     )
     before_limit_ip = MangleState(chains={"SHAPEKIT-LIMIT": ()})
     assert drift.diff_chains(4, drift.before_caps(want, before_limit_ip, "SHAPEKIT-LIMIT"), before_limit_ip) == []

@@ -116,8 +116,9 @@ def with_ifb(mocker, system, hook: dict | None = None) -> None:
     system.answers[("ip", "-j", "link", "show", "type", "ifb")] = json.dumps(
         [{"ifname": "ifb-eth0", "ifalias": "shapekit ingress of eth0"}]
     )
-    if hook is not None:
-        system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = json.dumps(hook["qdiscs"])
+    if hook is not None:  # `tc -j qdisc show dev eth0` lists its root qdisc too
+        root = [system.roots["eth0"]] if "eth0" in system.roots else []
+        system.answers[("tc", "-j", "qdisc", "show", "dev", "eth0")] = json.dumps(root + hook["qdiscs"])
         system.answers[("tc", "-j", "filter", "show", "dev", "eth0", "ingress")] = json.dumps(hook["filters"])
 
 
@@ -139,8 +140,10 @@ def test_init_makes_the_ifb_its_tree_and_filters_then_the_redirect(system, cli, 
     assert calls == [
         (IFB_PROBE, ""),  # ifb, ingress, u32 and mirred, tried in a throwaway namespace
         (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),  # no ingress filter at pref 92 that is not ours
+        (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),  # no tree of shapekit's built flat
+        (("ipset", "list", "-t"), None),  # nor cap sets made before cap groups
         (("ip", "-j", "link", "show", "type", "ifb"), None),
-        (("tc", "-j", "qdisc", "show", "dev", "eth0", "root"), None),
+        (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),
         (BATCH, system.batches()[0]),  # eth0's egress tree, as without ingress
         (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),  # its ingress hook before: what a failure puts back
         (("ip", "link", "add", "ifb-eth0", "type", "ifb"), None),
@@ -178,6 +181,7 @@ def test_a_class_leaf_in_the_ingress_table_overrides_its_leaf_for_that_class(sys
     probe = ("unshare", "--net", "--", "tc", "-batch", "-")
     assert [stdin.splitlines()[-1] for argv, stdin in system.calls if argv == probe] == [
         "class add dev lo parent 1: classid 1:1 htb rate 1mbit",
+        'filter add dev lo parent 1: protocol all prio 1 bpf bytecode "1,6 0 0 0"',
         "qdisc add dev lo parent 1:1 handle 2: fq_codel",
         "qdisc add dev lo parent 1:1 handle 2: pfifo",
     ]
@@ -255,14 +259,14 @@ def test_add_in_touches_only_that_hosts_class_and_hash_node(booted, cli, config,
 
     assert result.exit_code == 0, result.stderr
     assert booted.batches() == [
-        "class replace dev ifb-eth0 parent 5c:1 classid 5c:8002 htb rate 1mbit ceil 1mbit quantum 3906\n"
-        "qdisc replace dev ifb-eth0 parent 5c:8002 handle 8002: pfifo\n"
+        "class add dev ifb-eth0 parent 5c:1 classid 5c:8002 htb rate 1mbit ceil 1mbit quantum 3906\n"
+        "qdisc add dev ifb-eth0 parent 5c:8002 handle 8002: pfifo\n"
         "filter add dev ifb-eth0 parent 5c: protocol ip pref 1000 handle 100:9:3 u32 ht 100:9: "
         "match u32 0xc6336409 0xffffffff at 12 flowid 5c:8002\n"
     ]
     assert not [argv for argv, _ in booted.calls if argv[0] in ("ipset", "iptables-restore", "ip6tables-restore")]
     saved = json.loads((tmp_path / "state" / "limits.json").read_text())["caps"]
-    assert [(c["host"], c["direction"], c["minor"]) for c in saved] == [("198.51.100.9/32", "in", 0x8002)]
+    assert [(c["host"], c["direction"], c["slot"]) for c in saved] == [("198.51.100.9/32", "in", 0x8002)]
 
 
 def test_remove_in_deletes_the_node_before_its_class(booted, cli, config):

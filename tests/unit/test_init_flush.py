@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from paths import INCIDENT_CONFIG, SEED_CONFIG
 
@@ -11,7 +13,8 @@ from shapekit.errors import CommandFailed
 
 # Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml:
 # the seed's unshaped 100:1 (mark 1001) is 5c:2, its shaped partition 1:1/1:10 is 5c:10,
-# both under the top class at the line rate.
+# both under the top class at the line rate. Last, the root's filter that sends a packet whose mark's top
+# byte names a cap group to that group's class (prio 1: before the fw filters): there with no cap yet.
 SEED_000_BATCH = """\
 qdisc add dev eth0 root handle 5c: htb default 1030
 class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412
@@ -28,11 +31,20 @@ filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11010 fw flowid 5c:1010
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11030 fw flowid 5c:1030
 filter add dev eth0 parent 5c: protocol all prio 10 handle 11090 fw flowid 5c:1090
+filter add dev eth0 parent 5c: protocol all prio 1 bpf bytecode "6,32 0 0 4294963220,116 0 0 24,21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0"
 """
+
+# The same as a shell script (--dry-run): a word with spaces in single quotes.
+SEED_000_SCRIPT = "".join(f"tc {line}\n" for line in SEED_000_BATCH.replace('"', "'").splitlines())
 
 PROBE = ("unshare", "--net", "--", "tc", "-batch", "-")
 PROBE_HTB = "qdisc add dev lo root handle 1: htb\nclass add dev lo parent 1: classid 1:1 htb rate 1mbit\n"
-READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
+PROBE_BPF = PROBE_HTB + 'filter add dev lo parent 1: protocol all prio 1 bpf bytecode "1,6 0 0 0"\n'
+READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0")
+GROUP_FILTER = (
+    'filter add dev eth0 parent 5c: protocol all prio 1 bpf bytecode "6,32 0 0 4294963220,116 0 0 24,'
+    '21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0"\n'
+)
 BATCH = ("tc", "-batch", "-")
 LIST_IFBS = ("ip", "-j", "link", "show", "type", "ifb")
 
@@ -43,8 +55,11 @@ def test_seed_000_tree_is_one_batch_after_the_kernel_probes(system, cli):
     assert result.exit_code == 0, result.stderr
     assert system.calls == [
         (PROBE, PROBE_HTB),
+        (PROBE, PROBE_BPF),  # the group filter's classifier
         (PROBE, PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: sfq perturb 10\n"),
         (PROBE, PROBE_HTB + "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1\n"),
+        (READ_ROOT, None),  # not shapekit's tree: none built flat, with caps to move into groups
+        (("ipset", "list", "-t"), None),  # nor cap sets made before cap groups
         (LIST_IFBS, None),  # none of shapekit's: no ingress shaping to take away
         (READ_ROOT, None),
         (BATCH, SEED_000_BATCH),
@@ -65,7 +80,7 @@ def test_classify_pfifo_variant_has_pfifo_leaves_and_no_fw_filters(system, cli, 
         line.replace("sfq perturb 10", "pfifo") + "\n" for line in SEED_000_BATCH.splitlines() if " fw " not in line
     )
     assert system.batches() == [expected]
-    assert [argv for argv, _ in system.calls].count(PROBE) == 2  # htb, pfifo: no fw probe
+    assert [argv for argv, _ in system.calls].count(PROBE) == 3  # htb, bpf, pfifo: no fw probe
 
 
 def test_leaf_none_adds_no_leaf_qdisc_and_fq_codel_is_plain(system, cli, write_config):
@@ -111,9 +126,10 @@ def test_leaf_cake_goes_under_each_caps_class_too(system, cli, write_config):
     assert leaf_lines(system) == [
         f"qdisc add dev eth0 parent 5c:2 handle 2: {CAKE}",
         f"qdisc add dev eth0 parent 5c:10 handle 10: {CAKE}",
-        f"qdisc add dev eth0 parent 5c:8000 handle 8000: {CAKE}",
-        f"qdisc add dev eth0 parent 5c:8001 handle 8001: {CAKE}",
-        f"qdisc add dev eth0 parent 5c:8002 handle 8002: {CAKE}",
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: htb",  # the caps' group
+        f"qdisc add dev eth0 parent 8001:1 handle 8100: {CAKE}",
+        f"qdisc add dev eth0 parent 8001:2 handle 8101: {CAKE}",
+        f"qdisc add dev eth0 parent 8001:3 handle 8102: {CAKE}",
     ]
 
 
@@ -132,6 +148,7 @@ def test_a_class_leaf_overrides_the_devices_for_that_class_only(system, cli, wri
     assert "qdisc add dev eth0 parent 5c:1030 handle 1030: sfq perturb 10\n" in system.batches()[0]
     assert [stdin for argv, stdin in system.calls if argv == PROBE] == [
         PROBE_HTB,
+        PROBE_BPF,
         PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: fq_codel\n",  # for [device.eth0.classes.high]
         PROBE_HTB + "qdisc add dev lo parent 1:1 handle 2: sfq perturb 10\n",  # for [device.eth0]
         PROBE_HTB + "filter add dev lo parent 1: protocol all prio 1 handle 1 fw flowid 1:1\n",
@@ -142,22 +159,28 @@ def test_seed_002_tree_is_a_default_class_at_the_line_rate_and_a_class_per_cap(s
     result = cli(init_app, "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 0, result.stderr
-    assert system.batches() == [
-        "qdisc add dev eth0 root handle 5c: htb default 10\n"
-        "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
-        "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412\n"
-        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit quantum 198412\n"
-        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
-        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
-        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514\n"
-        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"
-        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514\n"
-        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
-    ]
+    assert (
+        system.batches()
+        == [
+            "qdisc add dev eth0 root handle 5c: htb default 10\n"
+            "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
+            "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412\n"
+            "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+            "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit quantum 198412\n"
+            "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+            "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+            "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+            + GROUP_FILTER
+            + "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 100mbit ceil 100mbit quantum 198412\n"
+            "qdisc add dev eth0 parent 5c:8001 handle 8001: htb\n"  # the caps' group 1, its caps 8001:1-3 in it
+            "class add dev eth0 parent 8001: classid 8001:1 htb rate 128kbit ceil 128kbit quantum 1514\n"
+            "qdisc add dev eth0 parent 8001:1 handle 8100: sfq perturb 10\n"
+            "class add dev eth0 parent 8001: classid 8001:2 htb rate 512kbit ceil 512kbit quantum 1514\n"
+            "qdisc add dev eth0 parent 8001:2 handle 8101: sfq perturb 10\n"
+            "class add dev eth0 parent 8001: classid 8001:3 htb rate 32kbit ceil 32kbit quantum 1514\n"
+            "qdisc add dev eth0 parent 8001:3 handle 8102: sfq perturb 10\n"
+        ]
+    )
 
 
 def test_percentages_are_of_the_parents_ceil_and_resolve_to_the_seeds_own_rates(system, cli, write_config):
@@ -172,9 +195,7 @@ def test_percentages_are_of_the_parents_ceil_and_resolve_to_the_seeds_own_rates(
     result = cli(init_app, "--config", str(write_config(text)), "--dry-run")
 
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + "".join(
-        f"tc {line}\n" for line in SEED_000_BATCH.splitlines()
-    )
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT
 
 
 def test_a_percentage_rounds_down_to_whole_bits(system, cli, write_config):
@@ -206,12 +227,15 @@ def test_overhead_and_linklayer_go_to_every_class_the_bypass_and_the_caps(system
         "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
         "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
-        f"class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514{charged}\n"
-        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
-        f"class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514{charged}\n"
-        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
-        f"class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514{charged}\n"
-        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
+        + GROUP_FILTER
+        + f"class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 100mbit ceil 100mbit quantum 198412{charged}\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: htb\n"
+        f"class add dev eth0 parent 8001: classid 8001:1 htb rate 128kbit ceil 128kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 8001:1 handle 8100: sfq perturb 10\n"
+        f"class add dev eth0 parent 8001: classid 8001:2 htb rate 512kbit ceil 512kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 8001:2 handle 8101: sfq perturb 10\n"
+        f"class add dev eth0 parent 8001: classid 8001:3 htb rate 32kbit ceil 32kbit quantum 1514{charged}\n"
+        "qdisc add dev eth0 parent 8001:3 handle 8102: sfq perturb 10\n"
     ]
 
 
@@ -260,6 +284,7 @@ def test_sizes_are_bytes_and_allocated_ids_follow_file_order(system, cli, write_
         "class add dev eth1 parent 5c:1 classid 5c:2 htb rate 2gbit ceil 2gbit quantum 200000\n"
         "class add dev eth1 parent 5c:1 classid 5c:10 htb rate 8kbit ceil 2gbit quantum 1514 burst 5120b cburst 3000b\n"
         "class add dev eth1 parent 5c:1 classid 5c:11 htb rate 1500kbit ceil 1073741824bit quantum 1514\n"
+        + GROUP_FILTER.replace("eth0", "eth1")
     ]
 
 
@@ -269,16 +294,14 @@ def test_dry_run_prints_a_script_and_runs_only_queries(system, cli, mocker):
     result = cli(init_app, "--config", str(SEED_CONFIG), "--dry-run")
 
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + "".join(
-        f"tc {line}\n" for line in SEED_000_BATCH.splitlines()
-    )
-    assert system.calls == [(LIST_IFBS, None), (READ_ROOT, None)]
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT
+    assert system.calls == [(READ_ROOT, None), (LIST_IFBS, None), (READ_ROOT, None)]
 
 
 def test_verbose_echoes_each_command(system, cli):
     result = cli(init_app, "--config", str(SEED_CONFIG), "-v")
 
-    assert result.stderr.splitlines() == [f"+ tc {line}" for line in SEED_000_BATCH.splitlines()]
+    assert result.stderr.splitlines() == [f"+ {line}" for line in SEED_000_SCRIPT.splitlines()]
 
 
 def test_dev_selects_devices(system, cli, write_config):
@@ -328,7 +351,7 @@ def test_flush_removes_only_shapekits_root(system, cli):
     assert system.calls == [
         (LIST_IFBS, None),  # no IFB devices of shapekit's
         (("tc", "-j", "qdisc", "show"), None),
-        (READ_ROOT, None),
+        (READ_ROOT, None),  # with the qdiscs under it: no cap groups
         (BATCH, "qdisc del dev eth0 root\n"),
         (("iptables-save", "-t", "mangle"), None),  # no chains of shapekit's: nothing to remove
         (("ip6tables-save", "-t", "mangle"), None),
@@ -376,22 +399,28 @@ def test_ptm_writes_every_rate_64_65_of_the_configured_and_the_overhead_per_clas
 
     assert result.exit_code == 0, result.stderr
     line = "rate 98461538bit ceil 98461538bit quantum 198412 overhead 22"
-    assert system.batches() == [
-        "qdisc add dev eth0 root handle 5c: htb default 10\n"
-        f"class add dev eth0 parent 5c: classid 5c:1 htb {line}\n"
-        f"class add dev eth0 parent 5c:1 classid 5c:2 htb {line}\n"
-        "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
-        f"class add dev eth0 parent 5c:1 classid 5c:10 htb {line}\n"
-        "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
-        "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
-        "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
-        "qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 504123bit ceil 504123bit quantum 1514 overhead 22\n"
-        "qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 31507bit ceil 31507bit quantum 1514 overhead 22\n"
-        "qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10\n"
-    ]
+    assert (
+        system.batches()
+        == [
+            "qdisc add dev eth0 root handle 5c: htb default 10\n"
+            f"class add dev eth0 parent 5c: classid 5c:1 htb {line}\n"
+            f"class add dev eth0 parent 5c:1 classid 5c:2 htb {line}\n"
+            "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+            f"class add dev eth0 parent 5c:1 classid 5c:10 htb {line}\n"
+            "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+            "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+            "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+            + GROUP_FILTER
+            + f"class add dev eth0 parent 5c:1 classid 5c:8001 htb {line}\n"  # the caps' group: at the line rate
+            "qdisc add dev eth0 parent 5c:8001 handle 8001: htb\n"
+            "class add dev eth0 parent 8001: classid 8001:1 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+            "qdisc add dev eth0 parent 8001:1 handle 8100: sfq perturb 10\n"
+            "class add dev eth0 parent 8001: classid 8001:2 htb rate 504123bit ceil 504123bit quantum 1514 overhead 22\n"
+            "qdisc add dev eth0 parent 8001:2 handle 8101: sfq perturb 10\n"
+            "class add dev eth0 parent 8001: classid 8001:3 htb rate 31507bit ceil 31507bit quantum 1514 overhead 22\n"
+            "qdisc add dev eth0 parent 8001:3 handle 8102: sfq perturb 10\n"
+        ]
+    )
 
 
 def test_ptm_with_a_negative_overhead_is_an_ethernet_size_table_and_scaled_rates(system, cli, write_config):
@@ -405,3 +434,39 @@ def test_ptm_with_a_negative_overhead_is_an_ethernet_size_table_and_scaled_rates
         "qdisc add dev eth0 root handle 5c: stab overhead -4 htb default 10\n"
         "class add dev eth0 parent 5c: classid 5c:1 htb rate 98461538bit ceil 98461538bit quantum 198412\n"
     )
+
+
+# `tc -j qdisc show dev eth0` of a tree with two cap groups (listed as the kernel's hash has them, not in order).
+QDISCS_WITH_GROUPS = [
+    {"kind": "htb", "handle": "5c:", "root": True},
+    {"kind": "sfq", "handle": "2:", "parent": "5c:2"},
+    {"kind": "htb", "handle": "8002:", "parent": "5c:8002"},
+    {"kind": "sfq", "handle": "8300:", "parent": "8002:1"},
+    {"kind": "htb", "handle": "8001:", "parent": "5c:8001"},
+    {"kind": "sfq", "handle": "8100:", "parent": "8001:1"},
+]
+DEL_GROUPS = "class del dev eth0 classid 5c:8002\nclass del dev eth0 classid 5c:8001\n"
+
+
+def test_flush_deletes_the_cap_groups_newest_first_then_the_root(system, cli):
+    system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}
+    system.answers[READ_ROOT] = json.dumps(QDISCS_WITH_GROUPS)
+
+    result = cli(flush_app, "--dev", "eth0")
+
+    assert result.exit_code == 0, result.stderr
+    assert system.calls == [
+        (LIST_IFBS, None),
+        (READ_ROOT, None),
+        (BATCH, DEL_GROUPS + "qdisc del dev eth0 root\n"),  # a group at a time, then the rest of the tree
+    ]
+
+
+def test_init_over_a_tree_with_groups_deletes_them_before_its_root(system, cli):
+    system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}
+    system.answers[READ_ROOT] = json.dumps(QDISCS_WITH_GROUPS)
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert system.batches() == [DEL_GROUPS + "qdisc del dev eth0 root\n" + SEED_000_BATCH]

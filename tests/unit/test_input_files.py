@@ -26,7 +26,7 @@ from shapekit.config.rules import Cap
 from shapekit.errors import UsageError
 
 GOOD = '[device.eth0]\nrate = "100mbit"\n'
-CAP = {"host": "198.51.100.7", "rate": "128kbit", "dev": "eth0", "expires": None, "comment": "", "minor": 0x8003}
+CAP = {"host": "198.51.100.7", "rate": "128kbit", "dev": "eth0", "expires": None, "comment": "", "slot": 3}
 
 
 @contextmanager
@@ -311,10 +311,12 @@ def limits_refusal(directory: Path) -> str:
 @pytest.mark.parametrize(
     ("entry", "where", "reason"),
     [
-        ({"minor": [1]}, "caps[0].minor", "[1] is not a cap's class minor (0x8000-0xfffe) or null"),
-        ({"minor": "abc"}, "caps[0].minor", "'abc' is not a cap's class minor"),
-        ({"minor": True}, "caps[0].minor", "True is not a cap's class minor"),
-        ({"minor": 0x10}, "caps[0].minor", "16 is not a cap's class minor"),
+        ({"slot": [1]}, "caps[0].slot", "[1] is not a cap's place (0-130559) or null"),
+        ({"slot": "abc"}, "caps[0].slot", "'abc' is not a cap's place"),
+        ({"slot": True}, "caps[0].slot", "True is not a cap's place"),
+        ({"slot": -1}, "caps[0].slot", "-1 is not a cap's place"),
+        ({"slot": 130560}, "caps[0].slot", "130560 is not a cap's place (0-130559) or null"),
+        ({"direction": "in", "slot": 0x10}, "caps[0].slot", "16 is not a cap's place (32768-65534) or null"),
         ({"host": 7}, "caps[0].host", "7 is not a string"),
         ({"host": "mail.example.com"}, "caps[0].host", "'mail.example.com' is not an IPv4/IPv6 address"),
         ({"rate": 128000}, "caps[0].rate", "128000 is not a string"),
@@ -335,6 +337,32 @@ def test_every_field_of_a_saved_cap_is_checked(tmp_path, entry, where, reason):
     write_limits(tmp_path, {"caps": [{**CAP, **entry}]})
 
     assert f": {where}: {reason}" in limits_refusal(tmp_path)
+
+
+def test_an_old_files_minor_is_checked_on_arriving_traffic(tmp_path):
+    old = {k: v for k, v in CAP.items() if k != "slot"}  # saved before cap groups: a class minor
+    write_limits(tmp_path, {"caps": [{**old, "direction": "in", "minor": 0x10}]})
+
+    assert ": caps[0].minor: 16 is not a cap's place (32768-65534) or null" in limits_refusal(tmp_path)
+
+
+def test_an_old_files_minor_is_kept_on_arriving_traffic_and_dropped_on_sent(tmp_path):
+    old = {k: v for k, v in CAP.items() if k != "slot"}
+    write_limits(
+        tmp_path,
+        {"caps": [{**old, "minor": 0x8003}, {**old, "host": "198.51.100.8", "direction": "in", "minor": 0x8004}]},
+    )
+
+    caps = state.load_caps(tmp_path)
+
+    # sent: its flat class is no place in a group (shape-init places it anew); arriving: the same class 5c:8004
+    assert [(str(c.host), c.direction, c.slot) for c in caps] == [
+        ("198.51.100.7/32", "out", None),
+        ("198.51.100.8/32", "in", 0x8004),
+    ]
+    state.save_caps(tmp_path, caps)
+    saved = json.loads((tmp_path / state.LIMITS_FILE).read_text())["caps"]
+    assert [(c["slot"], "minor" in c) for c in saved] == [(None, False), (0x8004, False)]  # saved as places
 
 
 def test_a_saved_cap_without_its_host_is_refused(tmp_path):
@@ -440,14 +468,15 @@ def test_a_bypass_file_with_a_bad_entry_is_one_line(tmp_path, data, reason):
 
 @pytest.mark.parametrize("verb", [["list"], ["add", "198.51.100.9", "1mbit"]])
 def test_a_corrupt_limits_file_stops_shape_limit_ip_and_stays(system, cli, tmp_path, verb):
+    system.roots["eth0"] = {"kind": "htb", "handle": "5c:", "root": True}  # shapekit's tree, with cap groups
     (tmp_path / "state").mkdir()  # $SHAPEKIT_STATE_DIR, as the `system` fixture sets it
-    path = write_limits(tmp_path / "state", {"caps": [{**CAP, "minor": [1]}]})
+    path = write_limits(tmp_path / "state", {"caps": [{**CAP, "slot": [1]}]})
     before = path.read_bytes()
 
     result = cli(limit_ip_app, *verb, "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
-    assert f"state file {path}: caps[0].minor: [1] is not a cap's class minor" in result.stderr
+    assert f"state file {path}: caps[0].slot: [1] is not a cap's place" in result.stderr
     assert path.read_bytes() == before  # never rewritten from what could not be read
     assert system.batches() == []

@@ -13,7 +13,8 @@ from shapekit.errors import CommandFailed
 from shapekit.kernel import probe
 
 NOW = 1_800_000_000.0
-READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0", "root")
+READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0")
+GROUP_FILTER = ("tc", "filter", "show", "dev", "eth0", "parent", "5c:", "prio", "1")  # built with cap groups?
 CLASSES = ("tc", "class", "show", "dev", "eth0")
 BATCH = ("tc", "-batch", "-")
 IPSET = ("ipset", "restore")
@@ -25,32 +26,50 @@ ADDRESSES = [
     {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "203.0.113.1"}]},
 ]
 
-# Seed 002's three hosts: a class each (seed: 1:1, 1:2, 1:3 with fw marks 1-3), now under the top class.
-SEED_002_CLASSES = """\
-class add dev eth0 parent 5c:1 classid 5c:8000 htb rate 128kbit ceil 128kbit quantum 1514
-qdisc add dev eth0 parent 5c:8000 handle 8000: sfq perturb 10
-class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514
-qdisc add dev eth0 parent 5c:8001 handle 8001: sfq perturb 10
-class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 32kbit ceil 32kbit quantum 1514
-qdisc add dev eth0 parent 5c:8002 handle 8002: sfq perturb 10
+# Seed 002's three hosts: a class each (seed: 1:1, 1:2, 1:3 with fw marks 1-3), now in the first cap group:
+# the class 5c:8001 at the line rate under the top class, holding an HTB qdisc 8001: with a class per cap.
+GROUP_1 = """\
+class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 100mbit ceil 100mbit quantum 198412
+qdisc add dev eth0 parent 5c:8001 handle 8001: htb
 """
-# ...and instead of one CONNMARK rule per host, an ipset entry each: both families filled aside, then swapped in.
-SEED_002_SETS = """\
-create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist
-create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist
+SEED_002_CLASSES = (
+    GROUP_1
+    + """\
+class add dev eth0 parent 8001: classid 8001:1 htb rate 128kbit ceil 128kbit quantum 1514
+qdisc add dev eth0 parent 8001:1 handle 8100: sfq perturb 10
+class add dev eth0 parent 8001: classid 8001:2 htb rate 512kbit ceil 512kbit quantum 1514
+qdisc add dev eth0 parent 8001:2 handle 8101: sfq perturb 10
+class add dev eth0 parent 8001: classid 8001:3 htb rate 32kbit ceil 32kbit quantum 1514
+qdisc add dev eth0 parent 8001:3 handle 8102: sfq perturb 10
+"""
+)
+# `tc class show` of that tree: the group and its caps (a class of the group's qdisc shows as root).
+SEED_002_SHOWN = (
+    "class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+    "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+    "class htb 8001:1 root leaf 8100: prio 0 rate 128Kbit ceil 128Kbit burst 1600b cburst 1600b \n"
+    "class htb 8001:2 root leaf 8101: prio 0 rate 512Kbit ceil 512Kbit burst 1600b cburst 1600b \n"
+    "class htb 8001:3 root leaf 8102: prio 0 rate 32Kbit ceil 32Kbit burst 1600b cburst 1600b \n"
+)
+MARK_1 = "skbmark 0x1000000/0xff000000"  # group 1 in the mark's top byte, for the root's bpf filter
+# ...and instead of one CONNMARK rule per host, an ipset entry each (its class, its group's mark): both
+# families filled aside, then swapped in; the sets are there (booted), so only the scratch sets are created.
+CREATE_4 = "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 maxelem 131072 -exist\n"
+CREATE_6 = "create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist\n"
+SEED_002_SETS = f"""\
+create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 maxelem 131072 -exist
 flush SHAPEKIT-eth0-4~
-add SHAPEKIT-eth0-4~ 198.18.0.101/32 skbprio 5c:8000
-add SHAPEKIT-eth0-4~ 198.18.0.102/32 skbprio 5c:8001
-add SHAPEKIT-eth0-4~ 198.18.0.103/32 skbprio 5c:8002
-create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist
-create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist
+add SHAPEKIT-eth0-4~ 198.18.0.101/32 skbprio 8001:1 {MARK_1}
+add SHAPEKIT-eth0-4~ 198.18.0.102/32 skbprio 8001:2 {MARK_1}
+add SHAPEKIT-eth0-4~ 198.18.0.103/32 skbprio 8001:3 {MARK_1}
+create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist
 flush SHAPEKIT-eth0-6~
 swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4
 swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6
 destroy SHAPEKIT-eth0-4~
 destroy SHAPEKIT-eth0-6~
 """
-# ...and one rule per device and family that reads the class from the set.
+# ...and one rule per device and family that reads the class and the group's mark from the set.
 LIMIT_V4 = """\
 *mangle
 :SHAPEKIT - [0:0]
@@ -65,7 +84,7 @@ LIMIT_V4 = """\
 -A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j CONNMARK --restore-mark
 -A SHAPEKIT-DECIDE -m connmark ! --mark 0 -j RETURN
 -A SHAPEKIT-DECIDE -j SHAPEKIT-MARK
--A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio
+-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio --map-mark
 -A POSTROUTING -j SHAPEKIT
 COMMIT
 """
@@ -92,6 +111,8 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
     assert booted.calls == [
         (CAP_PROBE, ""),  # a set with skbinfo and the SET target, tried in a throwaway namespace
         (READ_ROOT, None),
+        (GROUP_FILTER, None),  # the tree has the root filter that finds cap groups
+        (("ipset", "list", "-t"), None),  # and no cap set made before them
         (CLASSES, None),
         (("ipset", "list", "-n"), None),  # the sets as they were, to put back if a later step fails
         (("ipset", "save", "SHAPEKIT-eth0-4"), None),
@@ -106,12 +127,8 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
 
 
 def test_installing_again_touches_only_classes_that_differ(booted, cli):
-    booted.answers[CLASSES] = (
-        "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 128Kbit ceil 128Kbit burst 1600b cburst 1600b \n"
-        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
-        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 32Kbit ceil 32Kbit burst 1600b cburst 1600b \n"
-        "class htb 5c:8007 parent 5c:1 leaf 8007: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \n"
-        "class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+    booted.answers[CLASSES] = SEED_002_SHOWN.replace("rate 512Kbit ceil 512Kbit", "rate 1Mbit ceil 1Mbit") + (
+        "class htb 8001:8 root leaf 8107: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \n"
     )
 
     cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
@@ -119,28 +136,45 @@ def test_installing_again_touches_only_classes_that_differ(booted, cli):
     assert (
         booted.batches()
         == [
-            "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n",  # 1mbit → 512kbit
-            "class del dev eth0 classid 5c:8007\n",  # a cap that is gone: once the sets no longer point to it
+            "class change dev eth0 parent 8001: classid 8001:2 htb rate 512kbit ceil 512kbit quantum 1514\n",  # 1mbit → 512kbit
+            "class del dev eth0 classid 8001:8\n",  # a cap that is gone: once the sets no longer point to it; its group stays
         ]
     )
 
 
+def test_installing_drops_a_group_once_its_last_cap_is_gone(booted, cli):
+    booted.answers[CLASSES] = SEED_002_SHOWN + (  # a cap in group 2 (slot 512) and one in group 1 (slot 7), both stale
+        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+        "class htb 8002:1 root leaf 8300: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \n"
+        "class htb 8001:8 root leaf 8107: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \n"
+    )
+
+    cli(limit_ip_app, "--config", str(INCIDENT_CONFIG))
+
+    assert booted.batches() == [  # caps newest first, then the group that held the one gone
+        "class del dev eth0 classid 8002:1\nclass del dev eth0 classid 8001:8\nclass del dev eth0 classid 5c:8002\n"
+    ]
+
+
 def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
+    booted.answers[CLASSES] = SEED_002_SHOWN
     result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG), "--comment", "imap")
 
     assert result.exit_code == 0, result.stderr
     assert booted.calls == [
         (("ip", "-j", "addr", "show"), None),
+        (GROUP_FILTER, None),
+        (("ipset", "list", "-t"), None),
         (("ipset", "list", "-n"), None),
-        (
+        (  # the fourth cap: slot 3, in group 1 (there already, with the config's caps)
             BATCH,
-            "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514\n"
-            "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n",
+            "class add dev eth0 parent 8001: classid 8001:4 htb rate 128kbit ceil 128kbit quantum 1514\n"
+            "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n",
         ),
         (
             IPSET,
-            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-            "add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003 -exist\n",  # one atomic step, new or changed
+            CREATE_4
+            + f"add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 8001:4 {MARK_1} -exist\n",  # one atomic step, new or changed
         ),
     ]
     assert state(tmp_path) == [
@@ -150,7 +184,7 @@ def test_add_touches_only_that_hosts_class_and_entry(booted, cli, tmp_path):
             "dev": "eth0",
             "expires": None,
             "comment": "imap",
-            "minor": 0x8003,
+            "slot": 3,
             "direction": "out",
         }
     ]
@@ -164,53 +198,63 @@ def test_a_run_time_cap_on_a_line_with_overhead_charges_it_too(booted, cli, writ
     result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(write_config(text)))
 
     assert result.exit_code == 0, result.stderr
-    assert booted.batches() == [
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514"
+    assert booted.batches() == [  # no group there yet: made in the same batch, charged the same
+        "class add dev eth0 parent 5c:1 classid 5c:8001 htb rate 100mbit ceil 100mbit quantum 198412"
         " overhead 40 linklayer atm\n"
-        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+        "qdisc add dev eth0 parent 5c:8001 handle 8001: htb\n"
+        "class add dev eth0 parent 8001: classid 8001:4 htb rate 128kbit ceil 128kbit quantum 1514"
+        " overhead 40 linklayer atm\n"
+        "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n"
     ]
 
 
 def test_a_run_time_cap_given_a_new_rate_keeps_its_class(booted, cli, tmp_path):
     config = str(INCIDENT_CONFIG)
-    cli(limit_ip_app, "add", "198.51.100.1", "1mbit", "--config", config)  # 5c:8003
-    cli(limit_ip_app, "add", "198.51.100.2", "2mbit", "--config", config)  # 5c:8004
-    cli(limit_ip_app, "remove", "198.51.100.1", "--config", config)  # 5c:8003 is free again
+    cli(limit_ip_app, "add", "198.51.100.1", "1mbit", "--config", config)  # 8001:4
+    cli(limit_ip_app, "add", "198.51.100.2", "2mbit", "--config", config)  # 8001:5
+    cli(limit_ip_app, "remove", "198.51.100.1", "--config", config)  # 8001:4 is free again
+    booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:5 root leaf 8104: prio 0 rate 2Mbit ceil 2Mbit\n"
     booted.run.reset_mock()
 
     cli(limit_ip_app, "add", "198.51.100.2", "3mbit", "--config", config)
 
-    assert booted.batches()[0].startswith("class replace dev eth0 parent 5c:1 classid 5c:8004 htb rate 3mbit")
+    assert booted.batches() == [
+        "class change dev eth0 parent 8001: classid 8001:5 htb rate 3mbit ceil 3mbit quantum 5952\n"
+    ]
 
 
-def test_a_lapsed_caps_class_keeps_its_minor_until_a_full_install(booted, cli, mocker, tmp_path):
+def test_a_lapsed_caps_class_keeps_its_place_until_a_full_install(booted, cli, mocker, tmp_path):
     config = str(INCIDENT_CONFIG)
-    cli(limit_ip_app, "add", "198.51.100.8", "1mbit", "--for", "10s", "--config", config)  # 5c:8003
+    cli(limit_ip_app, "add", "198.51.100.8", "1mbit", "--for", "10s", "--config", config)  # slot 3: 8001:4
     mocker.patch("time.time", return_value=NOW + 60)
     booted.run.reset_mock()
 
     cli(limit_ip_app, "add", "198.51.100.9", "1mbit", "--config", config)
 
-    assert "classid 5c:8004 " in booted.batches()[0]  # not 5c:8003: its class is still there
-    assert [(c["host"], c["minor"]) for c in state(tmp_path)] == [
-        ("198.51.100.8/32", 0x8003),
-        ("198.51.100.9/32", 0x8004),
+    assert "classid 8001:5 " in booted.batches()[0]  # not 8001:4: its class is still there
+    assert [(c["host"], c["slot"]) for c in state(tmp_path)] == [
+        ("198.51.100.8/32", 3),
+        ("198.51.100.9/32", 4),
     ]
 
 
 def test_add_again_changes_the_rate_in_place(booted, cli, tmp_path):
     cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
     cli(limit_ip_app, "add", "198.51.100.9", "1mbit", "--config", str(INCIDENT_CONFIG))
+    booted.answers[CLASSES] = SEED_002_SHOWN + (
+        "class htb 8001:4 root leaf 8103: prio 0 rate 128Kbit ceil 128Kbit\n"
+        "class htb 8001:5 root leaf 8104: prio 0 rate 1Mbit ceil 1Mbit\n"
+    )
     booted.run.reset_mock()
 
     cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "add", "198.51.100.7", "64kbit")
 
-    assert booted.batches()[0].startswith(
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 64kbit ceil 64kbit quantum 1514\n"
-    )
-    assert [(c["host"], c["rate"], c["minor"]) for c in state(tmp_path)] == [
-        ("198.51.100.9/32", "1mbit", 0x8004),
-        ("198.51.100.7/32", "64kbit", 0x8003),
+    assert booted.batches() == [
+        "class change dev eth0 parent 8001: classid 8001:4 htb rate 64kbit ceil 64kbit quantum 1514\n"
+    ]
+    assert [(c["host"], c["rate"], c["slot"]) for c in state(tmp_path)] == [
+        ("198.51.100.9/32", "1mbit", 4),
+        ("198.51.100.7/32", "64kbit", 3),
     ]
 
 
@@ -219,34 +263,77 @@ def test_add_for_a_while_is_an_ipset_timeout(booted, cli, tmp_path):
 
     assert result.exit_code == 0, result.stderr
     ipset = [text for argv, text in booted.calls if argv == IPSET][0]
-    assert ipset.endswith("add SHAPEKIT-eth0-6 2001:db8::7/128 skbprio 5c:8003 timeout 5400 -exist\n")
+    assert ipset.endswith(f"add SHAPEKIT-eth0-6 2001:db8::7/128 skbprio 8001:4 {MARK_1} timeout 5400 -exist\n")
     assert state(tmp_path)[0]["expires"] == NOW + 5400
 
 
 def test_a_run_time_cap_on_a_config_host_takes_its_class(booted, cli):
+    booted.answers[CLASSES] = SEED_002_SHOWN
+
     cli(limit_ip_app, "add", "198.18.0.102", "64kbit", "--config", str(INCIDENT_CONFIG))
 
-    assert booted.batches()[0].startswith("class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 64kbit")
+    assert booted.batches() == [
+        "class change dev eth0 parent 8001: classid 8001:2 htb rate 64kbit ceil 64kbit quantum 1514\n"
+    ]
 
 
 def test_remove_lifts_the_cap(booted, cli, tmp_path):
     cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
     booted.run.reset_mock()
 
-    booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit burst 1600b\n"
+    booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:4 root leaf 8103: prio 0 rate 128Kbit ceil 128Kbit\n"
 
     result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 0, result.stderr
     assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
-        (  # traffic first (the set made if a flush took it), then the class
+        (  # traffic first (the set made if a flush took it), then the class; its group holds the config's caps
             IPSET,
-            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-            "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n",
+            CREATE_4 + "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n",
         ),
-        (BATCH, "class del dev eth0 classid 5c:8003\n"),
+        (BATCH, "class del dev eth0 classid 8001:4\n"),
     ]
     assert state(tmp_path) == []
+
+
+def test_removing_the_last_cap_of_a_group_deletes_the_group_after_it(booted, cli, write_config):
+    config = str(write_config('[device.eth0]\nrate = "100mbit"\n'))  # no config caps: group 1 is the run-time caps'
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", config)  # slot 0: 8001:1
+    cli(limit_ip_app, "add", "198.51.100.8", "128kbit", "--config", config)  # slot 1: 8001:2
+    group = "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit\n"
+    booted.answers[CLASSES] = group + (
+        "class htb 8001:1 root leaf 8100: prio 0 rate 128Kbit ceil 128Kbit\n"
+        "class htb 8001:2 root leaf 8101: prio 0 rate 128Kbit ceil 128Kbit\n"
+    )
+    booted.run.reset_mock()
+
+    assert cli(limit_ip_app, "remove", "198.51.100.7", "--config", config).exit_code == 0
+    assert booted.batches() == ["class del dev eth0 classid 8001:1\n"]  # 8001:2 is still in the group
+
+    booted.answers[CLASSES] = group + "class htb 8001:2 root leaf 8101: prio 0 rate 128Kbit ceil 128Kbit\n"
+    booted.run.reset_mock()
+
+    assert cli(limit_ip_app, "remove", "198.51.100.8", "--config", config).exit_code == 0
+    assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
+        (IPSET, CREATE_4 + "del SHAPEKIT-eth0-4 198.51.100.8/32 -exist\n"),
+        (BATCH, "class del dev eth0 classid 8001:2\nclass del dev eth0 classid 5c:8001\n"),  # the cap, then its group
+    ]
+
+
+def test_a_lapsed_cap_keeps_its_group_when_the_other_cap_goes(booted, cli, mocker, write_config):
+    config = str(write_config('[device.eth0]\nrate = "100mbit"\n'))
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--for", "10s", "--config", config)  # 8001:1
+    cli(limit_ip_app, "add", "198.51.100.8", "128kbit", "--config", config)  # 8001:2
+    booted.answers[CLASSES] = (
+        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit\n"
+        "class htb 8001:1 root leaf 8100: prio 0 rate 128Kbit ceil 128Kbit\n"
+        "class htb 8001:2 root leaf 8101: prio 0 rate 128Kbit ceil 128Kbit\n"
+    )
+    mocker.patch("time.time", return_value=NOW + 60)  # .7's cap lapsed: its class stays until a full install
+    booted.run.reset_mock()
+
+    assert cli(limit_ip_app, "remove", "198.51.100.8", "--config", config).exit_code == 0
+    assert booted.batches() == ["class del dev eth0 classid 8001:2\n"]
 
 
 def test_remove_after_a_flush_touches_no_class(booted, cli):
@@ -261,13 +348,13 @@ def test_remove_after_a_flush_touches_no_class(booted, cli):
 
 def test_remove_of_an_override_goes_back_to_the_config_cap(booted, cli):
     cli(limit_ip_app, "add", "198.18.0.102", "64kbit", "--config", str(INCIDENT_CONFIG))
+    booted.answers[CLASSES] = SEED_002_SHOWN.replace("rate 512Kbit ceil 512Kbit", "rate 64Kbit ceil 64Kbit")
     booted.run.reset_mock()
 
     cli(limit_ip_app, "remove", "198.18.0.102", "--config", str(INCIDENT_CONFIG))
 
     assert booted.batches() == [
-        "class replace dev eth0 parent 5c:1 classid 5c:8001 htb rate 512kbit ceil 512kbit quantum 1514\n"
-        "qdisc replace dev eth0 parent 5c:8001 handle 8001: sfq perturb 10\n"
+        "class change dev eth0 parent 8001: classid 8001:2 htb rate 512kbit ceil 512kbit quantum 1514\n"
     ]
 
 
@@ -291,11 +378,11 @@ def test_list(booted, cli, mocker):
     rows = json.loads(cli(limit_ip_app, "--config", str(INCIDENT_CONFIG), "list", "--json").stdout)
 
     assert table.splitlines() == [
-        "HOST          RATE     DEV   DIR  SOURCE    EXPIRES                    CLASS    COMMENT",
-        "198.18.0.101  128kbit  eth0  out  config    -                          5c:8000",
-        "198.18.0.102  512kbit  eth0  out  config    -                          5c:8001",
-        "198.18.0.103  32kbit   eth0  out  config    -                          5c:8002",
-        "198.51.100.7  128kbit  eth0  out  run-time  2027-01-15T10:00:00+00:00  5c:8003  outlook loop",
+        "HOST          RATE     DEV   DIR  SOURCE    EXPIRES                    CLASS   COMMENT",
+        "198.18.0.101  128kbit  eth0  out  config    -                          8001:1",
+        "198.18.0.102  512kbit  eth0  out  config    -                          8001:2",
+        "198.18.0.103  32kbit   eth0  out  config    -                          8001:3",
+        "198.51.100.7  128kbit  eth0  out  run-time  2027-01-15T10:00:00+00:00  8001:4  outlook loop",
     ]
     assert rows[3] == {
         "host": "198.51.100.7",
@@ -305,7 +392,7 @@ def test_list(booted, cli, mocker):
         "source": "run-time",
         "expires": "2027-01-15T10:00:00+00:00",
         "comment": "outlook loop",
-        "classid": "5c:8003",
+        "classid": "8001:4",
     }
 
 
@@ -326,9 +413,11 @@ def test_init_builds_run_time_caps_into_the_tree(booted, cli):
     cli(init_app, "--config", str(INCIDENT_CONFIG))
 
     assert booted.batches()[0].endswith(
-        SEED_002_CLASSES
-        + "class add dev eth0 parent 5c:1 classid 5c:8003 htb rate 128kbit ceil 128kbit quantum 1514\n"
-        + "qdisc add dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+        'filter add dev eth0 parent 5c: protocol all prio 1 bpf bytecode "6,32 0 0 4294963220,116 0 0 24,21 2 0 0,'
+        '4 0 0 6062080,22 0 0 0,6 0 0 0"\n'  # the root's filter that finds a capped host's group, then the caps
+        + SEED_002_CLASSES
+        + "class add dev eth0 parent 8001: classid 8001:4 htb rate 128kbit ceil 128kbit quantum 1514\n"
+        + "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n"
     )
 
 
@@ -339,9 +428,9 @@ def test_add_before_any_install_installs_everything(booted, cli, tmp_path):
 
     assert result.exit_code == 0, result.stderr
     sets = [text for argv, text in booted.calls if argv == IPSET][0]
-    assert "add SHAPEKIT-eth0-4~ 198.51.100.7/32 skbprio 5c:8003\n" in sets
+    assert f"add SHAPEKIT-eth0-4~ 198.51.100.7/32 skbprio 8001:4 {MARK_1}\n" in sets
     assert any(argv == V4 for argv, _ in booted.calls)
-    assert state(tmp_path)[0]["minor"] == 0x8003
+    assert state(tmp_path)[0]["slot"] == 3
 
 
 @pytest.mark.parametrize(
@@ -402,11 +491,83 @@ def test_a_comment_is_one_line(booted, cli):
 @pytest.mark.parametrize("expires", ['"soon"', "1e400", "true"])
 def test_a_broken_expiry_in_the_state_file_is_one_line(booted, cli, tmp_path, expires):
     (tmp_path / "state").mkdir()
-    cap = '{"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "expires": ' + expires + ', "minor": 32771}'
+    cap = '{"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "expires": ' + expires + ', "slot": 3}'
     (tmp_path / "state" / "limits.json").write_text('{"caps": [' + cap + "]}")
     result = cli(limit_ip_app, "list", "--config", str(INCIDENT_CONFIG))
 
     assert result.exit_code == 2 and "remove it to start afresh" in result.stderr, result.stderr
+
+
+def test_a_tree_built_without_cap_groups_is_refused_before_any_change(booted, cli, tmp_path):
+    booted.flat.add("eth0")  # shapekit's root, but no group filter: built flat by an older shapekit
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "shape-limit-ip: eth0's caps were installed by a shapekit without cap groups: run shape-init --dev eth0 "
+        "to move them into groups (run-time caps kept), then change caps\n"
+    )
+    assert booted.calls == [  # queries only
+        (("ip", "-j", "addr", "show"), None),
+        (GROUP_FILTER, None),
+        (READ_ROOT, None),
+    ]
+    assert not (tmp_path / "state" / "limits.json").exists()
+
+
+def test_cap_sets_made_before_groups_are_refused_even_under_a_grouped_tree(booted, cli, tmp_path):
+    # The tree was gone when shape-init rebuilt it with groups (a flush of that device): the old sets stayed.
+    booted.answers[("ipset", "list", "-t")] = (
+        "Name: SHAPEKIT-eth0-4\nType: hash:net\nRevision: 7\n"
+        "Header: family inet hashsize 1024 maxelem 65536 timeout 0 skbinfo\nSize in memory: 1\n"
+    )
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "1mbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert "eth0's caps were installed by a shapekit without cap groups: run shape-init --dev eth0" in result.stderr
+    assert booted.calls == [(("ip", "-j", "addr", "show"), None), (GROUP_FILTER, None), (("ipset", "list", "-t"), None)]
+    assert not (tmp_path / "state" / "limits.json").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["remove", "198.51.100.7"]])
+def test_installing_or_removing_on_a_tree_without_cap_groups_is_refused_too(booted, cli, tmp_path, args):
+    booted.flat.add("eth0")
+    (tmp_path / "state").mkdir()  # a run-time cap saved by the shapekit that built the tree: a class minor
+    cap = {"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "minor": 0x8003}
+    (tmp_path / "state" / "limits.json").write_text(json.dumps({"caps": [cap]}))
+
+    result = cli(limit_ip_app, *args, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "eth0's caps were installed by a shapekit without cap groups: run shape-init --dev eth0" in result.stderr
+    assert [argv for argv, _ in booted.calls if argv in (BATCH, IPSET, V4, V6)] == []
+
+
+def test_the_512th_cap_fills_group_1_and_the_513th_makes_group_2(booted, cli, write_config, tmp_path):
+    hosts = "".join(f'"10.0.{i // 256}.{i % 256}" = "1mbit"\n' for i in range(511))  # slots 0-510
+    config = str(write_config(f'[device.eth0]\nrate = "100mbit"\n[device.eth0.limits]\n{hosts}'))
+    booted.answers[CLASSES] = "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit\n"
+
+    assert cli(limit_ip_app, "add", "198.51.100.1", "2mbit", "--config", config).exit_code == 0
+    assert cli(limit_ip_app, "add", "198.51.100.2", "2mbit", "--config", config).exit_code == 0
+
+    assert booted.batches() == [
+        # the 512th: slot 511, the last class of group 1 (8001:200), its leaf 8100+511
+        "class add dev eth0 parent 8001: classid 8001:200 htb rate 2mbit ceil 2mbit quantum 3968\n"
+        "qdisc add dev eth0 parent 8001:200 handle 82ff: sfq perturb 10\n",
+        # the 513th: slot 512, group 2 made in the same batch, then its first class
+        "class add dev eth0 parent 5c:1 classid 5c:8002 htb rate 100mbit ceil 100mbit quantum 198412\n"
+        "qdisc add dev eth0 parent 5c:8002 handle 8002: htb\n"
+        "class add dev eth0 parent 8002: classid 8002:1 htb rate 2mbit ceil 2mbit quantum 3968\n"
+        "qdisc add dev eth0 parent 8002:1 handle 8300: sfq perturb 10\n",
+    ]
+    assert [text for argv, text in booted.calls if argv == IPSET] == [
+        CREATE_4 + f"add SHAPEKIT-eth0-4 198.51.100.1/32 skbprio 8001:200 {MARK_1} -exist\n",
+        CREATE_4 + "add SHAPEKIT-eth0-4 198.51.100.2/32 skbprio 8002:1 skbmark 0x2000000/0xff000000 -exist\n",
+    ]
+    assert [(c["host"], c["slot"]) for c in state(tmp_path)] == [("198.51.100.1/32", 511), ("198.51.100.2/32", 512)]
 
 
 def test_several_devices_need_dev(booted, cli, write_config):
@@ -421,7 +582,7 @@ def test_a_device_without_shapekits_tree_is_refused(booted, cli):
     booted.roots["eth0"] = {"kind": "fq_codel", "handle": "0:", "root": True}
 
     def no_parent_class(argv, stdin):
-        if argv == BATCH and stdin.startswith("class replace"):
+        if argv == BATCH and stdin.startswith("class add"):
             raise CommandFailed("tc -batch -", "Error: Failed to find specified qdisc.\nCommand failed -:1\n")
 
     booted.hooks.append(no_parent_class)
@@ -467,8 +628,10 @@ def fail_on(system, argv: tuple[str, ...], stderr: str, after=None):
 
 
 def test_add_whose_set_entry_fails_takes_its_new_class_away(booted, cli, tmp_path):
+    booted.answers[CLASSES] = SEED_002_SHOWN
+
     def class_added(_):
-        booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit\n"
+        booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:4 root leaf 8103: prio 0 rate 128Kbit ceil 128Kbit\n"
 
     booted.hooks.append(lambda argv, stdin: class_added(stdin) if argv == BATCH else None)
     fail_on(booted, IPSET, "ipset v7.17: Error in line 2: Injected fault\n")
@@ -480,14 +643,40 @@ def test_add_whose_set_entry_fails_takes_its_new_class_away(booted, cli, tmp_pat
         "shape-limit-ip: `ipset restore` failed: ipset v7.17: Error in line 2: Injected fault; "
         "put back as before: the class of 198.51.100.7/32\n"
     )
-    assert booted.batches()[1:] == ["class del dev eth0 classid 5c:8003\n"]
+    assert booted.batches()[1:] == ["class del dev eth0 classid 8001:4\n"]  # its group holds the config's caps
+    assert not (tmp_path / "state" / "limits.json").exists()
+
+
+def test_add_whose_set_entry_fails_takes_its_new_group_away_too(booted, cli, write_config, tmp_path):
+    config = write_config('[device.eth0]\nrate = "100mbit"\n')  # no cap yet: no group
+
+    def made(stdin):
+        if stdin.startswith("class add"):
+            booted.answers[CLASSES] = (
+                "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit\n"
+                "class htb 8001:1 root leaf 8100: prio 0 rate 128Kbit ceil 128Kbit\n"
+            )
+
+    booted.hooks.append(lambda argv, stdin: made(stdin) if argv == BATCH else None)
+    fail_on(booted, IPSET, "ipset v7.17: Error in line 2: Injected fault\n")
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(config))
+
+    assert result.exit_code == 1
+    assert result.stderr.endswith("put back as before: the class of 198.51.100.7/32\n")
+    assert booted.batches() == [
+        GROUP_1
+        + "class add dev eth0 parent 8001: classid 8001:1 htb rate 128kbit ceil 128kbit quantum 1514\n"
+        + "qdisc add dev eth0 parent 8001:1 handle 8100: sfq perturb 10\n",
+        "class del dev eth0 classid 8001:1\nclass del dev eth0 classid 5c:8001\n",  # the cap, then its group
+    ]
     assert not (tmp_path / "state" / "limits.json").exists()
 
 
 def test_remove_whose_class_delete_fails_puts_the_set_entry_back(booted, cli, tmp_path):
     cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
     saved = (tmp_path / "state" / "limits.json").read_text()
-    booted.answers[CLASSES] = "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 128Kbit ceil 128Kbit\n"
+    booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:4 root leaf 8103: prio 0 rate 128Kbit ceil 128Kbit\n"
     booted.run.reset_mock()
     fail_on(booted, BATCH, "Error: Device or resource busy\nCommand failed -:1\n")
 
@@ -498,30 +687,25 @@ def test_remove_whose_class_delete_fails_puts_the_set_entry_back(booted, cli, tm
         "put back as before: the set entry of 198.51.100.7/32, the class of 198.51.100.7/32\n"
     )
     assert [(argv, text) for argv, text in booted.calls if argv in (BATCH, IPSET)] == [
-        (
-            IPSET,
-            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\ndel SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n",
-        ),
-        (BATCH, "class del dev eth0 classid 5c:8003\n"),  # fails: the class is still there, nothing to put back
-        (
-            IPSET,
-            "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\nadd SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 5c:8003 -exist\n",
-        ),
+        (IPSET, CREATE_4 + "del SHAPEKIT-eth0-4 198.51.100.7/32 -exist\n"),
+        (BATCH, "class del dev eth0 classid 8001:4\n"),  # fails: the class is still there, nothing to put back
+        (IPSET, CREATE_4 + f"add SHAPEKIT-eth0-4 198.51.100.7/32 skbprio 8001:4 {MARK_1} -exist\n"),
     ]
     assert (tmp_path / "state" / "limits.json").read_text() == saved
 
 
 def test_install_whose_sets_fail_puts_classes_and_sets_back(booted, cli):
-    booted.answers[CLASSES] = "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 3Mbit ceil 3Mbit\n"
+    group = "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit\n"
+    booted.answers[CLASSES] = group + "class htb 8001:1 root leaf 8100: prio 0 rate 3Mbit ceil 3Mbit\n"
     booted.answers[("ipset", "save", "SHAPEKIT-eth0-4")] = (
-        "create SHAPEKIT-eth0-4 hash:net family inet hashsize 1024 maxelem 65536 timeout 0 skbinfo\n"
-        "add SHAPEKIT-eth0-4 198.18.0.101 timeout 0 skbprio 5c:8000\n"
+        "create SHAPEKIT-eth0-4 hash:net family inet hashsize 1024 maxelem 131072 timeout 0 skbinfo\n"
+        f"add SHAPEKIT-eth0-4 198.18.0.101 timeout 0 {MARK_1} skbprio 8001:1\n"
     )
 
-    def re_rated(_):  # the class batch ran: 5c:8000 now holds 128kbit, 5c:8001 and 5c:8002 are new
-        booted.answers[CLASSES] = "".join(
-            f"class htb 5c:{m} parent 5c:1 leaf {m}: prio 0 rate {r} ceil {r}\n"
-            for m, r in (("8000", "128Kbit"), ("8001", "512Kbit"), ("8002", "32Kbit"))
+    def re_rated(_):  # the class batch ran: 8001:1 now holds 128kbit, 8001:2 and 8001:3 are new
+        booted.answers[CLASSES] = group + "".join(
+            f"class htb 8001:{j} root leaf {leaf}: prio 0 rate {r} ceil {r}\n"
+            for j, leaf, r in (("1", "8100", "128Kbit"), ("2", "8101", "512Kbit"), ("3", "8102", "32Kbit"))
         )
 
     booted.hooks.append(lambda argv, stdin: re_rated(stdin) if argv == BATCH and "class add" in stdin else None)
@@ -532,23 +716,21 @@ def test_install_whose_sets_fail_puts_classes_and_sets_back(booted, cli):
     assert result.exit_code == 1
     assert result.stderr.endswith("put back as before: eth0's cap classes, eth0's cap sets\n")
     ipsets = [text for argv, text in booted.calls if argv == IPSET]
-    assert ipsets[1] == (  # both sets refilled as they were and swapped back in
-        "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-        "create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 -exist\n"
+    assert ipsets[1] == (  # both sets (there) refilled as they were aside and swapped back in
+        "create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 maxelem 131072 -exist\n"
         "flush SHAPEKIT-eth0-4~\n"
-        "add SHAPEKIT-eth0-4~ 198.18.0.101 timeout 0 skbprio 5c:8000\n"
-        "create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
-        "create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 -exist\n"
+        f"add SHAPEKIT-eth0-4~ 198.18.0.101 timeout 0 {MARK_1} skbprio 8001:1\n"
+        "create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist\n"
         "flush SHAPEKIT-eth0-6~\n"
         "swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4\n"
         "swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6\n"
         "destroy SHAPEKIT-eth0-4~\n"
         "destroy SHAPEKIT-eth0-6~\n"
     )
-    assert booted.batches()[-1] == (  # the new classes go, the re-rated one gets its rate back
-        "class del dev eth0 classid 5c:8001\n"
-        "class del dev eth0 classid 5c:8002\n"
-        "class change dev eth0 parent 5c:1 classid 5c:8000 htb rate 3mbit ceil 3mbit quantum 5952\n"
+    assert booted.batches()[-1] == (  # the re-rated class gets its rate back, the new ones go newest first
+        "class change dev eth0 parent 8001: classid 8001:1 htb rate 3mbit ceil 3mbit quantum 5952\n"
+        "class del dev eth0 classid 8001:3\n"
+        "class del dev eth0 classid 8001:2\n"
     )
     assert not any(argv in (V4, V6) for argv, _ in booted.calls)  # the rules were never reached
 
@@ -564,12 +746,12 @@ def test_a_device_away_gets_its_sets_made_for_the_rules_that_name_them(booted, c
     assert result.exit_code == 0, result.stderr
     restores = [stdin for argv, stdin in booted.calls if argv == IPSET]
     assert restores[1] == (
-        "create SHAPEKIT-usb0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-        "create SHAPEKIT-usb0-4~ hash:net family inet skbinfo timeout 0 -exist\n"
+        "create SHAPEKIT-usb0-4 hash:net family inet skbinfo timeout 0 maxelem 131072 -exist\n"
+        "create SHAPEKIT-usb0-4~ hash:net family inet skbinfo timeout 0 maxelem 131072 -exist\n"
         "flush SHAPEKIT-usb0-4~\n"
-        "add SHAPEKIT-usb0-4~ 198.18.0.102/32 skbprio 5c:8000\n"
-        "create SHAPEKIT-usb0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
-        "create SHAPEKIT-usb0-6~ hash:net family inet6 skbinfo timeout 0 -exist\n"
+        f"add SHAPEKIT-usb0-4~ 198.18.0.102/32 skbprio 8001:1 {MARK_1}\n"
+        "create SHAPEKIT-usb0-6 hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist\n"
+        "create SHAPEKIT-usb0-6~ hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist\n"
         "flush SHAPEKIT-usb0-6~\n"
         "swap SHAPEKIT-usb0-4~ SHAPEKIT-usb0-4\n"
         "swap SHAPEKIT-usb0-6~ SHAPEKIT-usb0-6\n"
@@ -577,7 +759,7 @@ def test_a_device_away_gets_its_sets_made_for_the_rules_that_name_them(booted, c
         "destroy SHAPEKIT-usb0-6~\n"
     )
     v4 = next(stdin for argv, stdin in booted.calls if argv == V4)
-    assert "-A SHAPEKIT-LIMIT -o usb0 -j SET --map-set SHAPEKIT-usb0-4 dst --map-prio\n" in v4
+    assert "-A SHAPEKIT-LIMIT -o usb0 -j SET --map-set SHAPEKIT-usb0-4 dst --map-prio --map-mark\n" in v4
     assert not any(argv[:4] == ("tc", "class", "show", "dev") and argv[4] == "usb0" for argv, _ in booted.calls)
 
 
@@ -588,9 +770,10 @@ def test_a_ptm_lines_caps_are_written_scaled_and_read_back_as_configured(booted,
     config = str(write_config(INCIDENT_CONFIG.read_text().replace("[device.eth0.limits]", PTM)))
     # the kernel keeps bytes/s: 64/65 of 128kbit is 126030bit, kept as 126024bit
     booted.answers[CLASSES] = (
-        "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 126024bit overhead 22 ceil 126024bit burst 1600b cburst 1600b \n"
-        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 504120bit overhead 22 ceil 504120bit burst 1600b cburst 1600b \n"
-        "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 31504bit overhead 22 ceil 31504bit burst 1600b cburst 1600b \n"
+        "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 98461Kbit overhead 22 ceil 98461Kbit burst 1600b cburst 1600b \n"
+        "class htb 8001:1 root leaf 8100: prio 0 rate 126024bit overhead 22 ceil 126024bit burst 1600b cburst 1600b \n"
+        "class htb 8001:2 root leaf 8101: prio 0 rate 504120bit overhead 22 ceil 504120bit burst 1600b cburst 1600b \n"
+        "class htb 8001:3 root leaf 8102: prio 0 rate 31504bit overhead 22 ceil 31504bit burst 1600b cburst 1600b \n"
     )
 
     assert cli(limit_ip_app, "--config", config).exit_code == 0
@@ -600,24 +783,20 @@ def test_a_ptm_lines_caps_are_written_scaled_and_read_back_as_configured(booted,
 
     assert result.exit_code == 0, result.stderr
     assert booted.batches()[-1] == (
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
-        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n"
+        "class add dev eth0 parent 8001: classid 8001:4 htb rate 126030bit ceil 126030bit quantum 1514 overhead 22\n"
+        "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n"
     )
 
 
 # --- sync ----------------------------------------------------------------------------
 
 SYNCED = [  # the run-time caps the last sync left: two hosts, in classes of their own
-    {"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "comment": "plan A", "minor": 0x8003},
-    {"host": "198.51.100.8/32", "rate": "2mbit", "dev": "eth0", "comment": "plan B", "minor": 0x8004},
+    {"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "comment": "plan A", "slot": 3},
+    {"host": "198.51.100.8/32", "rate": "2mbit", "dev": "eth0", "comment": "plan B", "slot": 4},
 ]
-SYNCED_CLASSES = (
-    "class htb 5c:8000 parent 5c:1 leaf 8000: prio 0 rate 128Kbit ceil 128Kbit burst 1600b cburst 1600b \n"
-    "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 512Kbit ceil 512Kbit burst 1600b cburst 1600b \n"
-    "class htb 5c:8002 parent 5c:1 leaf 8002: prio 0 rate 32Kbit ceil 32Kbit burst 1600b cburst 1600b \n"
-    "class htb 5c:8003 parent 5c:1 leaf 8003: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
-    "class htb 5c:8004 parent 5c:1 leaf 8004: prio 0 rate 2Mbit ceil 2Mbit burst 1600b cburst 1600b \n"
-    "class htb 5c:1 root rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+SYNCED_CLASSES = SEED_002_SHOWN + (
+    "class htb 8001:4 root leaf 8103: prio 0 rate 1Mbit ceil 1Mbit burst 1600b cburst 1600b \n"
+    "class htb 8001:5 root leaf 8104: prio 0 rate 2Mbit ceil 2Mbit burst 1600b cburst 1600b \n"
 )
 
 
@@ -637,21 +816,21 @@ def test_sync_changes_only_what_differs(synced, cli, write_config, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert synced.batches() == [
         # .7 re-rated in its own class (no queue dropped); .9 new, not in the class .8 leaves
-        "class change dev eth0 parent 5c:1 classid 5c:8003 htb rate 3mbit ceil 3mbit quantum 5952\n"
-        "class add dev eth0 parent 5c:1 classid 5c:8005 htb rate 1mbit ceil 1mbit quantum 1984\n"
-        "qdisc add dev eth0 parent 5c:8005 handle 8005: sfq perturb 10\n",
-        "class del dev eth0 classid 5c:8004\n",  # .8's class, once no entry points to it
+        "class change dev eth0 parent 8001: classid 8001:4 htb rate 3mbit ceil 3mbit quantum 5952\n"
+        "class add dev eth0 parent 8001: classid 8001:6 htb rate 1mbit ceil 1mbit quantum 1984\n"
+        "qdisc add dev eth0 parent 8001:6 handle 8105: sfq perturb 10\n",
+        "class del dev eth0 classid 8001:5\n",  # .8's class, once no entry points to it
     ]
     assert [stdin for argv, stdin in synced.calls if argv == IPSET] == [
-        "create SHAPEKIT-eth0-4 hash:net family inet skbinfo timeout 0 -exist\n"
-        "create SHAPEKIT-eth0-6 hash:net family inet6 skbinfo timeout 0 -exist\n"
-        "add SHAPEKIT-eth0-4 198.51.100.9/32 skbprio 5c:8005 -exist\n"
-        "del SHAPEKIT-eth0-4 198.51.100.8/32 -exist\n"
+        CREATE_4
+        + CREATE_6
+        + f"add SHAPEKIT-eth0-4 198.51.100.9/32 skbprio 8001:6 {MARK_1} -exist\n"
+        + "del SHAPEKIT-eth0-4 198.51.100.8/32 -exist\n"
     ]
     assert not any(argv in (V4, V6) for argv, _ in synced.calls)  # the rules that read the sets stay
-    assert [(c["host"], c["rate"], c["minor"], c["comment"]) for c in state(tmp_path)] == [
-        ("198.51.100.7/32", "3mbit", 0x8003, "plan C"),
-        ("198.51.100.9/32", "1mbit", 0x8005, "new"),
+    assert [(c["host"], c["rate"], c["slot"], c["comment"]) for c in state(tmp_path)] == [
+        ("198.51.100.7/32", "3mbit", 3, "plan C"),
+        ("198.51.100.9/32", "1mbit", 5, "new"),
     ]
 
 
@@ -703,3 +882,70 @@ def test_sync_of_a_missing_file_is_one_line(synced, cli, tmp_path):
 
     assert result.exit_code == 2
     assert result.stderr == f"shape-limit-ip: {tmp_path / 'nope.csv'}: no such file\n"
+
+
+def test_init_over_a_flat_tree_moves_its_caps_into_groups(booted, cli, tmp_path):
+    booted.flat.add("eth0")  # built by a shapekit before cap groups: its entries name flat classes, no mark
+    booted.answers[("ipset", "save", "SHAPEKIT-eth0-4")] = (
+        "create SHAPEKIT-eth0-4 hash:net family inet hashsize 1024 maxelem 65536 timeout 0 skbinfo\n"
+        "add SHAPEKIT-eth0-4 198.18.0.101 timeout 0 skbprio 5c:8000\n"
+        "add SHAPEKIT-eth0-4 198.51.100.7 timeout 0 skbprio 5c:8003\n"
+    )
+    (tmp_path / "state").mkdir()
+    cap = {"host": "198.51.100.7/32", "rate": "1mbit", "dev": "eth0", "minor": 0x8003}  # as that shapekit saved it
+    (tmp_path / "state" / "limits.json").write_text(json.dumps({"caps": [cap]}))
+
+    result = cli(init_app, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    calls = [(argv, stdin) for argv, stdin in booted.calls if argv[0] != "unshare"]  # after the kernel probes
+    assert (
+        calls
+        == [
+            (READ_ROOT, None),
+            (GROUP_FILTER, None),  # shapekit's tree without the group filter: built flat
+            (("ip", "-j", "link", "show", "type", "ifb"), None),
+            (READ_ROOT, None),
+            (
+                BATCH,
+                "qdisc del dev eth0 root\n"
+                "qdisc add dev eth0 root handle 5c: htb default 10\n"
+                "class add dev eth0 parent 5c: classid 5c:1 htb rate 100mbit ceil 100mbit quantum 198412\n"
+                "class add dev eth0 parent 5c:1 classid 5c:2 htb rate 100mbit ceil 100mbit quantum 198412\n"
+                "qdisc add dev eth0 parent 5c:2 handle 2: sfq perturb 10\n"
+                "class add dev eth0 parent 5c:1 classid 5c:10 htb rate 100mbit ceil 100mbit quantum 198412\n"
+                "qdisc add dev eth0 parent 5c:10 handle 10: sfq perturb 10\n"
+                "filter add dev eth0 parent 5c: protocol all prio 10 handle 1001 fw flowid 5c:2\n"
+                "filter add dev eth0 parent 5c: protocol all prio 10 handle 6029328 fw flowid 5c:10\n"
+                'filter add dev eth0 parent 5c: protocol all prio 1 bpf bytecode "6,32 0 0 4294963220,116 0 0 24,'
+                '21 2 0 0,4 0 0 6062080,22 0 0 0,6 0 0 0"\n'
+                + SEED_002_CLASSES
+                + "class add dev eth0 parent 8001: classid 8001:4 htb rate 1mbit ceil 1mbit quantum 1984\n"
+                "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n",  # the run-time cap, in group 1 too
+            ),
+            (("ipset", "list", "-n"), None),  # the sets there: refilled with the groups' entries and swapped in
+            (("ipset", "save", "SHAPEKIT-eth0-4"), None),
+            (("ipset", "save", "SHAPEKIT-eth0-6"), None),
+            (
+                IPSET,
+                # no `create` of the sets there: theirs (maxelem 65536) would refuse -exist; the swap replaces them
+                "create SHAPEKIT-eth0-4~ hash:net family inet skbinfo timeout 0 maxelem 131072 -exist\n"
+                "flush SHAPEKIT-eth0-4~\n"
+                f"add SHAPEKIT-eth0-4~ 198.18.0.101/32 skbprio 8001:1 {MARK_1}\n"
+                f"add SHAPEKIT-eth0-4~ 198.18.0.102/32 skbprio 8001:2 {MARK_1}\n"
+                f"add SHAPEKIT-eth0-4~ 198.18.0.103/32 skbprio 8001:3 {MARK_1}\n"
+                f"add SHAPEKIT-eth0-4~ 198.51.100.7/32 skbprio 8001:4 {MARK_1}\n"
+                "create SHAPEKIT-eth0-6~ hash:net family inet6 skbinfo timeout 0 maxelem 131072 -exist\n"
+                "flush SHAPEKIT-eth0-6~\n"
+                "swap SHAPEKIT-eth0-4~ SHAPEKIT-eth0-4\n"
+                "swap SHAPEKIT-eth0-6~ SHAPEKIT-eth0-6\n"
+                "destroy SHAPEKIT-eth0-4~\n"
+                "destroy SHAPEKIT-eth0-6~\n",
+            ),
+            (("iptables-save", "-t", "mangle"), None),  # the rule that sets the group's mark too
+            (("ip6tables-save", "-t", "mangle"), None),
+            (V4, LIMIT_V4),
+            (V6, LIMIT_V4.replace("SHAPEKIT-eth0-4", "SHAPEKIT-eth0-6")),
+        ]
+    )
+    assert [(c["host"], c["slot"]) for c in state(tmp_path)] == [("198.51.100.7/32", 3)]  # its place, saved

@@ -185,7 +185,7 @@ SAVED_V4 = """\
 -A SHAPEKIT-CONN-4242 -j MARK --set-xmark 0x1092/0xffffffff
 -A SHAPEKIT-DECIDE -j SHAPEKIT-BYPASS
 -A SHAPEKIT-DECIDE -j SHAPEKIT-MARK
--A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio
+-A SHAPEKIT-LIMIT -o eth0 -j SET --map-set SHAPEKIT-eth0-4 dst --map-prio --map-mark
 -A SHAPEKIT-MARK -p udp -m udp --dport 9 -g SHAPEKIT-CONN-4242
 COMMIT
 """

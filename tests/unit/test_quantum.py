@@ -126,28 +126,33 @@ def booted(system, mocker):
     return system
 
 
+CLASSES = ("tc", "class", "show", "dev", "eth0")
+GROUP_1 = "class htb 5c:8001 parent 5c:1 leaf 8001: prio 0 rate 100Mbit ceil 100Mbit burst 1600b cburst 1600b \n"
+
+
 def test_a_run_time_caps_class_carries_its_quantum_and_a_new_rate_a_new_one(booted, cli):
+    booted.answers[CLASSES] = GROUP_1  # the config's caps' group: the run-time cap's class goes in it
     cli(limit_ip_app, "add", "198.51.100.7", "20mbit", "--config", str(INCIDENT_CONFIG))
+    booted.answers[CLASSES] = GROUP_1 + "class htb 8001:4 root leaf 8103: prio 0 rate 20Mbit ceil 20Mbit\n"
     cli(limit_ip_app, "add", "198.51.100.7", "30mbit", "--config", str(INCIDENT_CONFIG))
 
     assert booted.batches() == [
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 20mbit ceil 20mbit quantum 39682\n"
-        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n",
-        "class replace dev eth0 parent 5c:1 classid 5c:8003 htb rate 30mbit ceil 30mbit quantum 59523\n"
-        "qdisc replace dev eth0 parent 5c:8003 handle 8003: sfq perturb 10\n",
+        "class add dev eth0 parent 8001: classid 8001:4 htb rate 20mbit ceil 20mbit quantum 39682\n"
+        "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n",
+        "class change dev eth0 parent 8001: classid 8001:4 htb rate 30mbit ceil 30mbit quantum 59523\n",
     ]
 
 
 def test_installing_caps_changes_a_rate_with_its_quantum(booted, cli, write_config):
     text = INCIDENT_CONFIG.read_text().replace('"198.18.0.102" = "512kbit"', '"198.18.0.102" = "40mbit"')
-    booted.answers[("tc", "class", "show", "dev", "eth0")] = "".join(
-        f"class htb 5c:{m} parent 5c:1 leaf {m}: prio 0 rate {r} ceil {r} burst 1600b cburst 1600b \n"
-        for m, r in (("8000", "128Kbit"), ("8001", "512Kbit"), ("8002", "32Kbit"))
+    booted.answers[CLASSES] = GROUP_1 + "".join(
+        f"class htb 8001:{j} root leaf {leaf}: prio 0 rate {r} ceil {r} burst 1600b cburst 1600b \n"
+        for j, leaf, r in (("1", "8100", "128Kbit"), ("2", "8101", "512Kbit"), ("3", "8102", "32Kbit"))
     )
 
     result = cli(limit_ip_app, "--config", str(write_config(text)))
 
     assert result.exit_code == 0, result.stderr
     assert booted.batches() == [
-        "class change dev eth0 parent 5c:1 classid 5c:8001 htb rate 40mbit ceil 40mbit quantum 79365\n"
+        "class change dev eth0 parent 8001: classid 8001:2 htb rate 40mbit ceil 40mbit quantum 79365\n"
     ]

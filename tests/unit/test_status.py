@@ -36,7 +36,7 @@ SAVE_WITH_COUNTERS = """\
 [5:300] -A POSTROUTING -p udp -j ACCEPT
 [100:20000] -A POSTROUTING -j SHAPEKIT
 [7:420] -A SHAPEKIT-BYPASS -p tcp -m multiport --ports 22,80 -j MARK --set-xmark 0x3e9/0xffffffff
-[3:180] -A SHAPEKIT-LIMIT -o skqa -j SET --map-set SHAPEKIT-skqa-4 dst --map-prio
+[3:180] -A SHAPEKIT-LIMIT -o skqa -j SET --map-set SHAPEKIT-skqa-4 dst --map-prio --map-mark
 [12:1440] -A SHAPEKIT-MARK -p udp -m udp --dport 53 -m comment --comment "mark[1] b" -g SHAPEKIT-CONN-6029328
 COMMIT
 """
@@ -151,3 +151,17 @@ def test_json_prints_one_document_per_sample_and_ctrl_c_ends_watch_cleanly(sampl
 
 def test_interval_must_be_positive(cli):
     assert cli(status_app, "--interval", "0").exit_code == 2
+
+
+def test_a_cap_and_its_group_are_named():
+    device = parse_config(CONFIG, Path("shapekit.toml")).devices["skqa"]
+
+    names = status.class_names(device, place_caps(device, [], 0))
+
+    assert names == {
+        "5c:1": "(line)",
+        "5c:2": "bypass",
+        "5c:10": "b (default)",
+        "5c:8001": "cap group 1",  # the group class under the top class, at the line rate
+        "8001:1": "cap 198.51.100.7",  # the cap's class, in the group's own HTB qdisc
+    }
