@@ -287,9 +287,8 @@ def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
         mine = {c.key: c for c in saved if c.dev == device.name}
         synced = [dataclasses.replace(c, slot=mine[c.key].slot if c.key in mine else None) for c in wanted]
         # A cap gone keeps its class's place from new caps until that class goes, after its entry: as lapsed.
-        gone = [
-            dataclasses.replace(c, expires=now - 1) for key, c in mine.items() if key not in {c.key for c in wanted}
-        ]
+        kept = {c.key for c in wanted}
+        gone = [dataclasses.replace(c, expires=now - 1) for key, c in mine.items() if key not in kept]
         others = [c for c in saved if c.dev != device.name]
         sets = {plan_limits.set_name(device.name, f) for f in FAMILIES}
         until_now = saved if sets <= set(read.list_sets(runner)) else None  # else: never installed since boot
