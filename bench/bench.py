@@ -22,9 +22,17 @@ a noisy, shared machine even when the seconds do not.
   the test kernel forces: its `fw` filters become `u32 match ip dst` filters
   (no cls_fw here), and class ids are written in hex (the seed's `1:$mark`
   breaks at mark 10000, which tc reads as 0x10000).
-- floor: the same objects as shapekit's (classes, leaf qdiscs, set entries,
-  the rule), written by this script as one `tc -batch` and one `ipset
-  restore` + `iptables-restore`: what any tool must at least spend.
+- flat floor: the flat layout (every cap a class under the top class, as
+  shapekit built them before cap groups), written by this script as one
+  `tc -batch` and one `ipset restore` + `iptables-restore`; groups floor:
+  shapekit's layout (cap groups of 512, the root's bpf filter, entries with
+  mark bits) written the same way: what any tool must at least spend.
+- scale: at 10,000 and 100,000 caps, apply (`shape-init` + `shape-limit-ip`
+  from a config holding them) and shapekit's peak memory, one `add` with them
+  installed, a `sync` of them all and then of 1% changed, `shape-flush`, and
+  an unlimited flow to an uncapped host against a pair with no caps; beside
+  the floors and their teardown (groups newest first; the flat tree in one
+  `qdisc del`, up to the flat layout's 32,767 caps).
 """
 
 from __future__ import annotations

@@ -949,3 +949,16 @@ def test_init_over_a_flat_tree_moves_its_caps_into_groups(booted, cli, tmp_path)
         ]
     )
     assert [(c["host"], c["slot"]) for c in state(tmp_path)] == [("198.51.100.7/32", 3)]  # its place, saved
+
+
+def test_init_builds_each_group_with_its_caps_before_the_next_group(system, cli, write_config):
+    hosts = "".join(f'"10.0.{i // 256}.{i % 256}" = "1mbit"\n' for i in range(513))  # slots 0-512: two groups
+    config = write_config(f'[device.eth0]\nrate = "100mbit"\nleaf = "none"\n[device.eth0.limits]\n{hosts}')
+
+    assert cli(init_app, "--config", str(config)).exit_code == 0
+    lines = system.batches()[0].splitlines()
+    caps = [n for n, line in enumerate(lines) if " 800" in line or ":800" in line]
+    assert [lines[n].split(" classid ")[-1].split()[0] if "classid" in lines[n] else "qdisc" for n in caps] == [
+        "5c:8001", "qdisc", *(f"8001:{j:x}" for j in range(1, 513)), "5c:8002", "qdisc", "8002:1"
+    ]  # fmt: skip
+    assert caps == list(range(caps[0], caps[0] + len(caps)))  # together, after the tree
