@@ -102,19 +102,23 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
     A write that fails (a full disk, a read-only /var) fails like a command:
     exit 1, and the run's changes to the kernel are put back.
     """
+    write_state_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_state_text(path: Path, text: str) -> None:
+    """`write_state` of JSON text already made."""
     try:
-        _replace(path, data)
+        _replace(path, text)
     except OSError as exc:
         raise CommandFailed(f"writing {path}", exc.strerror or str(exc)) from None
 
 
-def _replace(path: Path, data: dict[str, Any]) -> None:
+def _replace(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.write("\n")
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
@@ -189,21 +193,80 @@ def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None 
     Each is held to what `add` would take: a cap on a configured tree
     ((device, direction) in `line_rates`) no faster than its line rate.
     """
-    path = directory / LIMITS_FILE
-    data = read_state(path)
-    _known_keys(path, "", data, ("caps",))
-    caps = [_cap(path, f"caps[{n}]", item) for n, item in enumerate(_list(path, data, "caps"))]
+    saved = SavedCaps.read(directory)
+    caps = [saved.cap(n, line_rates) for n in range(len(saved.items))]
     seen: set[tuple[str, str, Network]] = set()
     for n, cap in enumerate(caps):
         if cap.key in seen:
-            raise state_problem(path, f"caps[{n}]", f"{cap.host} is capped twice on {cap.dev} ({cap.direction})")
+            raise state_problem(saved.path, f"caps[{n}]", f"{cap.host} is capped twice on {cap.dev} ({cap.direction})")
         seen.add(cap.key)
+    return caps
+
+
+@dataclass(frozen=True)
+class SavedCaps:
+    """limits.json as read, each cap still its JSON object: a command that changes one cap checks that one
+    (`cap`) and the places of the rest (`places`), and writes the others back as they were. Checking
+    every one of 100,000 caps takes seconds; a quick `add` cannot."""
+
+    path: Path
+    items: list[Any]
+
+    @classmethod
+    def read(cls, directory: Path) -> SavedCaps:
+        path = directory / LIMITS_FILE
+        data = read_state(path)
+        _known_keys(path, "", data, ("caps",))
+        return cls(path, _list(path, data, "caps"))
+
+    def cap(self, n: int, line_rates: Mapping[tuple[str, str], int] | None = None) -> Cap:
+        """The n-th cap, every field checked; on a configured tree no faster than its line rate."""
+        cap = _cap(self.path, f"caps[{n}]", self.items[n])
         problem = check_cap(cap.host, cap.rate, (line_rates or {}).get((cap.dev, cap.direction), cap.rate))
         if cap.expires is not None and cap.direction == "in":
             problem = "a cap on arriving traffic has no expiry (its u32 filter has no timeout)"
         if problem:
-            raise state_problem(path, f"caps[{n}]", problem)
-    return caps
+            raise state_problem(self.path, f"caps[{n}]", problem)
+        return cap
+
+    def find(self, dev: str, direction: str, host: Network) -> int | None:
+        """Where the host's cap on this tree is (shapekit writes each host as `str` prints it), or None."""
+        key = (str(host), dev, direction)
+        found = (
+            n
+            for n, item in enumerate(self.items)
+            if isinstance(item, dict) and (item.get("host"), item.get("dev"), item.get("direction", "out")) == key
+        )
+        return next(found, None)
+
+    def places(self, dev: str, direction: str, now: float, skip: int | None = None) -> tuple[set[int], set[int]]:
+        """The places held on one tree by the caps in force and by lapsed ones (whose classes stay until
+        the next full install), but the `skip`-th cap's; each checked as `cap` checks it."""
+        live: set[int] = set()
+        lapsed: set[int] = set()
+        for n, item in enumerate(self.items):
+            if n == skip or not isinstance(item, dict) or item.get("dev") != dev:
+                continue
+            if item.get("direction", "out") != direction:
+                continue
+            # What _slot and _expires check, asked of them only when the quick look fails: 100,000 calls cost.
+            slot, expires = item.get("slot"), item.get("expires")
+            if not (type(slot) is int and slot in (CAP_SLOTS if direction == "out" else CAP_MINORS)):
+                slot = _slot(self.path, f"caps[{n}]", item, direction)
+            if not (expires is None or (type(expires) is float and 0 <= expires < 2**40)):
+                expires = _expires(self.path, f"caps[{n}].expires", expires)
+            if slot is not None:
+                (lapsed if expires is not None and expires <= now else live).add(slot)
+        return live, lapsed
+
+    def save_with(self, directory: Path, n: int | None, cap: Cap) -> None:
+        """limits.json with the n-th cap (None: a new one) made `cap`, the others as they were."""
+        items = list(self.items)
+        if n is None:
+            items.append(_cap_item(cap))
+        else:
+            items[n] = _cap_item(cap)
+        _write_cap_items(directory, items)
 
 
 def _cap(path: Path, where: str, item: Any) -> Cap:
@@ -274,19 +337,31 @@ def _direction(path: Path, where: str, value: Any) -> str:
 
 
 def save_caps(directory: Path, caps: list[Cap]) -> None:
-    items = [
-        {
-            "host": str(c.host),
-            "rate": format_rate(c.rate),
-            "dev": c.dev,
-            "expires": c.expires,
-            "comment": c.comment,
-            "slot": c.slot,
-            "direction": c.direction,
-        }
-        for c in caps
-    ]
-    write_state(directory / LIMITS_FILE, {"caps": items})
+    _write_cap_items(directory, [_cap_item(c) for c in caps])
+
+
+def _cap_item(cap: Cap) -> dict[str, Any]:
+    """A cap as limits.json keeps it, keys in sorted order (as write_state writes them)."""
+    return {
+        "comment": cap.comment,
+        "dev": cap.dev,
+        "direction": cap.direction,
+        "expires": cap.expires,
+        "host": str(cap.host),
+        "rate": format_rate(cap.rate),
+        "slot": cap.slot,
+    }
+
+
+def _write_cap_items(directory: Path, items: list[Any]) -> None:
+    """limits.json, one cap per line, made by one call of json's C encoder (an indented dump of 100,000
+    caps takes Python's, six times slower). Each cap's line starts at `{"comment": `, its first key: a
+    quote inside a JSON string is always escaped, so `}, {"comment": ` is never inside one."""
+    if not items:
+        write_state_text(directory / LIMITS_FILE, '{"caps": []}\n')
+        return
+    listed = json.dumps(items)[1:-1].replace('}, {"comment": ', '},\n{"comment": ')
+    write_state_text(directory / LIMITS_FILE, '{"caps": [\n' + listed + "\n]}\n")
 
 
 def load_created_tables(directory: Path) -> set[int]:

@@ -60,9 +60,12 @@ class Options:
 
 def saved_caps(config: Config) -> list[Cap]:
     """The run-time caps in limits.json (lapsed ones too), each checked against its tree's line rate."""
-    return load_caps(
-        state_dir(), {(t.configured, t.direction): t.rate for d in config.devices.values() for t in d.trees}
-    )
+    return load_caps(state_dir(), line_rates(config))
+
+
+def line_rates(config: Config) -> dict[tuple[str, str], int]:
+    """Each tree's line rate by (device, direction): no cap goes faster."""
+    return {(t.configured, t.direction): t.rate for d in config.devices.values() for t in d.trees}
 
 
 def select_devices(config: Config, names: list[str]) -> list[Device]:

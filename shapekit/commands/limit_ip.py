@@ -33,7 +33,7 @@ from shapekit.plan import tree as plan
 from shapekit.plan.ingress import CapFilters, U32Filter
 from shapekit.plan.limits import LIMIT, PlacedCap, lapsed, place_caps, with_slot
 from shapekit.plan.mangle import FAMILIES
-from shapekit.state import RuntimeBypass, save_caps, state_dir
+from shapekit.state import RuntimeBypass, SavedCaps, save_caps, state_dir
 
 
 def _check_limits(options: common.Options) -> None:
@@ -245,9 +245,11 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
         if tree.direction == "out":
             require_groups(runner, tree)
         now = time.time()
-        saved = common.saved_caps(config)  # lapsed ones too: their classes still hold their places
-        mine = next((c for c in saved if c.key == (device.name, tree.direction, host)), None)
-        others = [c for c in saved if c is not mine]
+        # Only this host's saved cap is read whole; of the others, their places (lapsed ones too: their
+        # classes still hold them), and they are written back as they were.
+        saved = SavedCaps.read(state_dir())
+        found = saved.find(device.name, tree.direction, host)
+        mine = None if found is None else saved.cap(found, common.line_rates(config))
         expires = now + seconds if seconds else None
         # Capped already: the new rate goes into the same class.
         cap = Cap(
@@ -259,15 +261,28 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
             # Never installed since boot: install everything, this cap included.
             probe.probe_caps()
             require_cap_trees(runner, config)
+            others = [c for c in common.saved_caps(config) if c.key != cap.key]
             install_limits(options, config, common.live_caps([*others, cap], now), now)
             return
-        every = place_caps(tree, [*others, cap], now)
+        every = _placed_with(tree, saved, found, cap, config, now)
         placed = next(p for p in every if p.cap.host == host)
         before = _cap_until_now(tree, host, mine, placed.slot, now)
         with run.transaction(runner) as journal:
             _put_cap(runner, journal, tree, placed, every, before, now)
             if not options.dry_run:
-                save_caps(state_dir(), [*others, with_slot(placed)])  # last: see install_limits
+                saved.save_with(state_dir(), found, with_slot(placed))  # last: see install_limits
+
+
+def _placed_with(
+    tree: Device, saved: SavedCaps, found: int | None, cap: Cap, config: Config, now: float
+) -> list[PlacedCap]:
+    """The tree's caps with `cap` placed among them. On sent traffic the other run-time caps count only
+    by their places; on arriving traffic each is read whole, as its host picks its u32 node."""
+    if tree.direction == "out":
+        held, lapsed_held = saved.places(tree.name, tree.direction, now, skip=found)
+        return place_caps(tree, [cap], now, held, lapsed_held)
+    others = [c for c in common.saved_caps(config) if c.key != cap.key]
+    return place_caps(tree, [*others, cap], now)
 
 
 def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:

@@ -174,9 +174,9 @@ class Runner:
         elif self.verbose:
             self.err.write(f"# {text}\n")
 
-    def query(self, argv: Argv) -> str:
+    def query(self, argv: Argv, stdin: str | None = None) -> str:
         """A read-only command: it runs under --dry-run too."""
-        return run_command(argv)
+        return run_command(argv, stdin)
 
     def tc_batch(self, header: str, cmds: list[Argv]) -> None:
         if cmds and not self._shown(header, cmds):

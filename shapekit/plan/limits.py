@@ -74,7 +74,9 @@ def set_name(dev: str, family: int) -> str:
     return f"{SET_PREFIX}{dev}-{family}"
 
 
-def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[PlacedCap]:
+def place_caps(
+    device: Device, runtime: Sequence[Cap], now: float, held: Collection[int] = (), lapsed_held: Collection[int] = ()
+) -> list[PlacedCap]:
     """The caps in force on one tree: the config's, with run-time caps added or overriding.
 
     Config caps take places from the first in file order; a run-time cap
@@ -83,11 +85,15 @@ def place_caps(device: Device, runtime: Sequence[Cap], now: float) -> list[Place
     their classes (which stay until the next full install) are not given
     out. On an ingress tree a host's minor also names its u32 filter's node,
     which must be free in its hash bucket.
+
+    `held` and `lapsed_held`: places of run-time caps in force and lapsed
+    that are not in `runtime` (`add` reads only the places of the others).
     """
-    pool = _SlotPool(device, lapsed_slots(device, runtime, now))
+    pool = _SlotPool(device, lapsed_slots(device, runtime, now) | set(lapsed_held))
     placed: dict[Network, PlacedCap] = {}
     for cap in device.limits:
         placed[cap.host] = PlacedCap(cap, pool.take(cap))
+    pool.taken |= set(held)  # as their caps would take them: after the config's
     live = [c for c in runtime if device.holds(c) and not lapsed(c, now)]
     for cap in live:
         if cap.host in placed:  # overrides the config's cap, in its class

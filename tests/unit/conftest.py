@@ -37,6 +37,10 @@ class System:
             hook(argv, stdin)
         if argv in self.answers:
             return self.answers[argv]
+        if argv == ("tc", "-batch", "-") and stdin and stdin.startswith("class show dev "):
+            # read.show_classes, a qdisc at a time: each device's `tc class show` answer once
+            devices = dict.fromkeys(line.split()[3] for line in stdin.splitlines())
+            return "".join(self.answers.get(("tc", "class", "show", "dev", dev), "") for dev in devices)
         if argv[:4] == ("tc", "-j", "-d", "qdisc"):  # with the size table: the same roots
             argv = argv[:2] + argv[3:]
         if argv[:4] == ("tc", "filter", "show", "dev") and argv[5:] == ("parent", "5c:", "prio", "1"):
@@ -67,7 +71,12 @@ class System:
         ]
 
     def batches(self) -> list[str]:
-        return [stdin for argv, stdin in self.calls if argv == ("tc", "-batch", "-")]
+        """The `tc -batch` texts that change something (not read.show_classes's)."""
+        return [
+            stdin
+            for argv, stdin in self.calls
+            if argv == ("tc", "-batch", "-") and not (stdin or "").startswith("class show dev ")
+        ]
 
 
 @pytest.fixture

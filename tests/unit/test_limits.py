@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
@@ -9,8 +10,10 @@ from paths import INCIDENT_CONFIG
 
 from shapekit.commands.init import init_app
 from shapekit.commands.limit_ip import limit_ip_app
+from shapekit.config.rules import Cap
 from shapekit.errors import CommandFailed
-from shapekit.kernel import probe
+from shapekit.kernel import probe, read, run
+from shapekit.state import load_caps, save_caps
 
 NOW = 1_800_000_000.0
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0")
@@ -113,7 +116,8 @@ def test_seed_002_caps_install_as_classes_sets_and_one_rule(booted, cli):
         (READ_ROOT, None),
         (GROUP_FILTER, None),  # the tree has the root filter that finds cap groups
         (("ipset", "list", "-t"), None),  # and no cap set made before them
-        (CLASSES, None),
+        (READ_ROOT, None),  # the tree's HTB qdiscs, whose classes are read a qdisc at a time
+        (BATCH, "class show dev eth0 parent 5c:\n"),
         (("ipset", "list", "-n"), None),  # the sets as they were, to put back if a later step fails
         (("ipset", "save", "SHAPEKIT-eth0-4"), None),
         (("ipset", "save", "SHAPEKIT-eth0-6"), None),
@@ -252,9 +256,9 @@ def test_add_again_changes_the_rate_in_place(booted, cli, tmp_path):
     assert booted.batches() == [
         "class change dev eth0 parent 8001: classid 8001:4 htb rate 64kbit ceil 64kbit quantum 1514\n"
     ]
-    assert [(c["host"], c["rate"], c["slot"]) for c in state(tmp_path)] == [
-        ("198.51.100.9/32", "1mbit", 4),
+    assert [(c["host"], c["rate"], c["slot"]) for c in state(tmp_path)] == [  # in its place in the file
         ("198.51.100.7/32", "64kbit", 3),
+        ("198.51.100.9/32", "1mbit", 4),
     ]
 
 
@@ -962,3 +966,67 @@ def test_init_builds_each_group_with_its_caps_before_the_next_group(system, cli,
         "5c:8001", "qdisc", *(f"8001:{j:x}" for j in range(1, 513)), "5c:8002", "qdisc", "8002:1"
     ]  # fmt: skip
     assert caps == list(range(caps[0], caps[0] + len(caps)))  # together, after the tree
+
+
+def test_classes_are_read_a_qdisc_at_a_time_in_one_batch(system):
+    """One dump of a whole device costs the kernel more per class it holds: each HTB qdisc is dumped alone."""
+    qdiscs = [
+        {"kind": "htb", "handle": "5c:", "root": True},
+        {"kind": "htb", "handle": "8001:", "parent": "5c:8001"},
+        {"kind": "pfifo", "handle": "8101:", "parent": "8001:1"},  # a leaf: no classes of shapekit's
+        {"kind": "htb", "handle": "8002:", "parent": "5c:8002"},
+    ]
+    read.show_classes(run.Runner(), "eth0", json.dumps(qdiscs))
+
+    assert system.calls == [
+        (
+            ("tc", "-batch", "-"),
+            "class show dev eth0 parent 5c:\nclass show dev eth0 parent 8001:\nclass show dev eth0 parent 8002:\n",
+        )
+    ]
+
+
+def test_add_writes_the_other_saved_caps_back_as_they_were(booted, cli, tmp_path):
+    """With 100,000 caps saved, `add` reads whole only the host's own: of the others, their places."""
+    others = [
+        {"host": "198.51.100.20/32", "rate": "1mbit", "dev": "eth0", "slot": 3},  # keys as a hand wrote them
+        {"host": "198.51.100.21/32", "rate": "1mbit", "dev": "eth0", "expires": NOW - 5, "slot": 4},  # lapsed
+        {"host": "198.51.100.22/32", "rate": "1mbit", "dev": "usb9", "slot": 5},  # a device no more configured
+    ]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "limits.json").write_text(json.dumps({"caps": others}))
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    # 3 and 4 held (4 by a lapsed cap's class); usb9's 5 is on another tree
+    assert "classid 8001:6 " in booted.batches()[0]
+    assert state(tmp_path)[:3] == others
+    assert state(tmp_path)[3]["slot"] == 5
+
+
+def test_add_refuses_a_saved_cap_whose_place_is_wrong(booted, cli, tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "limits.json").write_text(
+        json.dumps({"caps": [{"host": "198.51.100.20/32", "rate": "1mbit", "dev": "eth0", "slot": "three"}]})
+    )
+
+    result = cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert "limits.json: caps[0].slot: 'three' is not a cap's place (0-130559) or null" in result.stderr
+    assert booted.batches() == []
+
+
+def test_saved_caps_are_one_per_line_whatever_their_comments_say(tmp_path):
+    caps = [
+        Cap(ipaddress.ip_network("198.51.100.1"), 1000, "eth0", "run-time", None, 'a}, {"comment": b', 3),
+        Cap(ipaddress.ip_network("fd00::1"), 2000, "eth0", "run-time", NOW, "", 4),
+    ]
+    save_caps(tmp_path, caps)
+
+    lines = (tmp_path / "limits.json").read_text().splitlines()
+    assert lines[0] == '{"caps": ['
+    assert lines[1].startswith('{"comment": "a}, {\\"comment\\": b", "dev": "eth0"')
+    assert lines[2].startswith('{"comment": "", ') and lines[3] == "]}"
+    assert load_caps(tmp_path) == caps
