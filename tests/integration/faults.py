@@ -3,7 +3,7 @@
 `make_faults(tmp_path)` makes a directory of symlinks (tc, ip, ipset,
 iptables-restore, ip6tables-restore) to tests/faults/fake-tool; `faults.env()`
 puts it first in PATH and names the counter directory and the namespace
-whose calls are counted. Each state-changing step (a line of `tc -batch` or
+whose calls are counted. Each state-changing step (a changing line of `tc -batch`, a line of
 `ipset restore`, one whole `ip(6)tables-restore`, one `tc`/`ip`/`ipset`
 command that changes something) adds one to the count; with `arm(n)` step n
 fails the way the real tool fails, once. See tests/faults/fake-tool.

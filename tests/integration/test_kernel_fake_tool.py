@@ -51,6 +51,12 @@ def test_count_only_counts_lines_of_batches_and_restores(netpair, faults):
     assert set(netpair.classes()) == {"1:1", "1:2"}  # the real tc ran all of it
     assert [line.split("\t")[2] for line in faults.log] == batch.splitlines()
 
+    # A batch's show lines are reads: no steps, and they pass through.
+    shows = f"class show dev {netpair.dev} parent 1:\nqdisc show dev {netpair.dev}\n"
+    faults.arm(1)
+    result = run(netpair, env, "tc", "-batch", "-", stdin=shows + f"class del dev {netpair.dev} classid 1:2\n")
+    assert result.returncode == 1 and result.stderr.endswith("Command failed -:3\n"), result.stderr
+    assert "class htb 1:2 " in result.stdout and faults.steps == 1
     # Blank lines and comments are no steps.
     assert counted(netpair, faults, env, "ipset", "restore", stdin="# sets\n\n" + SET_LINES) == 3
     assert "198.18.6.0/24" in netpair.left.run("ipset", "list", "sk-fake").stdout
