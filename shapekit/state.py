@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -56,15 +58,8 @@ def change_lock(directory: Path) -> Iterator[None]:
 
 def read_state(path: Path) -> dict[str, Any]:
     """A state file's JSON object; {} when there is none yet."""
-    try:
-        raw = read_bounded(path, MAX_STATE_BYTES)
-    except FileNotFoundError:
-        return {}
-    except InputProblem as exc:
-        raise state_problem(path, "", str(exc)) from None
-    except OSError as exc:
-        raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
-    return _json_object(path, raw)
+    raw = _read_raw(path)
+    return {} if raw is None else _json_object(path, raw)
 
 
 def _json_object(path: Path, raw: bytes) -> dict[str, Any]:
@@ -194,7 +189,7 @@ def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None 
     ((device, direction) in `line_rates`) no faster than its line rate.
     """
     saved = SavedCaps.read(directory)
-    caps = [saved.cap(n, line_rates) for n in range(len(saved.items))]
+    caps = [_checked_cap(saved.path, n, item, line_rates) for n, item in enumerate(saved.items)]
     seen: set[tuple[str, str, Network]] = set()
     for n, cap in enumerate(caps):
         if cap.key in seen:
@@ -203,70 +198,192 @@ def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None 
     return caps
 
 
+def _checked_cap(path: Path, n: int, item: Any, line_rates: Mapping[tuple[str, str], int] | None) -> Cap:
+    """The n-th saved cap, every field checked; on a configured tree no faster than its line rate."""
+    cap = _cap(path, f"caps[{n}]", item)
+    problem = check_cap(cap.host, cap.rate, (line_rates or {}).get((cap.dev, cap.direction), cap.rate))
+    if cap.expires is not None and cap.direction == "in":
+        problem = "a cap on arriving traffic has no expiry (its u32 filter has no timeout)"
+    if problem:
+        raise state_problem(path, f"caps[{n}]", problem)
+    return cap
+
+
+# limits.json as shapekit writes it: a cap per line, each line a JSON object with its keys sorted.
+_HEAD, _TAIL, _NO_CAPS = '{"caps": [\n', "\n]}\n", '{"caps": []}\n'
+_LINE_START = '\n{"comment": '
+_NUMBER = r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_PLAIN = r'"[^"\\\n]*"'  # a JSON string without escapes: a host, rate or device as shapekit writes it
+# Each line shapekit writes has its device right before its direction. Inside a JSON string every
+# quote is escaped, so neither this nor `_places_of` ever matches there.
+_TREE_OF = re.compile(rf'"dev": {_PLAIN}, "direction": "(?:in|out)", "expires": ')
+
+
+def _places_of(tree: str) -> re.Pattern[str]:
+    """The expiry and place of each line on one tree (`tree`: the text of its device and direction)."""
+    tail = rf'"expires": (null|{_NUMBER}), "host": {_PLAIN}, "rate": {_PLAIN}, "slot": (null|0|[1-9]\d*)\}},?$'
+    return re.compile(re.escape(tree) + tail, re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class SavedCap:
+    """One cap's line in limits.json: its index, its JSON object, and where its text is in the file."""
+
+    n: int
+    item: Any
+    start: int
+    end: int
+
+
 @dataclass(frozen=True)
 class SavedCaps:
-    """limits.json as read, each cap still its JSON object: a command that changes one cap checks that one
-    (`cap`) and the places of the rest (`places`), and writes the others back as they were. Checking
-    every one of 100,000 caps takes seconds; a quick `add` cannot."""
+    """limits.json as read, kept as its text: a command that changes one cap reads that one (`find`,
+    `cap`) and the places of the rest (`places`), and writes the others back as they were. Reading
+    every one of 100,000 caps takes seconds; a quick `add` or `remove` cannot.
+
+    A file in shapekit's own layout (a cap per line) is never decoded whole for that; any other
+    valid file is read as JSON and kept in that layout, to be written so.
+    """
 
     path: Path
-    items: list[Any]
+    text: str
+    count: int  # caps in the file
 
     @classmethod
     def read(cls, directory: Path) -> SavedCaps:
         path = directory / LIMITS_FILE
-        data = read_state(path)
+        raw = _read_raw(path)
+        text = _in_lines(raw)
+        if text is not None:
+            return cls(path, text, text.count(_LINE_START))
+        data = {} if raw is None else _json_object(path, raw)
         _known_keys(path, "", data, ("caps",))
-        return cls(path, _list(path, data, "caps"))
+        items = _list(path, data, "caps")
+        return cls(path, _caps_text([json.dumps(item, sort_keys=True) for item in items]), len(items))
 
-    def cap(self, n: int, line_rates: Mapping[tuple[str, str], int] | None = None) -> Cap:
-        """The n-th cap, every field checked; on a configured tree no faster than its line rate."""
-        cap = _cap(self.path, f"caps[{n}]", self.items[n])
-        problem = check_cap(cap.host, cap.rate, (line_rates or {}).get((cap.dev, cap.direction), cap.rate))
-        if cap.expires is not None and cap.direction == "in":
-            problem = "a cap on arriving traffic has no expiry (its u32 filter has no timeout)"
-        if problem:
-            raise state_problem(self.path, f"caps[{n}]", problem)
-        return cap
+    @functools.cached_property
+    def items(self) -> list[Any]:
+        """Every cap's JSON object: the file decoded whole."""
+        data = _json_object(self.path, self.text.encode())
+        return _list(self.path, data, "caps")
 
-    def find(self, dev: str, direction: str, host: Network) -> int | None:
-        """Where the host's cap on this tree is (shapekit writes each host as `str` prints it), or None."""
-        key = (str(host), dev, direction)
-        found = (
-            n
-            for n, item in enumerate(self.items)
-            if isinstance(item, dict) and (item.get("host"), item.get("dev"), item.get("direction", "out")) == key
-        )
-        return next(found, None)
+    def cap(self, found: SavedCap, line_rates: Mapping[tuple[str, str], int] | None = None) -> Cap:
+        """A cap `find` found, every field checked; on a configured tree no faster than its line rate."""
+        return _checked_cap(self.path, found.n, found.item, line_rates)
 
-    def places(self, dev: str, direction: str, now: float, skip: int | None = None) -> tuple[set[int], set[int]]:
+    def find(self, host: Network, dev: str | None = None, direction: str | None = None) -> list[SavedCap]:
+        """The host's saved caps (on `dev` and `direction`, when given), as shapekit writes the host (`str`)."""
+        text, needle, found = self.text, f'"host": {json.dumps(str(host))}', []
+        at = text.find(needle)
+        while at != -1:
+            start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
+            end -= text[end - 1] == ","
+            try:
+                item = json.loads(text[start:end])
+            except ValueError:
+                item = self.items[text.count("\n", 0, start) - 1]  # not a line of its own: the file's error
+            if isinstance(item, dict) and _on(item, dev, direction):
+                found.append(SavedCap(text.count("\n", 0, start) - 1, item, start, end))
+            at = text.find(needle, end)
+        seen: set[tuple[Any, Any]] = set()
+        for cap in found:  # as load_caps refuses it
+            tree = (cap.item.get("dev"), cap.item.get("direction", "out"))
+            if tree in seen:
+                raise state_problem(self.path, f"caps[{cap.n}]", f"{host} is capped twice on {tree[0]} ({tree[1]})")
+            seen.add(tree)
+        return found
+
+    def places(self, dev: str, direction: str, now: float, skip: SavedCap | None = None) -> tuple[set[int], set[int]]:
         """The places held on one tree by the caps in force and by lapsed ones (whose classes stay until
-        the next full install), but the `skip`-th cap's; each checked as `cap` checks it."""
+        the next full install), but `skip`'s: from the lines' text, or from the file decoded when a
+        line is not as shapekit writes it or holds what `cap` would refuse there."""
+        tree = f'"dev": {json.dumps(dev)}, "direction": "{direction}", '
+        pattern = _places_of(tree)
+        listed = pattern.findall(self.text)
+        if len(listed) != self.text.count(tree) or len(_TREE_OF.findall(self.text)) != self.count:
+            return self._places_decoded(dev, direction, now, skip)
+        if skip is not None:
+            for mine in pattern.findall(self.text, skip.start, skip.end):
+                listed.remove(mine)
+        live = {int(slot) for expires, slot in listed if expires == "null" and slot != "null"}
+        timed = [(float(expires), int(slot)) for expires, slot in listed if expires != "null" and slot != "null"]
+        lapsed = {slot for until, slot in timed if until <= now}
+        live |= {slot for until, slot in timed if until > now}
+        places = CAP_SLOTS if direction == "out" else CAP_MINORS
+        slots = live | lapsed
+        if (
+            slots
+            and (min(slots) < places.start or max(slots) >= places.stop)
+            or any(not 0 <= u < 2**40 for u, _ in timed)
+        ):
+            return self._places_decoded(dev, direction, now, skip)  # it says what is wrong
+        return live, lapsed
+
+    def _places_decoded(self, dev: str, direction: str, now: float, skip: SavedCap | None) -> tuple[set[int], set[int]]:
         live: set[int] = set()
         lapsed: set[int] = set()
         for n, item in enumerate(self.items):
-            if n == skip or not isinstance(item, dict) or item.get("dev") != dev:
+            if skip is not None and n == skip.n or not (isinstance(item, dict) and _on(item, dev, direction)):
                 continue
-            if item.get("direction", "out") != direction:
-                continue
-            # What _slot and _expires check, asked of them only when the quick look fails: 100,000 calls cost.
-            slot, expires = item.get("slot"), item.get("expires")
-            if not (type(slot) is int and slot in (CAP_SLOTS if direction == "out" else CAP_MINORS)):
-                slot = _slot(self.path, f"caps[{n}]", item, direction)
-            if not (expires is None or (type(expires) is float and 0 <= expires < 2**40)):
-                expires = _expires(self.path, f"caps[{n}].expires", expires)
+            slot = _slot(self.path, f"caps[{n}]", item, direction)
+            expires = _expires(self.path, f"caps[{n}].expires", item.get("expires"))
             if slot is not None:
                 (lapsed if expires is not None and expires <= now else live).add(slot)
         return live, lapsed
 
-    def save_with(self, directory: Path, n: int | None, cap: Cap) -> None:
-        """limits.json with the n-th cap (None: a new one) made `cap`, the others as they were."""
-        items = list(self.items)
-        if n is None:
-            items.append(_cap_item(cap))
+    def save_with(self, directory: Path, found: SavedCap | None, cap: Cap) -> None:
+        """limits.json with `found`'s line (None: a new one, last) made `cap`, the others as they were."""
+        line = json.dumps(_cap_item(cap))
+        if found is not None:
+            text = self.text[: found.start] + line + self.text[found.end :]
+        elif self.count:
+            text = self.text[: -len(_TAIL)] + ",\n" + line + _TAIL
         else:
-            items[n] = _cap_item(cap)
-        _write_cap_items(directory, items)
+            text = _caps_text([line])
+        write_state_text(directory / LIMITS_FILE, text)
+
+    def save_without(self, directory: Path, gone: list[SavedCap]) -> None:
+        """limits.json without these caps' lines, the others as they were."""
+        lines = self.text[len(_HEAD) : -len(_TAIL)].split(",\n") if self.count else []
+        cut = {g.n for g in gone}
+        write_state_text(directory / LIMITS_FILE, _caps_text([line for n, line in enumerate(lines) if n not in cut]))
+
+
+def _on(item: dict[str, Any], dev: str | None, direction: str | None) -> bool:
+    """Whether a saved cap's object is on `dev` and `direction` (None: any)."""
+    return dev in (None, item.get("dev")) and direction in (None, item.get("direction", "out"))
+
+
+def _read_raw(path: Path) -> bytes | None:
+    """A state file's bytes; None when there is none yet."""
+    try:
+        return read_bounded(path, MAX_STATE_BYTES)
+    except FileNotFoundError:
+        return None
+    except InputProblem as exc:
+        raise state_problem(path, "", str(exc)) from None
+    except OSError as exc:
+        raise state_problem(path, "", f"cannot read it: {exc.strerror}") from None
+
+
+def _in_lines(raw: bytes | None) -> str | None:
+    """limits.json's text when it is in shapekit's layout, a cap per line; else None."""
+    if raw is None:
+        return _NO_CAPS
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    if text == _NO_CAPS:
+        return text
+    if not (text.startswith(_HEAD + _LINE_START[1:]) and text.endswith(_TAIL)):
+        return None
+    return text if text.count("\n") == text.count(_LINE_START) + 2 else None
+
+
+def _caps_text(lines: list[str]) -> str:
+    """limits.json from its caps' lines (JSON objects, keys sorted)."""
+    return _HEAD + ",\n".join(lines) + _TAIL if lines else _NO_CAPS
 
 
 def _cap(path: Path, where: str, item: Any) -> Cap:

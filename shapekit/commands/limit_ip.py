@@ -33,7 +33,7 @@ from shapekit.plan import tree as plan
 from shapekit.plan.ingress import CapFilters, U32Filter
 from shapekit.plan.limits import LIMIT, PlacedCap, lapsed, place_caps, with_slot
 from shapekit.plan.mangle import FAMILIES
-from shapekit.state import RuntimeBypass, SavedCaps, save_caps, state_dir
+from shapekit.state import RuntimeBypass, SavedCap, SavedCaps, save_caps, state_dir
 
 
 def _check_limits(options: common.Options) -> None:
@@ -248,7 +248,7 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
         # Only this host's saved cap is read whole; of the others, their places (lapsed ones too: their
         # classes still hold them), and they are written back as they were.
         saved = SavedCaps.read(state_dir())
-        found = saved.find(device.name, tree.direction, host)
+        found = next(iter(saved.find(host, device.name, tree.direction)), None)
         mine = None if found is None else saved.cap(found, common.line_rates(config))
         expires = now + seconds if seconds else None
         # Capped already: the new rate goes into the same class.
@@ -264,7 +264,8 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
             others = [c for c in common.saved_caps(config) if c.key != cap.key]
             install_limits(options, config, common.live_caps([*others, cap], now), now)
             return
-        every = _placed_with(tree, saved, found, cap, config, now)
+        others, held, lapsed_held = _placed_among(tree, saved, found, config, now)
+        every = place_caps(tree, [*others, cap], now, held, lapsed_held)
         placed = next(p for p in every if p.cap.host == host)
         before = _cap_until_now(tree, host, mine, placed.slot, now)
         with run.transaction(runner) as journal:
@@ -273,16 +274,16 @@ def limit_add(options: common.Options, request: CapRequest) -> None:
                 saved.save_with(state_dir(), found, with_slot(placed))  # last: see install_limits
 
 
-def _placed_with(
-    tree: Device, saved: SavedCaps, found: int | None, cap: Cap, config: Config, now: float
-) -> list[PlacedCap]:
-    """The tree's caps with `cap` placed among them. On sent traffic the other run-time caps count only
-    by their places; on arriving traffic each is read whole, as its host picks its u32 node."""
+def _placed_among(
+    tree: Device, saved: SavedCaps, found: SavedCap | None, config: Config, now: float
+) -> tuple[list[Cap], set[int], set[int]]:
+    """What a cap is placed among, `found`'s saved cap left out: on sent traffic the places of the other
+    run-time caps (in force, and lapsed); on arriving traffic the other caps whole, as each host picks
+    its u32 node. For `place_caps(tree, [*others, ...], now, held, lapsed_held)`."""
     if tree.direction == "out":
-        held, lapsed_held = saved.places(tree.name, tree.direction, now, skip=found)
-        return place_caps(tree, [cap], now, held, lapsed_held)
-    others = [c for c in common.saved_caps(config) if c.key != cap.key]
-    return place_caps(tree, [*others, cap], now)
+        return [], *saved.places(tree.name, tree.direction, now, skip=found)
+    mine = saved.cap(found).key if found is not None else None
+    return [c for c in common.saved_caps(config) if c.key != mine], set(), set()
 
 
 def limit_sync(options: common.Options, path: Path, dev: str | None) -> None:
@@ -444,29 +445,28 @@ def limit_remove(options: common.Options, host_text: str, dev: str | None, direc
         now = time.time()
         if dev is not None:
             common.pick_device(config, dev)  # a --dev the config does not shape: say so, not "not capped"
-        saved = common.saved_caps(config)
-        matches = [
-            c
-            for c in common.live_caps(saved, now)
-            if c.host == host and (dev is None or c.dev == dev) and direction in (None, c.direction)
-        ]
+        # Only this host's saved caps are read whole; of the others, their places (see limit_add).
+        saved = SavedCaps.read(state_dir())
+        line_rates = common.line_rates(config)
+        mine = [(found, saved.cap(found, line_rates)) for found in saved.find(host, dev, direction)]
+        matches = [(found, cap) for found, cap in mine if not lapsed(cap, now)]
         if not matches:
             raise UsageError(f"{host} is {_not_capped(config, host, direction)}")
-        if len({c.dev for c in matches}) > 1:
-            raise UsageError(f"{host} is capped on {', '.join(sorted({c.dev for c in matches}))}: pass --dev")
-        kept = [c for c in saved if c not in matches]
-        device = config.devices.get(matches[0].dev)
+        devices = sorted({cap.dev for _, cap in matches})
+        if len(devices) > 1:
+            raise UsageError(f"{host} is capped on {', '.join(devices)}: pass --dev")
+        device = config.devices.get(devices[0])
         if device is not None:
             probe.require_devices([device.name])
-            if any(c.direction == "out" for c in matches):  # after a flush, no tree: nothing to lift there
+            if any(cap.direction == "out" for _, cap in matches):  # after a flush, no tree: nothing to lift there
                 require_groups(runner, device, tree_needed=False)
         with run.transaction(runner) as journal:
-            for removed in matches if device is not None else []:
+            for found, removed in matches if device is not None else []:
                 tree = device if removed.direction == "out" else device.ingress
                 if tree is not None:
-                    _lift(runner, journal, tree, removed, kept, now)
+                    _lift(runner, journal, tree, saved, found, config, now)
             if not options.dry_run:
-                save_caps(state_dir(), kept)  # last: see install_limits
+                saved.save_without(state_dir(), [found for found, _ in matches])  # last: see install_limits
 
 
 def _not_capped(config: Config, host: Network, direction: str | None) -> str:
@@ -477,19 +477,30 @@ def _not_capped(config: Config, host: Network, direction: str | None) -> str:
     return "not capped" + (f" on {direction}-bound traffic" if direction else "") + " (see shape-limit-ip list)"
 
 
-def _lift(runner: run.Runner, journal: run.Journal, tree: Device, removed: Cap, kept: list[Cap], now: float) -> None:
-    """Take one cap off: back to the config's cap in the same class, or its entry (or filter) and then its class go."""
+def _lift(
+    runner: run.Runner,
+    journal: run.Journal,
+    tree: Device,
+    saved: SavedCaps,
+    found: SavedCap,
+    config: Config,
+    now: float,
+) -> None:
+    """Take one saved cap off: back to the config's cap in the same class, or its entry (or filter) and then
+    its class go."""
     if tree.direction == "in" and not read.device_exists(tree.name):
         return  # its IFB is gone (a flush): so is the cap; shape-init builds the tree from the state
-    before = next(p for p in place_caps(tree, [*kept, removed], now) if p.cap.host == removed.host)
-    rest = place_caps(tree, kept, now)
+    removed = saved.cap(found)
+    others, held, lapsed_held = _placed_among(tree, saved, found, config, now)
+    before = next(p for p in place_caps(tree, [*others, removed], now, held, lapsed_held) if p.cap.host == removed.host)
+    rest = place_caps(tree, others, now, held, lapsed_held)
     after = next((p for p in rest if p.cap.host == removed.host), None)
     if after is not None:
         _put_cap(runner, journal, tree, after, rest, before, now)
         return
     if tree.direction == "out":
-        held = {p.slot for p in rest} | plan_limits.lapsed_slots(tree, kept, now)
-        keep_group = plan_limits.group_of(before.slot) in {plan_limits.group_of(slot) for slot in held}
+        kept = held | lapsed_held | {p.slot for p in rest}
+        keep_group = plan_limits.group_of(before.slot) in {plan_limits.group_of(slot) for slot in kept}
         _lift_out(runner, journal, tree, before, keep_group, now)
     else:
         _lift_in(runner, journal, tree, before, rest)

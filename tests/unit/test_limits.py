@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from dataclasses import replace
 
 import pytest
 from paths import INCIDENT_CONFIG
@@ -11,9 +13,9 @@ from paths import INCIDENT_CONFIG
 from shapekit.commands.init import init_app
 from shapekit.commands.limit_ip import limit_ip_app
 from shapekit.config.rules import Cap
-from shapekit.errors import CommandFailed
+from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import probe, read, run
-from shapekit.state import load_caps, save_caps
+from shapekit.state import SavedCaps, load_caps, save_caps
 
 NOW = 1_800_000_000.0
 READ_ROOT = ("tc", "-j", "qdisc", "show", "dev", "eth0")
@@ -1030,3 +1032,116 @@ def test_saved_caps_are_one_per_line_whatever_their_comments_say(tmp_path):
     assert lines[1].startswith('{"comment": "a}, {\\"comment\\": b", "dev": "eth0"')
     assert lines[2].startswith('{"comment": "", ') and lines[3] == "]}"
     assert load_caps(tmp_path) == caps
+
+
+SAVED = [  # on eth0's sent traffic: 3 in force, 4 lapsed; 5 on another device; minor 0x8000 on arriving traffic
+    Cap(ipaddress.ip_network("198.51.100.1"), 1000, "eth0", "run-time", None, 'a "quoted" "host": "198.51.100.2"', 3),
+    Cap(ipaddress.ip_network("198.51.100.2"), 1000, "eth0", "run-time", NOW - 5, "", 4),
+    Cap(ipaddress.ip_network("198.51.100.2"), 1000, "usb9", "run-time", None, "", 5),
+    Cap(ipaddress.ip_network("198.51.100.2"), 1000, "eth0", "run-time", None, "", 0x8000, "in"),
+]
+
+
+def test_saved_caps_read_a_cap_and_the_places_of_the_others_from_the_text(tmp_path):
+    save_caps(tmp_path, SAVED)
+    lines = (tmp_path / "limits.json").read_text().splitlines()
+    saved = SavedCaps.read(tmp_path)
+
+    found = saved.find(SAVED[1].host)  # a comment that quotes the host is not it
+    assert [(f.n, saved.cap(f)) for f in found] == [(1, SAVED[1]), (2, SAVED[2]), (3, SAVED[3])]
+    assert [f.n for f in saved.find(SAVED[1].host, "eth0", "out")] == [1]
+    assert saved.places("eth0", "out", NOW) == ({3}, {4})
+    assert saved.places("eth0", "out", NOW, skip=found[0]) == ({3}, set())
+    assert saved.places("eth0", "in", NOW) == ({0x8000}, set())
+
+    saved.save_with(tmp_path, found[0], replace(SAVED[1], rate=2000, expires=None))
+    after = (tmp_path / "limits.json").read_text().splitlines()
+    assert after[:2] + after[3:] == lines[:2] + lines[3:]  # the others as they were, byte for byte
+    assert load_caps(tmp_path)[1] == replace(SAVED[1], rate=2000, expires=None)
+
+    SavedCaps.read(tmp_path).save_without(tmp_path, found[1:])
+    assert (tmp_path / "limits.json").read_text().splitlines() == [*after[:2], after[2].rstrip(","), *after[5:]]
+    SavedCaps.read(tmp_path).save_with(tmp_path, None, SAVED[3])
+    assert load_caps(tmp_path) == [SAVED[0], replace(SAVED[1], rate=2000, expires=None), SAVED[3]]
+
+
+def test_saved_caps_not_written_by_shapekit_are_read_as_json_and_written_a_cap_per_line(tmp_path):
+    save_caps(tmp_path, SAVED)
+    ours = (tmp_path / "limits.json").read_text()
+    items = json.loads(ours)["caps"]
+    items[0]["expires"] = None
+    del items[0]["comment"], items[0]["direction"]  # optional keys, as a hand may leave them out
+    (tmp_path / "limits.json").write_text(json.dumps({"caps": items}, indent=4))
+    saved = SavedCaps.read(tmp_path)
+
+    assert saved.places("eth0", "out", NOW) == ({3}, {4})
+    assert [f.n for f in saved.find(SAVED[0].host)] == [0]
+    saved.save_with(tmp_path, saved.find(SAVED[3].host, "eth0", "in")[0], SAVED[3])
+    assert (tmp_path / "limits.json").read_text().splitlines()[2:] == ours.splitlines()[2:]
+    assert load_caps(tmp_path) == [replace(SAVED[0], comment=""), *SAVED[1:]]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json},", "not valid JSON"),
+        ('{"comment": "", "dev": "eth0", "direction": "out", "expires": null, "host": "198.51.100.9/32", '
+         '"rate": "1mbit", "slot": 130560},', "caps[1].slot: 130560 is not a cap's place (0-130559) or null"),
+        ('{"comment": "", "dev": "eth0", "direction": "out", "expires": -1.5, "host": "198.51.100.9/32", '
+         '"rate": "1mbit", "slot": 7},', "caps[1].expires: -1.5 is not a time"),
+    ],
+)  # fmt: skip
+def test_a_saved_line_places_cannot_use_is_refused_as_a_whole_read_refuses_it(tmp_path, line, problem):
+    save_caps(tmp_path, SAVED)
+    lines = (tmp_path / "limits.json").read_text().split("\n")
+    (tmp_path / "limits.json").write_text("\n".join([*lines[:2], line, *lines[2:]]))
+
+    with pytest.raises(UsageError, match=re.escape(problem)):
+        SavedCaps.read(tmp_path).places("eth0", "out", NOW)
+
+
+def test_remove_writes_the_other_saved_caps_back_as_they_were(booted, cli, tmp_path):
+    (tmp_path / "state").mkdir()
+    save_caps(tmp_path / "state", SAVED)
+    others = (tmp_path / "state" / "limits.json").read_text()
+    cli(limit_ip_app, "add", "198.51.100.7", "128kbit", "--config", str(INCIDENT_CONFIG))
+    assert state(tmp_path)[-1]["slot"] == 5  # 3 and 4 held on eth0
+    booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:6 root leaf 8105: prio 0 rate 128Kbit ceil 128Kbit\n"
+    booted.run.reset_mock()
+
+    result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches() == ["class del dev eth0 classid 8001:6\n"]  # its group holds others
+    assert (tmp_path / "state" / "limits.json").read_text() == others
+
+
+@pytest.mark.parametrize("verb", [("add", "198.51.100.7", "1mbit"), ("remove", "198.51.100.7")])
+def test_a_host_saved_twice_on_one_tree_is_refused(booted, cli, tmp_path, verb):
+    twice = Cap(ipaddress.ip_network("198.51.100.7"), 1000, "eth0", "run-time", None, "", 3)
+    (tmp_path / "state").mkdir()
+    save_caps(tmp_path / "state", [twice, replace(twice, slot=4)])
+
+    result = cli(limit_ip_app, *verb, "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 2
+    assert "limits.json: caps[1]: 198.51.100.7/32 is capped twice on eth0 (out)" in result.stderr
+    assert booted.batches() == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"comment": "", "direction": "out", "dev": "eth0", "expires": null, "host": "198.51.100.9/32", "rate": "1mbit", "slot": 7},',
+        '{"comment": "", "dev": "eth\\u0030", "direction": "out", "expires": null, "host": "198.51.100.9/32", "rate": "1mbit", "slot": 7},',
+        '{"comment": "", "dev": "eth0", "expires": null, "host": "198.51.100.9/32", "rate": "1mbit", "slot": 7},',
+        '{"comment": "", "dev": "eth0", "direction": "out", "expires": null, "host": "198.51.100.9/32", "rate": "1mbit", "slot": 7, "x": 1},',
+    ],
+    ids=["keys in another order", "an escaped device", "no direction", "a key more"],
+)  # fmt: skip
+def test_a_hand_edited_line_among_shapekits_still_holds_its_place(tmp_path, line):
+    save_caps(tmp_path, SAVED)
+    lines = (tmp_path / "limits.json").read_text().split("\n")
+    (tmp_path / "limits.json").write_text("\n".join([*lines[:2], line, *lines[2:]]))
+
+    assert SavedCaps.read(tmp_path).places("eth0", "out", NOW) == ({3, 7}, {4})
