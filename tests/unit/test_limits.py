@@ -15,6 +15,7 @@ from shapekit.commands.limit_ip import limit_ip_app
 from shapekit.config.rules import Cap
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import probe, read, run
+from shapekit.plan.limits import PlacedCap, with_slot
 from shapekit.state import SavedCaps, load_caps, save_caps
 
 NOW = 1_800_000_000.0
@@ -1145,3 +1146,25 @@ def test_a_hand_edited_line_among_shapekits_still_holds_its_place(tmp_path, line
     (tmp_path / "limits.json").write_text("\n".join([*lines[:2], line, *lines[2:]]))
 
     assert SavedCaps.read(tmp_path).places("eth0", "out", NOW) == ({3, 7}, {4})
+
+
+@pytest.mark.parametrize("comment", ["", 'a "quoted" \\ back', "ünïcödé ✓ 😀", "</script>&"])
+@pytest.mark.parametrize("expires", [None, NOW, 1_800_000_000.25, 1.0])
+def test_a_saved_cap_line_is_what_json_makes_of_it(tmp_path, comment, expires):
+    cap = Cap(ipaddress.ip_network("fd00::/64"), 1234567, "eth0.7", "run-time", expires, comment, 130559, "out")
+    save_caps(tmp_path, [cap, replace(cap, slot=None, expires=None, direction="in")])
+
+    lines = (tmp_path / "limits.json").read_text().splitlines()
+    assert lines[1] == json.dumps(
+        {"host": "fd00::/64", "rate": "1234567bit", "dev": "eth0.7", "direction": "out", "expires": expires,
+         "comment": comment, "slot": 130559}, sort_keys=True
+    ) + ","  # fmt: skip
+    assert load_caps(tmp_path) == [cap, replace(cap, slot=None, expires=None, direction="in")]
+
+
+def test_a_cap_placed_anew_is_saved_with_its_place_and_all_else_as_it_was():
+    cap = Cap(ipaddress.ip_network("198.51.100.1"), 1000, "eth0", "run-time", NOW, "note", None, "in")
+
+    assert with_slot(PlacedCap(cap, 9)) == replace(cap, slot=9)
+    placed = replace(cap, slot=9)
+    assert with_slot(PlacedCap(placed, 9)) is placed  # no copy: 100,000 of them cost a third of a second
