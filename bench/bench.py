@@ -9,6 +9,7 @@
     bench/bench.py tcconfig [--caps 100]            # tcconfig's tcset as a peer (installs it in bench/.tcconfig; no lsmod)
     bench/bench.py ingress [--caps 10000]           # --in caps: build, one add, and a download's cost vs linear u32
     bench/bench.py scale [--caps 10000 100000]      # caps at ISP scale: apply, add, sync, flush, memory, a flow
+    bench/bench.py metrics [--caps 10000]           # one shape-status --format prometheus sample: time, memory
     bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
 
 Each table is printed and written as JSON to bench/results/NAME.json. The
@@ -406,6 +407,32 @@ def scale_row(caps: int, repeat: int, rounds: int) -> dict[str, object]:
     return row
 
 
+# --- shape-status --format prometheus ---------------------------------------------------
+
+
+def bench_metrics(caps: int, repeat: int) -> dict[str, object]:
+    """One metrics sample with N caps installed (node_exporter's collector takes one every 15 s), next to the
+    JSON sample it replaces (one read, not two around --interval), time and peak memory."""
+    with pair() as p:
+        config = write_config(p, caps)
+        for command in ("shape-init", "shape-limit-ip"):
+            p.shapekit(command, "--config", config)
+        ways = {
+            "prometheus": ("--format", "prometheus", "--output", str(p.tmp / "shapekit.prom")),
+            "json": ("--json", "--interval", "0.1"),
+        }
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+        for _ in range(repeat):  # interleaved
+            for name, args in ways.items():
+                runs[name].append(peak_rss_mb(p, "shape-status", *args, "--config", config))
+        lines = (p.tmp / "shapekit.prom").read_text().count("\n")
+    row: dict[str, object] = {"caps": caps, "repeat": repeat, "prometheus_lines": lines}
+    for name, samples in runs.items():
+        row[f"{name}_s"] = statistics.median(s for s, _ in samples)
+        row[f"{name}_mb"] = max(mb for _, mb in samples)
+    return row
+
+
 # --- seed 000's boot ------------------------------------------------------------------
 
 FOUR_COMMANDS = ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip")
@@ -635,7 +662,9 @@ def save(name: str, data: object, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale"])
+    parser.add_argument(
+        "what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics"]
+    )
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
@@ -645,7 +674,11 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
     quick = args.quick
-    todo = ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale"] if args.what == "all" else [args.what]
+    todo = (
+        ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics"]
+        if args.what == "all"
+        else [args.what]
+    )
     if "apply" in todo:
         rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
         save("apply", rows, args.out)
@@ -722,6 +755,15 @@ def main() -> None:
             ("sync_all_mb", "MB sync", ".0f"),
         ]
         print(table(rows, columns))
+    if "metrics" in todo:
+        caps = (args.caps or [10 if quick else 10000])[0]
+        row = bench_metrics(caps, 1 if quick else args.rounds)
+        save("metrics", row, args.out)
+        print(f"\nshape-status with {caps} caps, one sample (median of {row['repeat']}; MB: the most)")
+        print(
+            f"  --format prometheus {row['prometheus_s']:.3f} s {row['prometheus_mb']:.0f} MB "
+            f"({row['prometheus_lines']} lines)   --json --interval 0.1 {row['json_s']:.3f} s {row['json_mb']:.0f} MB"
+        )
     if "tcconfig" in todo:
         row = bench_tcconfig((args.caps or [3 if quick else 100])[0])
         save("tcconfig", row, args.out)

@@ -28,6 +28,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"
 LIMITS_FILE = "limits.json"
 TABLES_FILE = "tables.json"  # the IP families whose mangle table shapekit created
+INIT_FILE = "init.json"  # when shape-init last finished without an error (shape-status --format prometheus)
 # 100,000 caps are about 20 MB: a bigger file is not one shapekit wrote.
 MAX_STATE_BYTES = 256 << 20
 _LONGEST_VALUE = 100  # a host, port, rate or device name is far shorter
@@ -35,6 +36,7 @@ _LOST = {
     LIMITS_FILE: "the run-time caps in it are lost",
     BYPASS_FILE: "the run-time bypass entries in it are lost",
     TABLES_FILE: "shape-flush then leaves the mangle tables in place",
+    INIT_FILE: "shape-status then reports no last shape-init until the next one",
 }
 T = TypeVar("T")
 
@@ -493,3 +495,15 @@ def save_created_tables(directory: Path, families: set[int]) -> None:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise CommandFailed(f"removing {path}", exc.strerror or str(exc)) from None
+
+
+def load_last_init(directory: Path) -> float | None:
+    """When shape-init last finished without an error (Unix time), kept in init.json; None: not since the state began."""
+    path = directory / INIT_FILE
+    data = read_state(path)
+    _known_keys(path, "", data, ("finished",))
+    return _expires(path, "finished", data.get("finished"))
+
+
+def save_last_init(directory: Path, when: float) -> None:
+    write_state(directory / INIT_FILE, {"finished": when})

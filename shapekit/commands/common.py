@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -36,7 +36,10 @@ from shapekit.state import (
     load_created_tables,
     save_created_tables,
     state_dir,
+    write_state_text,
 )
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -207,10 +210,10 @@ DevOption = Annotated[
 ]
 
 
-def reported(prog: str, action: Callable[[], None]) -> None:
-    """Run one command; a failure is one line on stderr and its exit status."""
+def reported(prog: str, action: Callable[[], T]) -> T:
+    """Run one command (or its first part); a failure is one line on stderr and its exit status."""
     try:
-        action()
+        return action()
     except ShapekitError as exc:
         typer.echo(f"{prog}: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -233,6 +236,27 @@ def inherit_options(ctx: typer.Context, config: Path | None, dry_run: bool, verb
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def write_metrics(path: Path, sample: Callable[[], str], down: str) -> None:
+    """A Prometheus sample into `path`, replaced whole (node_exporter never reads half a file); a failed
+    sample leaves `down` there (its `..._up 0`), and its error still ends the command."""
+    try:
+        text = sample()
+    except ShapekitError:
+        write_state_text(path, down)
+        raise
+    write_state_text(path, text)
+
+
+def output_option(help_text: str) -> Any:
+    """`--output FILE` / `-o FILE`, with what a command writes there."""
+    return typer.Option("--output", "-o", metavar="FILE", help=help_text, show_default=False)
+
+
+def format_option(help_text: str) -> Any:
+    """`--format F` / `-f F`: how a command prints (its choices: an Enum's values)."""
+    return typer.Option("--format", "-f", help=help_text)
 
 
 # click's usage errors (unknown option, missing argument, bad value): BadParameter is one of them.

@@ -164,14 +164,7 @@ import_app = common.new_app()
 def shape_import(
     dev: common.DevOption = None,
     output: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="FILE",
-            help="Write the config here (new file) instead of stdout.",
-            show_default=False,
-        ),
+        Optional[Path], common.output_option("Write the config here (new file) instead of stdout.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
     dry_run: common.DryRunOption = False,

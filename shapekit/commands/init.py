@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated
+from enum import Enum
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,14 +16,14 @@ from shapekit.config.model import Config, Device
 from shapekit.config.rules import Bypass, Cap
 from shapekit.errors import UsageError
 from shapekit.kernel import change, probe, read, run
-from shapekit.plan import drift
+from shapekit.plan import drift, status
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan import tree as plan
 from shapekit.plan.limits import PlacedCap, place_caps
 from shapekit.plan.mangle import EVERY, FAMILIES, MARK
-from shapekit.state import RuntimeBypass, save_caps, state_dir
+from shapekit.state import RuntimeBypass, save_caps, save_last_init, state_dir
 
 
 def init(options: common.Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
@@ -40,6 +43,8 @@ def init(options: common.Options, devs: list[str], skip_unknown: bool = False, s
         build_trees(runner, config, devices, bypass, placed)
         if flat:
             _move_caps_into_groups(options, runner, config, flat, bypass, placed, now)
+        if not options.dry_run:
+            save_last_init(state_dir(), time.time())
 
 
 def _move_caps_into_groups(
@@ -102,6 +107,8 @@ def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
             common.install_mangle(runner, rules, EVERY, journal)
             if not options.dry_run:
                 save_caps(state_dir(), limit_ip.caps_to_save(common.live_caps(saved, now), config, placed))
+        if not options.dry_run:
+            save_last_init(state_dir(), time.time())
 
 
 def tree_devices(config: Config, devs: list[str], skip_absent: bool) -> list[Device]:
@@ -223,6 +230,11 @@ def _ingress_drift(
     return out + drift.diff_filters(ifb, want, read.read_u32_filters(runner, ifb)[1])
 
 
+class CheckFormat(str, Enum):
+    text = "text"
+    prometheus = "prometheus"
+
+
 init_app = common.new_app()
 
 
@@ -256,6 +268,20 @@ def shape_init(
             help="Skip configured devices that do not exist now (for boot: hotplug devices come later).",
         ),
     ] = False,
+    output_format: Annotated[
+        CheckFormat,
+        common.format_option(
+            "With --check: text, or prometheus (shapekit_drift 0 or 1, and how many differences) for "
+            "node_exporter's textfile collector."
+        ),
+    ] = CheckFormat.text,
+    output: Annotated[
+        Optional[Path],
+        common.output_option(
+            "With --check --format prometheus: write the metrics to FILE, replaced whole (a check that cannot "
+            "run writes shapekit_drift_check_up 0 there)."
+        ),
+    ] = None,
     config: common.ConfigOption = None,
     dry_run: common.DryRunOption = False,
     verbose: common.VerboseOption = False,
@@ -281,7 +307,9 @@ def shape_init(
 
     --check compares instead: the trees (ingress ones and their redirect and
     filters too), shapekit's iptables/ip6tables chains and its cap sets (with
-    --dev: only those devices' trees), for monitoring.
+    --dev: only those devices' trees), for monitoring; with --format
+    prometheus as metrics (init/systemd/shapekit-drift.timer writes them for
+    node_exporter every 5 minutes).
 
     Exit status: 0 done (--check: the kernel matches); 2 bad input (config,
     options, missing device or kernel feature, not root), nothing changed; 1 a
@@ -289,8 +317,17 @@ def shape_init(
     """
 
     options = common.make_options(config, dry_run, verbose)
+    if output_format != CheckFormat.text and not check:
+        common.reported(
+            "shape-init", partial(_refuse, "--format goes with --check: shape-init --check --format prometheus")
+        )
+    if output is not None and output_format != CheckFormat.prometheus:
+        common.reported("shape-init", partial(_refuse, "--output goes with --check --format prometheus"))
     if every:
         common.reported("shape-init", lambda: boot(options, _every_device(dev, check, skip_unknown), skip_absent))
+        return
+    if check and output_format == CheckFormat.prometheus:
+        common.reported("shape-init", lambda: _drift_metrics(options, dev or [], output))
         return
     if check:
 
@@ -305,6 +342,26 @@ def shape_init(
         common.reported("shape-init", report)
         return
     common.reported("shape-init", lambda: init(options, dev or [], skip_unknown, skip_absent))
+
+
+def _drift_metrics(options: common.Options, devs: list[str], output: Path | None) -> None:
+    """shape-init --check --format prometheus: exit 1 when the kernel differs, as the text check does."""
+    differences: list[str] = []
+
+    def sample() -> str:
+        differences.extend(check_drift(options, devs))
+        return status.drift_text(differences)
+
+    if output is None:
+        typer.echo(sample(), nl=False)
+    else:
+        common.write_metrics(output, sample, status.drift_down())
+    if differences:
+        raise typer.Exit(1)
+
+
+def _refuse(problem: str) -> None:
+    raise UsageError(problem)
 
 
 def _every_device(dev: list[str] | None, check: bool, skip_unknown: bool) -> list[str]:

@@ -6,42 +6,88 @@ import datetime
 import json
 import math
 import time
-from typing import Annotated
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from shapekit.commands import common
 from shapekit.config.model import Device
 from shapekit.config.rules import Cap
+from shapekit.errors import UsageError
 from shapekit.kernel import probe, read
 from shapekit.plan import status
 from shapekit.plan.limits import PlacedCap, lapsed, place_caps
+from shapekit.state import load_last_init, state_dir, write_state_text
 
 
 def _lapsed(device: Device, caps: list[Cap], now: float) -> list[PlacedCap]:
     return [PlacedCap(c, c.slot) for c in caps if device.holds(c) and lapsed(c, now) and c.slot is not None]
 
 
-def status_sample(options: common.Options, devs: list[str], interval: float) -> dict:
-    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
+@dataclass(frozen=True)
+class NamedTree:
+    """A tree whose classes are read, with its caps in force and what each of its classes is."""
+
+    tree: Device
+    placed: list[PlacedCap]
+    names: dict[str, str]
+
+
+def named_trees(options: common.Options, devs: list[str]) -> list[NamedTree]:
+    """The selected devices' trees (an ingress one when its IFB is there), with their caps and class names."""
     config = options.load()
     devices = common.select_devices(config, devs)
     probe.require_devices([d.name for d in devices])
-    # Ingress trees are listed under their IFB device, when it is there.
     trees = [t for d in devices for t in d.trees if t.direction == "out" or read.device_exists(t.name)]
     now = time.time()
     saved = common.saved_caps(config)
-    names = {t.name: status.class_names(t, place_caps(t, saved, now), _lapsed(t, saved, now)) for t in trees}
-    start = time.monotonic()
-    before = {t.name: read.read_classes(t.name) for t in trees}
-    time.sleep(interval)
-    after = {t.name: read.read_classes(t.name) for t in trees}
-    seconds = time.monotonic() - start
-    rows = {t.name: status.class_rows(names[t.name], before[t.name], after[t.name], seconds, t) for t in trees}
+    named = []
+    for tree in trees:
+        placed = place_caps(tree, saved, now)
+        named.append(NamedTree(tree, placed, status.class_names(tree, placed, _lapsed(tree, saved, now))))
+    return named
+
+
+def rule_counters(options: common.Options) -> list[status.RuleRow] | None:
     counters = read.read_rule_counters(options.runner())
-    rules = None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
+    return None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
+
+
+def status_sample(options: common.Options, devs: list[str], interval: float) -> dict:
+    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
+    trees = named_trees(options, devs)  # an ingress tree is listed under its IFB device
+    start = time.monotonic()
+    before = {t.tree.name: read.read_classes(t.tree.name) for t in trees}
+    time.sleep(interval)
+    after = {t.tree.name: read.read_classes(t.tree.name) for t in trees}
+    seconds = time.monotonic() - start
+    rows = {
+        t.tree.name: status.class_rows(t.names, before[t.tree.name], after[t.tree.name], seconds, t.tree) for t in trees
+    }
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return status.sample_document(when, round(seconds, 3), rows, rules)
+    return status.sample_document(when, round(seconds, 3), rows, rule_counters(options))
+
+
+def prometheus_sample(options: common.Options, devs: list[str]) -> str:
+    """One read of each tree's classes and the rule counters, in Prometheus's text format (no interval:
+    Prometheus takes rates of the counters itself)."""
+    samples, caps = [], {}
+    for named in named_trees(options, devs):
+        tree, classes = named.tree, read.read_classes(named.tree.name)
+        rows = status.class_rows(named.names, [], classes, 1, tree)
+        samples.append(status.TreeSample(tree.configured, tree.direction, rows))
+        for source in ("config", "run-time"):
+            caps[(tree.configured, tree.direction, source)] = sum(p.cap.source == source for p in named.placed)
+    return status.prometheus_text(samples, rule_counters(options), caps, load_last_init(state_dir()))
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    prometheus = "prometheus"
 
 
 MAX_INTERVAL = 86400  # a day: longer than anyone watches, and within what time.sleep takes
@@ -74,6 +120,19 @@ def shape_status(
         bool, typer.Option("--watch", "-w", help="Sample again and again, in place, until Ctrl-C.")
     ] = False,
     as_json: common.JsonOption = False,
+    output_format: Annotated[
+        OutputFormat,
+        common.format_option(
+            "table; json (as --json); prometheus: one read in Prometheus's text format, for node_exporter's "
+            "textfile collector (no --interval: Prometheus takes the rates)."
+        ),
+    ] = OutputFormat.table,
+    output: Annotated[
+        Optional[Path],
+        common.output_option(
+            "Write the sample to FILE, replaced whole (a failed prometheus sample writes shapekit_up 0 there)."
+        ),
+    ] = None,
     config: common.ConfigOption = None,
     version: common.VersionOption = False,
 ) -> None:
@@ -83,17 +142,43 @@ def shape_status(
     the packet counters of shapekit's marking, bypass and cap rules.
 
     --json prints one JSON document per sample (one per line with --watch).
+    --format prometheus prints the counters and gauges as Prometheus's text
+    format: every class (device, direction, class id, name, a cap's host),
+    the rule counters, the caps in force and the time of the last
+    shape-init; init/systemd/shapekit-metrics.timer writes it for
+    node_exporter every 15 s.
     Needs no root, except for the rule counters.
 
-    Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input.
+    Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input; 1 --output
+    could not be written.
     """
 
     options = common.make_options(config, False, False)
+    output_format = common.reported("shape-status", lambda: _format(output_format, as_json, watch, output))
+
+    if output_format == OutputFormat.prometheus:
+
+        def metrics() -> None:
+            if output is None:
+                typer.echo(prometheus_sample(options, dev or []), nl=False)
+            else:
+                common.write_metrics(output, lambda: prometheus_sample(options, dev or []), status.prometheus_down())
+
+        common.reported("shape-status", metrics)
+        return
+
+    def text() -> str:
+        document = status_sample(options, dev or [], interval)
+        return json.dumps(document) + "\n" if output_format == OutputFormat.json else status.render(document) + "\n"
+
+    if output is not None:
+        common.reported("shape-status", lambda: write_state_text(output, text()))
+        return
 
     def show() -> None:
         while True:
             document = status_sample(options, dev or [], interval)
-            if as_json:
+            if output_format == OutputFormat.json:
                 typer.echo(json.dumps(document))
             else:
                 typer.echo(("\x1b[H\x1b[2J" if watch else "") + status.render(document))
@@ -101,6 +186,17 @@ def shape_status(
                 return
 
     common.reported("shape-status", show)
+
+
+def _format(output_format: OutputFormat, as_json: bool, watch: bool, output: Path | None) -> OutputFormat:
+    """The output format asked for; options that do not go together refused."""
+    if as_json and output_format not in (OutputFormat.table, OutputFormat.json):
+        raise UsageError(f"--json and --format {output_format.value} do not go together: pick one")
+    if watch and output is not None:
+        raise UsageError("--watch and --output do not go together: a file holds one sample")
+    if watch and output_format == OutputFormat.prometheus:
+        raise UsageError("--watch and --format prometheus do not go together: Prometheus samples on its own")
+    return OutputFormat.json if as_json else output_format
 
 
 def status_main() -> None:

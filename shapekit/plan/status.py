@@ -167,3 +167,121 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
     )
+
+
+# --- Prometheus's text format (node_exporter's textfile collector reads it) -------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+
+
+# Each class's samples: (metric, the ClassRow field, its scale).
+CLASS_METRICS = (
+    (Metric("shapekit_class_sent_bytes_total", "counter", "Bytes the class sent."), "bytes", 1),
+    (Metric("shapekit_class_sent_packets_total", "counter", "Packets the class sent."), "packets", 1),
+    (Metric("shapekit_class_dropped_packets_total", "counter", "Packets the class dropped."), "drops", 1),
+    (Metric("shapekit_class_overlimits_total", "counter", "Times the class was over its rate."), "overlimits", 1),
+    (Metric("shapekit_class_backlog_bytes", "gauge", "Bytes queued in the class."), "backlog_bytes", 1),
+    (Metric("shapekit_class_queue_packets", "gauge", "Packets queued in the class."), "backlog_packets", 1),
+    (Metric("shapekit_class_rate_bytes_per_second", "gauge", "The class's rate (HTB's guaranteed rate)."), "rate", 8),
+    (Metric("shapekit_class_ceil_bytes_per_second", "gauge", "The class's ceil (the most it may send)."), "ceil", 8),
+)
+RULE_METRICS = (
+    (Metric("shapekit_rule_matched_packets_total", "counter", "Packets a shapekit rule matched."), "packets"),
+    (Metric("shapekit_rule_matched_bytes_total", "counter", "Bytes a shapekit rule matched."), "bytes"),
+)
+UP = Metric("shapekit_up", "gauge", "1: shape-status read the kernel; 0: it failed (its error is in the log).")
+CAPS = Metric("shapekit_caps", "gauge", "Per-IP caps in force, by tree and where they come from.")
+LAST_INIT = Metric(
+    "shapekit_last_init_timestamp_seconds", "gauge", "When shape-init last finished without an error (Unix time)."
+)
+
+
+@dataclass(frozen=True)
+class TreeSample:
+    """One tree's classes as read once: the device as configured, and which way its traffic goes."""
+
+    device: str
+    direction: str  # "out", or "in" (an ingress tree, on its IFB)
+    rows: list[ClassRow]
+
+
+def prometheus_text(
+    trees: list[TreeSample],
+    rules: list[RuleRow] | None,
+    caps: dict[tuple[str, str, str], int],
+    last_init: float | None,
+) -> str:
+    """A sample in Prometheus's text format: class counters and gauges, rule counters (None: not root), the
+    caps in force by (device, direction, source), and when shape-init last succeeded (None: never)."""
+    out = _family(UP, [("", 1)])
+    labelled = [(_class_labels(t, r), r) for t in trees for r in t.rows]  # once a class: 10,000 caps, 8 metrics
+    for metric, field, scale in CLASS_METRICS:
+        out += _family(metric, [(labels, getattr(row, field) / scale) for labels, row in labelled])
+    for metric, field in RULE_METRICS:
+        samples = [
+            (_labels(family=f"ipv{r.family}", chain=r.chain, rule=r.rule), getattr(r, field)) for r in rules or []
+        ]
+        out += _family(metric, samples)
+    out += _family(CAPS, [(_labels(device=d, direction=w, source=s), n) for (d, w, s), n in sorted(caps.items())])
+    if last_init is not None:
+        out += _family(LAST_INIT, [("", last_init)])
+    return "".join(out)
+
+
+def prometheus_down() -> str:
+    """What the metrics file says when a sample failed."""
+    return "".join(_family(UP, [("", 0)]))
+
+
+def _family(metric: Metric, samples: list[tuple[str, float]]) -> list[str]:
+    if not samples:
+        return []
+    head = [f"# HELP {metric.name} {metric.help}\n", f"# TYPE {metric.name} {metric.kind}\n"]
+    return head + [f"{metric.name}{labels} {_number(value)}\n" for labels, value in samples]
+
+
+def _class_labels(tree: TreeSample, row: ClassRow) -> str:
+    """device, direction, class id, what the class is, and a cap's host."""
+    name = row.name.removesuffix(" (default)").removesuffix(" (lapsed)")
+    name = {"(line)": "line", "(not shapekit's)": "other"}.get(name, name)
+    host = name.removeprefix("cap ") if name.startswith("cap ") and not name.startswith("cap group ") else None
+    return _labels(device=tree.device, direction=tree.direction, **{"class": row.classid}, name=name, host=host)
+
+
+def _labels(**labels: str | None) -> str:
+    pairs = [f'{key}="{_escaped(value)}"' for key, value in labels.items() if value is not None]
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escaped(value: str) -> str:
+    """A label value as the text format writes it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**63 else repr(float(value))
+
+
+DRIFT_UP = Metric(
+    "shapekit_drift_check_up", "gauge", "1: shape-init --check ran; 0: it could not (its error is in the log)."
+)
+DRIFT = Metric("shapekit_drift", "gauge", "1: the kernel differs from the config and saved state (shape-init --check).")
+DRIFT_DIFFERENCES = Metric(
+    "shapekit_drift_differences", "gauge", "Ways the kernel differs: lines shape-init --check prints."
+)
+
+
+def drift_text(differences: list[str]) -> str:
+    """`shape-init --check` as Prometheus metrics."""
+    samples = [(DRIFT_UP, 1), (DRIFT, int(bool(differences))), (DRIFT_DIFFERENCES, len(differences))]
+    return "".join(line for metric, value in samples for line in _family(metric, [("", value)]))
+
+
+def drift_down() -> str:
+    """What the drift file says when the check could not run."""
+    return "".join(_family(DRIFT_UP, [("", 0)]))

@@ -295,12 +295,22 @@ def test_networkmanager_dispatcher_applies_on_up_only(env):
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd (./run-tests installs it)")
-@pytest.mark.parametrize("unit", ["shapekit.service", "shapekit@.service"])
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "shapekit.service",
+        "shapekit@.service",
+        "shapekit-metrics.service",
+        "shapekit-metrics.timer",
+        "shapekit-drift.service",
+        "shapekit-drift.timer",
+    ],
+)
 def test_systemd_units_verify(tmp_path, unit):
     # The units name the installed commands; point them at this checkout's bin/ so that
     # systemd-analyze finds every ExecStart executable.
-    text = (INIT / "systemd" / unit).read_text().replace("/usr/local/sbin/", f"{REPO}/bin/")
-    (tmp_path / unit).write_text(text)
+    for each in (INIT / "systemd").iterdir():  # all of them: the timer names its service
+        (tmp_path / each.name).write_text(each.read_text().replace("/usr/local/sbin/", f"{REPO}/bin/"))
 
     result = sh("systemd-analyze", "verify", str(tmp_path / unit), check=False)
 
@@ -324,6 +334,10 @@ def test_install_places_the_commands_config_and_init_files(tmp_path):
         "etc/shapekit/shapekit.toml",
         "etc/systemd/system/shapekit.service",
         "etc/systemd/system/shapekit@.service",
+        "etc/systemd/system/shapekit-metrics.service",
+        "etc/systemd/system/shapekit-metrics.timer",
+        "etc/systemd/system/shapekit-drift.service",
+        "etc/systemd/system/shapekit-drift.timer",
         "etc/init.d/shapekit",
         "etc/network/if-up.d/shapekit",
         "etc/NetworkManager/dispatcher.d/50-shapekit",
@@ -345,7 +359,7 @@ def test_the_benchmark_script_runs(tmp_path):
     )
 
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("apply", "add", "packet", "tcconfig", "ingress"):
+    for name in ("apply", "add", "packet", "tcconfig", "ingress", "metrics"):
         assert json.loads((tmp_path / f"{name}.json").read_text())
     assert "seed/shapekit" in result.stdout
     tcconfig = json.loads((tmp_path / "tcconfig.json").read_text())

@@ -10,6 +10,7 @@ from paths import INCIDENT_CONFIG, SEED_CONFIG
 from shapekit.commands.flush import flush_app
 from shapekit.commands.init import init_app
 from shapekit.errors import CommandFailed
+from shapekit.state import load_last_init
 
 # Seed 000's tc half (../shared/seeds/000_*), as shapekit builds it from conf/shapekit.toml:
 # the seed's unshaped 100:1 (mark 1001) is 5c:2, its shaped partition 1:1/1:10 is 5c:10,
@@ -470,3 +471,25 @@ def test_init_over_a_tree_with_groups_deletes_them_before_its_root(system, cli):
 
     assert result.exit_code == 0, result.stderr
     assert system.batches() == [DEL_GROUPS + "qdisc del dev eth0 root\n" + SEED_000_BATCH]
+
+
+def test_a_finished_init_is_timed_in_the_state_for_the_metrics_and_a_dry_run_or_failure_is_not(
+    system, cli, tmp_path, mocker
+):
+    mocker.patch("time.time", return_value=1_800_000_000.0)
+    cli(init_app, "--config", str(SEED_CONFIG), "--dry-run")
+    assert load_last_init(tmp_path / "state") is None
+
+    def tree_fails(argv, stdin):
+        if argv == BATCH and stdin == SEED_000_BATCH:
+            raise CommandFailed("tc -batch -", "RTNETLINK answers: Invalid argument")
+
+    system.hooks.append(tree_fails)
+    assert cli(init_app, "--config", str(SEED_CONFIG)).exit_code == 1
+    assert load_last_init(tmp_path / "state") is None
+
+    system.hooks.remove(tree_fails)
+    assert cli(init_app, "--config", str(SEED_CONFIG)).exit_code == 0
+    assert load_last_init(tmp_path / "state") == 1_800_000_000.0
+    assert cli(init_app, "--all", "--config", str(SEED_CONFIG)).exit_code == 0
+    assert json.loads((tmp_path / "state" / "init.json").read_text()) == {"finished": 1_800_000_000.0}
