@@ -216,6 +216,7 @@ def _checked_cap(path: Path, n: int, item: Any, line_rates: Mapping[tuple[str, s
 # limits.json as shapekit writes it: a cap per line, each line a JSON object with its keys sorted.
 _HEAD, _TAIL, _NO_CAPS = '{"caps": [\n', "\n]}\n", '{"caps": []}\n'
 _LINE_START = '\n{"comment": '
+_TWO_ON_A_LINE = re.compile(r'\}[ \t]*,[ \t]*\{"')
 _NUMBER = r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _PLAIN = r'"[^"\\\n]*"'  # a JSON string without escapes: a host, rate or device as shapekit writes it
 # Each line shapekit writes has its device right before its direction. Inside a JSON string every
@@ -265,6 +266,13 @@ class SavedCaps:
         items = _list(path, data, "caps")
         return cls(path, _caps_text([json.dumps(item, sort_keys=True) for item in items]), len(items))
 
+    @classmethod
+    def canonical(cls, directory: Path, line_rates: Mapping[tuple[str, str], int] | None = None) -> SavedCaps:
+        """limits.json read whole, every cap checked, and kept as shapekit writes it (each host as `str` prints
+        it): for a host that `find` does not find as a hand wrote it ("10.0.0.1", "2001:DB8::1")."""
+        caps = load_caps(directory, line_rates)
+        return cls(directory / LIMITS_FILE, _caps_text([_cap_line(c) for c in caps]), len(caps))
+
     @functools.cached_property
     def items(self) -> list[Any]:
         """Every cap's JSON object: the file decoded whole."""
@@ -282,11 +290,8 @@ class SavedCaps:
         while at != -1:
             start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
             end -= text[end - 1] == ","
-            try:
-                item = json.loads(text[start:end])
-            except ValueError:
-                item = self.items[text.count("\n", 0, start) - 1]  # not a line of its own: the file's error
-            if isinstance(item, dict) and _on(item, dev, direction):
+            item = self._line(start, end)
+            if isinstance(item, dict) and item.get("host") == str(host) and _on(item, dev, direction):
                 found.append(SavedCap(text.count("\n", 0, start) - 1, item, start, end))
             at = text.find(needle, end)
         seen: set[tuple[Any, Any]] = set()
@@ -296,6 +301,14 @@ class SavedCaps:
                 raise state_problem(self.path, f"caps[{cap.n}]", f"{host} is capped twice on {tree[0]} ({tree[1]})")
             seen.add(tree)
         return found
+
+    def _line(self, start: int, end: int) -> Any:
+        """One line's JSON object; a line that is none: the whole file's error."""
+        try:
+            return json.loads(self.text[start:end])
+        except ValueError:
+            self.items  # noqa: B018 -- raises what is wrong with the file
+            raise state_problem(self.path, "", "a line is not one JSON object (shapekit writes a cap a line)") from None
 
     def places(self, dev: str, direction: str, now: float, skip: SavedCap | None = None) -> tuple[set[int], set[int]]:
         """The places held on one tree by the caps in force and by lapsed ones (whose classes stay until
@@ -310,16 +323,13 @@ class SavedCaps:
             for mine in pattern.findall(self.text, skip.start, skip.end):
                 listed.remove(mine)
         live = {int(slot) for expires, slot in listed if expires == "null" and slot != "null"}
-        timed = [(float(expires), int(slot)) for expires, slot in listed if expires != "null" and slot != "null"]
-        lapsed = {slot for until, slot in timed if until <= now}
-        live |= {slot for until, slot in timed if until > now}
+        timed = [(float(expires), slot) for expires, slot in listed if expires != "null"]
+        lapsed = {int(slot) for until, slot in timed if until <= now and slot != "null"}
+        live |= {int(slot) for until, slot in timed if until > now and slot != "null"}
         places = CAP_SLOTS if direction == "out" else CAP_MINORS
         slots = live | lapsed
-        if (
-            slots
-            and (min(slots) < places.start or max(slots) >= places.stop)
-            or any(not 0 <= u < 2**40 for u, _ in timed)
-        ):
+        out_of_range = slots and (min(slots) < places.start or max(slots) >= places.stop)
+        if out_of_range or any(not 0 <= until < 2**40 for until, _ in timed):
             return self._places_decoded(dev, direction, now, skip)  # it says what is wrong
         return live, lapsed
 
@@ -380,9 +390,13 @@ def _in_lines(raw: bytes | None) -> str | None:
         return None
     if text == _NO_CAPS:
         return text
-    if not (text.startswith(_HEAD + _LINE_START[1:]) and text.endswith(_TAIL)):
+    if not (text.startswith(_HEAD + _LINE_START[1:]) and text.endswith("}" + _TAIL)):
         return None
-    return text if text.count("\n") == text.count(_LINE_START) + 2 else None
+    caps = text.count(_LINE_START)
+    # Each line starts a cap, ends one (with a comma but the last), and holds one: one host key, and no
+    # `}, {"` (never inside a JSON string, whose quotes are escaped).
+    one_each = text.count("\n") == caps + 2 and text.count("},\n{") == caps - 1 and text.count('"host": ') == caps
+    return text if one_each and not _TWO_ON_A_LINE.search(text) else None
 
 
 def _caps_text(lines: list[str]) -> str:

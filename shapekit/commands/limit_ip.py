@@ -455,6 +455,9 @@ def limit_remove(options: common.Options, host_text: str, dev: str | None, direc
         # Only this host's saved caps are read whole; of the others, their places (see limit_add).
         saved = SavedCaps.read(state_dir())
         line_rates = common.line_rates(config)
+        if not saved.find(host, dev, direction):
+            # Written another way by a hand ("10.0.0.1")? Read whole, each host as shapekit writes it.
+            saved = SavedCaps.canonical(state_dir(), line_rates)
         mine = [(found, saved.cap(found, line_rates)) for found in saved.find(host, dev, direction)]
         matches = [(found, cap) for found, cap in mine if not lapsed(cap, now)]
         if not matches:

@@ -222,11 +222,13 @@ def prometheus_text(
     labelled = [(_class_labels(t, r), r) for t in trees for r in t.rows]  # once a class: 10,000 caps, 8 metrics
     for metric, field, scale in CLASS_METRICS:
         out += _family(metric, [(labels, getattr(row, field) / scale) for labels, row in labelled])
+    positions: dict[tuple[int, str], int] = {}
+    numbered = []  # two rules may read alike (the connmark restores): their position tells them apart
+    for r in rules or []:
+        positions[(r.family, r.chain)] = position = positions.get((r.family, r.chain), 0) + 1
+        numbered.append((_labels(family=f"ipv{r.family}", chain=r.chain, position=str(position), rule=r.rule), r))
     for metric, field in RULE_METRICS:
-        samples = [
-            (_labels(family=f"ipv{r.family}", chain=r.chain, rule=r.rule), getattr(r, field)) for r in rules or []
-        ]
-        out += _family(metric, samples)
+        out += _family(metric, [(labels, getattr(r, field)) for labels, r in numbered])
     out += _family(CAPS, [(_labels(device=d, direction=w, source=s), n) for (d, w, s), n in sorted(caps.items())])
     if last_init is not None:
         out += _family(LAST_INIT, [("", last_init)])

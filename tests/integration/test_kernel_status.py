@@ -157,7 +157,7 @@ def test_the_drift_unit_writes_0_while_the_kernel_matches_and_1_once_it_differs(
 
     netpair.left.run("ipset", "flush", f"SHAPEKIT-{netpair.dev}-4")  # the cap's entry gone behind shapekit's back
     differs = subprocess.run(argv, capture_output=True, text=True, env=netpair.env, timeout=60)
-    assert differs.returncode == 1, differs.stderr  # the unit's SuccessExitStatus=1: drift is the metric's to say
+    assert differs.returncode == 0, differs.stderr  # drift is the metric's to say: the unit fails only on errors
     metrics = _read_metrics(path)
     assert metrics["shapekit_drift"][()] == 1 and metrics["shapekit_drift_differences"][()] >= 1
     assert metrics["shapekit_drift_check_up"][()] == 1

@@ -1168,3 +1168,50 @@ def test_a_cap_placed_anew_is_saved_with_its_place_and_all_else_as_it_was():
     assert with_slot(PlacedCap(cap, 9)) == replace(cap, slot=9)
     placed = replace(cap, slot=9)
     assert with_slot(PlacedCap(placed, 9)) is placed  # no copy: 100,000 of them cost a third of a second
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "two caps on a line",  # the release before wrote a hand's cap without "comment" on the line before it
+        "no comma between lines",
+    ],
+)
+def test_a_file_not_one_cap_a_line_is_read_whole(tmp_path, layout):
+    save_caps(tmp_path, SAVED)
+    lines = (tmp_path / "limits.json").read_text().split("\n")
+    if layout == "two caps on a line":
+        hand = '{"host": "198.51.100.9/32", "rate": "1mbit", "dev": "eth0", "slot": 7}'
+        (tmp_path / "limits.json").write_text("\n".join([lines[0], lines[1][:-1] + ", " + hand + ",", *lines[2:]]))
+        saved = SavedCaps.read(tmp_path)
+        assert saved.count == 5
+        assert [f.n for f in saved.find(ipaddress.ip_network("198.51.100.9"))] == [1]
+        assert saved.places("eth0", "out", NOW, skip=saved.find(SAVED[1].host, "eth0", "out")[0]) == ({3, 7}, set())
+    else:
+        (tmp_path / "limits.json").write_text("\n".join([lines[0], lines[1][:-1], *lines[2:]]))
+        with pytest.raises(UsageError, match="not valid JSON"):
+            SavedCaps.read(tmp_path)
+
+
+def test_a_lapsed_time_that_is_no_time_is_refused_on_a_cap_without_a_place(tmp_path):
+    save_caps(tmp_path, [replace(SAVED[1], slot=None)])
+    text = (tmp_path / "limits.json").read_text().replace(f'"expires": {NOW - 5!r}', '"expires": -1.5')
+    (tmp_path / "limits.json").write_text(text)
+
+    with pytest.raises(UsageError, match=re.escape("caps[0].expires: -1.5 is not a time")):
+        SavedCaps.read(tmp_path).places("eth0", "out", NOW)
+
+
+def test_remove_finds_a_host_a_hand_wrote_another_way_and_writes_it_as_shapekit_does(booted, cli, tmp_path):
+    (tmp_path / "state").mkdir()
+    hand = {"host": "198.51.100.7", "rate": "128kbit", "dev": "eth0", "slot": 5}  # no /32
+    (tmp_path / "state" / "limits.json").write_text(
+        json.dumps({"caps": [hand, {**hand, "host": "2001:DB8::7", "slot": 6}]})
+    )
+    booted.answers[CLASSES] = SEED_002_SHOWN + "class htb 8001:6 root leaf 8105: prio 0 rate 128Kbit ceil 128Kbit\n"
+
+    result = cli(limit_ip_app, "remove", "198.51.100.7", "--config", str(INCIDENT_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert booted.batches() == ["class del dev eth0 classid 8001:6\n"]
+    assert [c["host"] for c in state(tmp_path)] == ["2001:db8::7/128"]  # the other kept, as shapekit writes it

@@ -206,7 +206,10 @@ def test_prometheus_text_names_each_class_and_the_caps_host():
     assert f"shapekit_class_ceil_bytes_per_second{cap} 16000" in lines  # 128kbit: Prometheus counts bytes
     assert f"shapekit_class_backlog_bytes{cap} 1514" in lines and f"shapekit_class_queue_packets{cap} 1" in lines
     assert f"shapekit_class_dropped_packets_total{cap} 1" in lines
-    assert 'shapekit_rule_matched_packets_total{family="ipv4",chain="SHAPEKIT-MARK",rule="mark[1] b"} 12' in lines
+    assert (
+        'shapekit_rule_matched_packets_total{family="ipv4",chain="SHAPEKIT-MARK",position="1",rule="mark[1] b"} 12'
+        in lines
+    )
     assert 'shapekit_caps{device="skqa",direction="out",source="config"} 1' in lines
     assert lines[-3:] == [
         "# HELP shapekit_last_init_timestamp_seconds When shape-init last finished without an error (Unix time).",
@@ -235,7 +238,12 @@ def test_prometheus_text_is_what_prometheus_parses_counters_and_gauges_as_typed(
         "shapekit_rule_matched_bytes": "counter",
     }
     rule = families["shapekit_rule_matched_bytes"].samples[0]
-    assert rule.labels == {"family": "ipv6", "chain": "SHAPEKIT-MARK", "rule": 'a "quoted" \\ rule\nof two lines'}
+    assert rule.labels == {
+        "family": "ipv6",
+        "chain": "SHAPEKIT-MARK",
+        "position": "1",
+        "rule": 'a "quoted" \\ rule\nof two lines',
+    }
     assert rule.value == 300
     cap = families["shapekit_class_rate_bytes_per_second"].samples[-1]
     assert (cap.labels["direction"], cap.labels["host"], cap.value) == ("in", "198.51.100.7", 16000)
@@ -313,12 +321,12 @@ def drift(mocker):
     return mocker.patch("shapekit.commands.init.check_drift", return_value=["eth0: 5c:10 is gone"])
 
 
-def test_check_as_metrics_writes_the_file_and_exits_1_on_drift(drift, cli, tmp_path):
+def test_check_as_metrics_writes_the_file_and_leaves_drift_to_the_metric(drift, cli, tmp_path):
     path = tmp_path / "shapekit-drift.prom"
 
     result = cli(init_app, "--check", "--format", "prometheus", "--output", str(path))
 
-    assert result.exit_code == 1 and result.stdout == "" and result.stderr == ""
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""  # 1, 2: the check or file failed
     assert "shapekit_drift 1\n" in path.read_text() and "shapekit_drift_differences 1\n" in path.read_text()
 
     drift.return_value = []
@@ -344,3 +352,12 @@ def test_drift_metrics_options_alone_are_refused_in_one_line(drift, cli, args, p
     assert result.exit_code == 2
     assert result.stderr == f"shape-init: {problem}\n"
     assert drift.call_count == 0
+
+
+def test_two_rules_that_read_alike_are_two_series():
+    restore = status.RuleRow(4, "SHAPEKIT-MARK", "-m connmark ! --mark 0x0", 5, 300)  # per-packet [[mark]] rules
+    text = status.prometheus_text([], [restore, restore], {}, None)
+
+    samples = next(f for f in text_string_to_metric_families(text) if f.name == "shapekit_rule_matched_bytes").samples
+    assert [s.labels["position"] for s in samples] == ["1", "2"]
+    assert len({tuple(sorted(s.labels.items())) for s in samples}) == 2
