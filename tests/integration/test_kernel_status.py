@@ -139,7 +139,7 @@ def test_the_metrics_unit_writes_what_prometheus_reads_and_the_loaded_class_coun
     assert second["shapekit_up"][()] == 1
     assert second["shapekit_caps"][(("device", netpair.dev), ("direction", "out"), ("source", "config"))] == 1
     assert time.time() - 120 < second["shapekit_last_init_timestamp_seconds"][()] <= time.time()
-    rule = (("chain", "SHAPEKIT-MARK"), ("family", "ipv4"), ("rule", "mark[1] idle"))
+    rule = (("chain", "SHAPEKIT-MARK"), ("family", "ipv4"), ("position", "1"), ("rule", "mark[1] idle"))
     assert rule in second["shapekit_rule_matched_packets_total"]
     assert path.stat().st_mode & 0o777 == 0o644 and [p.name for p in path.parent.iterdir()] == ["shapekit.prom"]
 
