@@ -14,7 +14,7 @@ import typer
 from shapekit.commands import common, limit_ip
 from shapekit.config.model import Config, Device
 from shapekit.config.rules import Bypass, Cap
-from shapekit.errors import UsageError
+from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
 from shapekit.plan import drift, status
 from shapekit.plan import ingress as plan_ingress
@@ -44,7 +44,7 @@ def init(options: common.Options, devs: list[str], skip_unknown: bool = False, s
         if flat:
             _move_caps_into_groups(options, runner, config, flat, bypass, placed, now)
         if not options.dry_run:
-            save_last_init(state_dir(), time.time())
+            _record_finished()
 
 
 def _move_caps_into_groups(
@@ -108,7 +108,16 @@ def boot(options: common.Options, devs: list[str], skip_absent: bool) -> None:
             if not options.dry_run:
                 save_caps(state_dir(), limit_ip.caps_to_save(common.live_caps(saved, now), config, placed))
         if not options.dry_run:
-            save_last_init(state_dir(), time.time())
+            _record_finished()
+
+
+def _record_finished() -> None:
+    """When this shape-init finished, for shape-status's metric: the trees are built whether or not it is
+    written (a read-only state directory), so a failure is a warning."""
+    try:
+        save_last_init(state_dir(), time.time())
+    except CommandFailed as exc:
+        typer.echo(f"shape-init: warning: {exc} (the trees are built; shape-status keeps the last time)", err=True)
 
 
 def tree_devices(config: Config, devs: list[str], skip_absent: bool) -> list[Device]:

@@ -19,6 +19,8 @@ import pytest
 from faults import Faults, kernel_state, make_faults, state_diff
 from netns import NetPair
 
+from shapekit.kernel.run import TC_BATCH_LINES
+
 CONFIG = """
 [device.DEV]
 rate = "1gbit"
@@ -371,3 +373,22 @@ def test_shape_flush_failing_at_any_step_is_finished_by_running_it_again(netpair
         assert again.returncode == 0, f"{what}; again: {again.stderr}"
         after = comparable(kernel_state(netpair, [dev]))
         assert after == flushed, f"{what}\n{state_diff(flushed, after)}"
+
+
+def test_a_batch_run_in_parts_failing_in_its_second_part_is_put_back_whole(netpair, faults):
+    """`tc -batch` runs in parts of TC_BATCH_LINES (tc keeps 4 KB a line): a failure in the second part, after
+    the first ran whole, still leaves the kernel and the saved caps as they were."""
+    rows = "".join(f"198.19.{n // 256}.{n % 256},1mbit\n" for n in range(TC_BATCH_LINES + 10))
+    scenario = Scenario("limit sync, more classes than one tc batch", ("shape-limit-ip", "sync", "caps.csv"),
+                        files=(("caps.csv", "host,rate\n" + rows),))  # fmt: skip
+    counted, _, _ = _run_once(netpair, faults, scenario, None)
+    assert counted.returncode == 0, counted.stderr
+    adds = [int(line.split("\t")[0]) for line in faults.log if "\tclass add " in line]
+    fail_at = adds[0] + TC_BATCH_LINES + 5  # the 10,006th class, in the second tc -batch
+
+    result, before, after = _run_once(netpair, faults, scenario, fail_at)
+
+    assert result.returncode == 1, result.stderr
+    assert "put back as before" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert after[0] == before[0], state_diff(before[0], after[0])
+    assert after[1] == before[1], "the state files changed"

@@ -494,3 +494,14 @@ def test_a_finished_init_is_timed_in_the_state_for_the_metrics_and_a_dry_run_or_
     mocker.patch("time.time", return_value=1_800_000_060.0)
     assert cli(init_app, "--all", "--config", str(SEED_CONFIG)).exit_code == 0
     assert json.loads((tmp_path / "state" / "init.json").read_text()) == {"finished": 1_800_000_060.0}
+
+
+def test_a_finish_time_that_cannot_be_written_is_a_warning_the_trees_are_built(system, cli, tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "init.json").mkdir()  # cannot be replaced by a file
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 0, result.stderr
+    assert (BATCH, SEED_000_BATCH) in system.calls
+    assert result.stderr.startswith("shape-init: warning: `writing ") and result.stderr.count("\n") == 1
