@@ -192,12 +192,14 @@ def load_caps(directory: Path, line_rates: Mapping[tuple[str, str], int] | None 
     Each is held to what `add` would take: a cap on a configured tree
     ((device, direction) in `line_rates`) no faster than its line rate.
     """
-    saved = SavedCaps.read(directory)
-    caps = [_checked_cap(saved.path, n, item, line_rates) for n, item in enumerate(saved.items)]
+    path = directory / LIMITS_FILE
+    data = read_state(path)
+    _known_keys(path, "", data, ("caps",))
+    caps = [_checked_cap(path, n, item, line_rates) for n, item in enumerate(_list(path, data, "caps"))]
     seen: set[tuple[str, str, Network]] = set()
     for n, cap in enumerate(caps):
         if cap.key in seen:
-            raise state_problem(saved.path, f"caps[{n}]", f"{cap.host} is capped twice on {cap.dev} ({cap.direction})")
+            raise state_problem(path, f"caps[{n}]", f"{cap.host} is capped twice on {cap.dev} ({cap.direction})")
         seen.add(cap.key)
     return caps
 
@@ -307,7 +309,7 @@ class SavedCaps:
         try:
             return json.loads(self.text[start:end])
         except ValueError:
-            self.items  # noqa: B018 -- raises what is wrong with the file
+            _json_object(self.path, self.text.encode())  # the whole file's error, if it has one
             raise state_problem(self.path, "", "a line is not one JSON object (shapekit writes a cap a line)") from None
 
     def places(self, dev: str, direction: str, now: float, skip: SavedCap | None = None) -> tuple[set[int], set[int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from enum import Enum
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -327,12 +326,7 @@ def shape_init(
     """
 
     options = common.make_options(config, dry_run, verbose)
-    if output_format != CheckFormat.text and not check:
-        common.reported(
-            "shape-init", partial(_refuse, "--format goes with --check: shape-init --check --format prometheus")
-        )
-    if output is not None and output_format != CheckFormat.prometheus:
-        common.reported("shape-init", partial(_refuse, "--output goes with --check --format prometheus"))
+    common.reported("shape-init", lambda: _check_output(check, output_format, output))
     if every:
         common.reported("shape-init", lambda: boot(options, _every_device(dev, check, skip_unknown), skip_absent))
         return
@@ -369,8 +363,12 @@ def _drift_metrics(options: common.Options, devs: list[str], output: Path | None
         common.write_metrics(output, sample, status.drift_down())
 
 
-def _refuse(problem: str) -> None:
-    raise UsageError(problem)
+def _check_output(check: bool, output_format: CheckFormat, output: Path | None) -> None:
+    """--format and --output are --check's."""
+    if output_format != CheckFormat.text and not check:
+        raise UsageError("--format goes with --check: shape-init --check --format prometheus")
+    if output is not None and output_format != CheckFormat.prometheus:
+        raise UsageError("--output goes with --check --format prometheus")
 
 
 def _every_device(dev: list[str] | None, check: bool, skip_unknown: bool) -> list[str]:
