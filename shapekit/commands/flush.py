@@ -11,6 +11,7 @@ import typer
 from shapekit.commands import common
 from shapekit.errors import CommandFailed
 from shapekit.kernel import change, probe, read
+from shapekit.plan import hosts as plan_hosts
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import tree as plan
 from shapekit.state import BYPASS_FILE, LIMITS_FILE, load_created_tables, save_created_tables, state_dir
@@ -37,9 +38,9 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
             if created and not options.dry_run:
                 save_created_tables(state_dir(), set())  # shapekit's chains are gone: nothing left to decide
             if shutil.which("ipset"):  # sets go after the rules that use them
-                change.ipset_restore(
-                    runner, "remove shapekit's sets", plan_limits.plan_destroy_sets(read.list_sets(runner))
-                )
+                names = read.list_sets(runner)
+                text = plan_limits.plan_destroy_sets(names) + plan_hosts.plan_sets_removal(names, plan_hosts.every_run)
+                change.ipset_restore(runner, "remove shapekit's sets", text)
         if forget and not options.dry_run:
             for name in (BYPASS_FILE, LIMITS_FILE):
                 _forget(state_dir() / name)
@@ -67,7 +68,7 @@ def shape_flush(
     """Remove everything shapekit installed, and nothing else: its root qdisc (handle 5c:)
     on every device that has one, its IFB devices (alias "shapekit ingress of X")
     with their redirect from X (and X's ingress qdisc when no other filter is on
-    it), its mangle chains (SHAPEKIT*) and the jump to them, in iptables and
+    it), its mangle chains (SHAPEKIT*, and the SKHOSTS* of shape-status --hosts) and the jumps to them, in iptables and
     ip6tables, and its ipsets. A mangle table goes too when a shapekit command
     created it (iptables-nft) and nothing but shapekit's chains is in it.
 

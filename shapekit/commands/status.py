@@ -5,21 +5,27 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import operator
+import os
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from shapekit.commands import common
-from shapekit.config.model import Device
+from shapekit.config.model import Config, Device
 from shapekit.config.rules import Cap
-from shapekit.errors import UsageError
-from shapekit.kernel import probe, read
-from shapekit.plan import status
-from shapekit.plan.limits import PlacedCap, lapsed, place_caps
+from shapekit.errors import Interrupted, UsageError
+from shapekit.kernel import change, probe, read, run
+from shapekit.plan import hosts, status
+from shapekit.plan.limits import PlacedCap, cap_classid, lapsed, place_caps
+from shapekit.plan.mangle import FAMILIES
 from shapekit.state import load_last_init, state_dir, write_state_text
 
 
@@ -36,9 +42,8 @@ class NamedTree:
     names: dict[str, str]
 
 
-def named_trees(options: common.Options, devs: list[str]) -> list[NamedTree]:
+def named_trees(config: Config, devs: list[str]) -> list[NamedTree]:
     """The selected devices' trees (an ingress one when its IFB is there), with their caps and class names."""
-    config = options.load()
     devices = common.select_devices(config, devs)
     probe.require_devices([d.name for d in devices])
     trees = [t for d in devices for t in d.trees if t.direction == "out" or read.device_exists(t.name)]
@@ -58,7 +63,7 @@ def rule_counters(options: common.Options) -> list[status.RuleRow] | None:
 
 def status_sample(options: common.Options, devs: list[str], interval: float) -> dict:
     """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
-    trees = named_trees(options, devs)  # an ingress tree is listed under its IFB device
+    trees = named_trees(options.load(), devs)  # an ingress tree is listed under its IFB device
     start = time.monotonic()
     before = {t.tree.name: read.read_classes(t.tree.name) for t in trees}
     time.sleep(interval)
@@ -75,13 +80,72 @@ def prometheus_sample(options: common.Options, devs: list[str]) -> str:
     """One read of each tree's classes and the rule counters, in Prometheus's text format (no interval:
     Prometheus takes rates of the counters itself)."""
     samples, caps = [], {}
-    for named in named_trees(options, devs):
+    for named in named_trees(options.load(), devs):
         tree, classes = named.tree, read.read_classes(named.tree.name)
         rows = status.class_rows(named.names, [], classes, 1, tree)
         samples.append(status.TreeSample(tree.configured, tree.direction, rows))
         for source in ("config", "run-time"):
             caps[(tree.configured, tree.direction, source)] = sum(p.cap.source == source for p in named.placed)
     return status.prometheus_text(samples, rule_counters(options), caps, load_last_init(state_dir()))
+
+
+def hosts_sample(options: common.Options, devs: list[str], interval: float, top: int) -> dict:
+    """The hosts that received (and sent) the most over `interval`, counted by rules and sets that are there
+    for the interval only (shapekit.plan.hosts), and removed after, also when the run fails or is stopped."""
+    config = options.load()
+    if os.geteuid() != 0:
+        raise UsageError("--hosts counts hosts with iptables rules and ipsets for the interval: run it as root")
+    probe.require_binaries(["ipset", *probe.MANGLE_TOOLS])
+    trees = named_trees(config, devs)
+    runner = options.runner()
+    after = {family: read.shapekit_jump(runner, family) for family in FAMILIES}
+    missing = [f"IPv{family}" for family, position in after.items() if position is None]
+    if missing:
+        raise UsageError(f"shapekit's rules are not installed ({', '.join(missing)}): run shape-init first")
+    counting = hosts.Counting(os.getpid(), hosts.plan_bins([(t.tree, t.names) for t in trees], config.bypass.mark))
+    caps = {
+        (t.tree.configured, t.tree.direction): hosts.CapIndex(
+            (p, t.names[cap_classid(t.tree, p.slot)]) for p in t.placed
+        )
+        for t in trees
+    }
+    mine = partial(operator.eq, counting.pid)
+    with run.transaction(runner) as journal:
+        change.stop_counting_hosts(runner, _gone)  # what runs killed outright left
+        journal.change(
+            "the host counters",
+            partial(change.count_hosts, runner, counting, after),
+            partial(change.stop_counting_hosts, runner, mine),
+        )
+        start = time.monotonic()
+        _wait(interval, journal)
+        counters = read.read_host_counters(runner, counting.set_names(FAMILIES))
+        seconds = time.monotonic() - start
+        change.stop_counting_hosts(runner, mine)
+        journal.steps.clear()
+    rows = hosts.host_rows(counting, counters, caps, seconds, FAMILIES)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return hosts.hosts_document(when, round(seconds, 3), rows, top, hosts.full_sets(counters))
+
+
+def _wait(seconds: float, journal: run.Journal) -> None:
+    """Sleep, but stop at once on a signal: the transaction then removes the counting."""
+    end = time.monotonic() + seconds
+    while not journal.signals and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+    if journal.signals:
+        raise Interrupted(journal.signals[0], "")
+
+
+def _gone(pid: int) -> bool:
+    """Whether no process `pid` runs: its counting is a leftover."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's, and running
+        pass
+    return False
 
 
 class OutputFormat(str, Enum):
@@ -119,6 +183,26 @@ def shape_status(
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Sample again and again, in place, until Ctrl-C.")
     ] = False,
+    show_hosts: Annotated[
+        bool,
+        typer.Option(
+            "--hosts",
+            help="Top talkers instead: the remote hosts that received (and, with an ingress tree, sent) the most "
+            "over --interval, with their class and cap. Needs root: counts with iptables rules and ipsets that "
+            "are there for the interval only.",
+        ),
+    ] = False,
+    top: Annotated[
+        Optional[int],
+        typer.Option(
+            "--top",
+            "-n",
+            metavar="N",
+            min=1,
+            help="With --hosts: how many hosts to list (default 10).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: common.JsonOption = False,
     output_format: Annotated[
         OutputFormat,
@@ -149,12 +233,24 @@ def shape_status(
     node_exporter every 15 s.
     Needs no root, except for the rule counters.
 
+    --hosts lists the top talkers instead: the remote hosts that received the
+    most over --interval (and, with an ingress tree, sent), each with its
+    current rate, bytes, packets, the class its traffic landed in and its cap
+    (shape-limit-ip add HOST RATE caps one). The kernel counts them: for the
+    interval only, one iptables rule per class mark jumps to a counters ipset
+    per class, removed after, also on Ctrl-C or a failure (a run killed
+    outright leaves them to the next --hosts or shape-flush). Needs root.
+
     Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input; 1 --output
-    could not be written.
+    could not be written, or a system command failed (its counting removed).
     """
 
     options = common.make_options(config, False, False)
     output_format = common.reported("shape-status", lambda: _format(output_format, as_json, watch, output))
+    if show_hosts and output_format == OutputFormat.prometheus:
+        common.reported("shape-status", _refuse("--hosts and --format prometheus do not go together: pick one"))
+    if top is not None and not show_hosts:
+        common.reported("shape-status", _refuse("--top goes with --hosts: add --hosts"))
 
     if output_format == OutputFormat.prometheus:
 
@@ -167,9 +263,16 @@ def shape_status(
         common.reported("shape-status", metrics)
         return
 
+    def sample() -> dict:
+        if show_hosts:
+            return hosts_sample(options, dev or [], interval, top or 10)
+        return status_sample(options, dev or [], interval)
+
+    render = hosts.render_hosts if show_hosts else status.render
+
     def text() -> str:
-        document = status_sample(options, dev or [], interval)
-        return json.dumps(document) + "\n" if output_format == OutputFormat.json else status.render(document) + "\n"
+        document = sample()
+        return json.dumps(document) + "\n" if output_format == OutputFormat.json else render(document) + "\n"
 
     if output is not None:
         common.reported("shape-status", lambda: write_state_text(output, text()))
@@ -177,15 +280,27 @@ def shape_status(
 
     def show() -> None:
         while True:
-            document = status_sample(options, dev or [], interval)
+            try:
+                document = sample()
+            except Interrupted as exc:
+                if watch and exc.exit_code == 128 + signal.SIGINT:  # Ctrl-C, the way to end --watch
+                    return
+                raise
             if output_format == OutputFormat.json:
                 typer.echo(json.dumps(document))
             else:
-                typer.echo(("\x1b[H\x1b[2J" if watch else "") + status.render(document))
+                typer.echo(("\x1b[H\x1b[2J" if watch else "") + render(document))
             if not watch:
                 return
 
     common.reported("shape-status", show)
+
+
+def _refuse(message: str) -> Callable[[], None]:
+    def refuse() -> None:
+        raise UsageError(message)
+
+    return refuse
 
 
 def _format(output_format: OutputFormat, as_json: bool, watch: bool, output: Path | None) -> OutputFormat:

@@ -4,13 +4,16 @@ back from what was read before it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
+from collections.abc import Callable
 from functools import partial
 
 from shapekit.config.model import Device
 from shapekit.errors import CommandFailed
 from shapekit.kernel import read, run
+from shapekit.plan import hosts as plan_hosts
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
@@ -64,6 +67,10 @@ def flush_mangle(runner: run.Runner, created: set[int]) -> None:
     when nothing but its chains is in it."""
     for family in FAMILIES:
         state = read.read_mangle(runner, family)
+        counting = plan_hosts.plan_rules_removal(state.foreign, plan_hosts.every_run)
+        if counting:  # shape-status --hosts': a run still counting, or one killed outright
+            runner.restore(family, f"IPv{family}: stop counting hosts", counting)
+            state = dataclasses.replace(state, foreign=tuple(f for f in state.foreign if not plan_hosts.is_counting(f)))
         if plan_mangle.deletes_table(state, family in created):
             header = f"IPv{family}: remove shapekit's chains and the mangle table it created (nothing else is in it)"
             runner.restore(family, header, plan_mangle.DELETE_TABLE, noflush=False)
@@ -177,3 +184,19 @@ def put_back_ingress_caps(
     wanted = plan_limits.exactly(classes, now)
     cmds = plan_ingress.sync_cap_filters(tree, filters, wanted, present, plan_ingress.hash_nodes(entries), now)
     runner.tc_batch(f"{tree.name}: put its caps back", cmds)
+
+
+def count_hosts(runner: run.Runner, counting: plan_hosts.Counting, after: dict[int, int]) -> None:
+    """Start counting: the run's sets, then its chains and jumps (`after` shapekit's jump, by family)."""
+    ipset_restore(runner, "count hosts: the sets", plan_hosts.plan_sets(counting, FAMILIES))
+    for family in FAMILIES:
+        runner.restore(family, f"IPv{family}: count hosts", plan_hosts.plan_rules(counting, family, after[family]))
+
+
+def stop_counting_hosts(runner: run.Runner, runs: Callable[[int], bool]) -> None:
+    """Remove the counting rules and sets of the `runs` chosen (by process id), whatever of them is there."""
+    for family in FAMILIES:
+        text = plan_hosts.plan_rules_removal(read.read_mangle(runner, family).foreign, runs)
+        if text:
+            runner.restore(family, f"IPv{family}: stop counting hosts", text)
+    ipset_restore(runner, "count hosts no more", plan_hosts.plan_sets_removal(read.list_sets(runner), runs))

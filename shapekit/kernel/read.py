@@ -18,6 +18,7 @@ from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.kernel import run
 from shapekit.plan import drift
+from shapekit.plan import hosts as plan_hosts
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
@@ -240,3 +241,13 @@ def devices_with_root(runner: run.Runner, handle: str, kind: str) -> list[str]:
     """Every device here whose root qdisc is `kind` with `handle`."""
     qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show")) or "[]")
     return [q["dev"] for q in qdiscs if q.get("root") and q.get("handle") == handle and q.get("kind") == kind]
+
+
+def shapekit_jump(runner: run.Runner, family: int) -> int | None:
+    """The position of shapekit's jump in mangle POSTROUTING; None: shapekit's rules are not installed."""
+    return plan_hosts.shapekit_jump(runner.query((TOOLS[family][0], "-t", "mangle")))
+
+
+def read_host_counters(runner: run.Runner, names: list[str]) -> dict[str, list[plan_hosts.Counted]]:
+    """The members and counters of these sets, from one `ipset restore` of list commands."""
+    return plan_hosts.parse_counters(runner.query(("ipset", "restore"), "".join(f"list {n} -o save\n" for n in names)))
