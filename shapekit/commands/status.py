@@ -23,6 +23,7 @@ from shapekit.config.model import Config, Device
 from shapekit.config.rules import Cap
 from shapekit.errors import Interrupted, UsageError
 from shapekit.kernel import change, probe, read, run
+from shapekit.kernel.netlink import ClassStats
 from shapekit.plan import hosts, status
 from shapekit.plan.limits import PlacedCap, cap_classid, lapsed, place_caps
 from shapekit.plan.mangle import FAMILIES
@@ -105,10 +106,11 @@ def hosts_sample(options: common.Options, devs: list[str], interval: float, top:
     counting = hosts.Counting(os.getpid(), hosts.plan_bins([(t.tree, t.names) for t in trees], config.bypass.mark))
     caps = {
         (t.tree.configured, t.tree.direction): hosts.CapIndex(
-            (p, t.names[cap_classid(t.tree, p.slot)]) for p in t.placed
+            hosts.HeldBy(p, t.names[cid], cid) for p in t.placed for cid in [cap_classid(t.tree, p.slot)]
         )
         for t in trees
     }
+    held = [t for t in trees if caps[(t.tree.configured, t.tree.direction)].own]  # their classes are read too
     mine = partial(operator.eq, counting.pid)
     with run.transaction(runner) as journal:
         change.stop_counting_hosts(runner, _gone)  # what runs killed outright left
@@ -118,14 +120,27 @@ def hosts_sample(options: common.Options, devs: list[str], interval: float, top:
             partial(change.stop_counting_hosts, runner, mine),
         )
         start = time.monotonic()
+        before = {(t.tree.configured, t.tree.direction): read.read_classes(t.tree.name) for t in held}
         _wait(interval, journal)
         counters = read.read_host_counters(runner, counting.set_names(FAMILIES))
+        after = {(t.tree.configured, t.tree.direction): read.read_classes(t.tree.name) for t in held}
         seconds = time.monotonic() - start
         change.stop_counting_hosts(runner, mine)
         journal.steps.clear()
-    rows = hosts.host_rows(counting, counters, caps, seconds, FAMILIES)
+    sent = {tree: _sent(before[tree], after[tree]) for tree in before}
+    rows = hosts.host_rows(counting, counters, caps, sent, seconds, FAMILIES)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return hosts.hosts_document(when, round(seconds, 3), rows, top, hosts.full_sets(counters))
+
+
+def _sent(before: list[ClassStats], after: list[ClassStats]) -> hosts.Sent:
+    """What each class sent between two reads (a class new since the first: all it sent)."""
+    earlier = {c.classid: c for c in before}
+    sent = {}
+    for c in after:
+        was = earlier.get(c.classid)
+        sent[c.classid] = (c.bytes - was.bytes, c.packets - was.packets) if was else (c.bytes, c.packets)
+    return sent
 
 
 def _wait(seconds: float, journal: run.Journal) -> None:

@@ -215,39 +215,62 @@ class HostRow:
     cap: dict | None = None  # {"rate", "source", "expires", "comment"} when capped on this tree
 
 
+@dataclass(frozen=True)
+class HeldBy:
+    """A cap on one tree, as --hosts shows it: the cap, its class's name and id."""
+
+    placed: PlacedCap
+    name: str
+    classid: str
+
+    @property
+    def own(self) -> bool:
+        """Whether it caps one host: then its class's counters are that host's."""
+        return self.placed.cap.host.prefixlen == self.placed.cap.host.max_prefixlen
+
+
 class CapIndex:
     """The caps of one tree, to find the one holding a host: its own, else the narrowest network's."""
 
-    def __init__(self, caps: Iterable[tuple[PlacedCap, str]]) -> None:
-        self.own: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[PlacedCap, str]] = {}
-        self.networks: list[tuple[PlacedCap, str]] = []
-        for placed, name in caps:
-            host = placed.cap.host
-            if host.prefixlen == host.max_prefixlen:
-                self.own[host.network_address] = (placed, name)
+    def __init__(self, caps: Iterable[HeldBy]) -> None:
+        self.own: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, HeldBy] = {}
+        self.networks: list[HeldBy] = []
+        for held in caps:
+            if held.own:
+                self.own[held.placed.cap.host.network_address] = held
             else:
-                self.networks.append((placed, name))
-        self.networks.sort(key=lambda pn: -pn[0].cap.host.prefixlen)
+                self.networks.append(held)
+        self.networks.sort(key=lambda held: -held.placed.cap.host.prefixlen)
 
-    def holding(self, host: str) -> tuple[PlacedCap, str] | None:
+    def holding(self, host: str) -> HeldBy | None:
         address = ipaddress.ip_address(host)
         if address in self.own:
             return self.own[address]
-        return next((pn for pn in self.networks if _within(address, pn[0].cap.host)), None)
+        return next((held for held in self.networks if _within(address, held.placed.cap.host)), None)
 
 
 def _within(address: ipaddress.IPv4Address | ipaddress.IPv6Address, network: Network) -> bool:
     return address.version == network.version and address in network
 
 
+Sent = dict[str, tuple[int, int]]  # class id → (bytes, packets) it sent over the interval
+
+
 def host_rows(
     counting: Counting,
     counters: dict[str, list[Counted]],
     caps: dict[tuple[str, str], CapIndex],
+    sent: dict[tuple[str, str], Sent],
     seconds: float,
     families: Iterable[int],
 ) -> list[HostRow]:
-    """Every host counted, most bytes first. `caps`: each tree's, by (device, direction)."""
+    """Every host counted, most bytes first. `caps`: each tree's, by (device, direction); `sent`: what
+    each tree's classes sent over the interval.
+
+    A host with a cap of its own gets its class's counters: what left, after the queue. The others'
+    are counted as they are classified, before it: a host queued in a full class can send less than
+    it was counted over a short interval (or more, as its queue drains).
+    """
     rows: dict[tuple[str, str, str], HostRow] = {}
     for b in counting.bins:
         for family in families:
@@ -261,21 +284,20 @@ def host_rows(
                 if b.klass is not None:
                     row.classes[b.klass] = row.classes.get(b.klass, 0) + c.bytes
     for row in rows.values():
-        row.throughput = row.bytes * 8 / seconds
         index = caps.get((row.device, row.direction))
-        capped = index.holding(row.host) if index else None
-        if capped is not None:
-            placed, name = capped
-            row.klass, row.classes = name, {name: row.bytes}
-            row.cap = {
-                "host": str(placed.cap.host),
-                "rate": placed.cap.rate,
-                "source": placed.cap.source,
-                "expires": placed.cap.expires,
-                "comment": placed.cap.comment,
-            }
+        held = index.holding(row.host) if index else None
+        if held is not None:
+            tree_sent = sent.get((row.device, row.direction), {})
+            if held.own and held.classid in tree_sent:
+                row.bytes, row.packets = tree_sent[held.classid]
+            row.klass, row.classes = held.name, {held.name: row.bytes}
+            cap = held.placed.cap
+            host = str(cap.host.network_address) if held.own else str(cap.host)
+            row.cap = {"host": host, "rate": cap.rate, "source": cap.source}
+            row.cap |= {"expires": cap.expires, "comment": cap.comment}
         elif row.classes:
             row.klass = max(row.classes, key=lambda name: row.classes[name])
+        row.throughput = row.bytes * 8 / seconds
     return sorted(rows.values(), key=lambda r: (-r.bytes, r.device, r.direction, r.host))
 
 

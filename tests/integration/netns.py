@@ -132,6 +132,7 @@ class NetPair:
         to: str | None = None,
         download: bool = False,
         window: str | None = None,
+        bitrate: str | None = None,
     ) -> float:
         """TCP goodput left → right (`download`: right → left) in bits/s, measured by iperf3 at the receiver.
 
@@ -142,11 +143,12 @@ class NetPair:
         the receiver's per-second intervals after the first, not from the total.
         `window` (iperf3 -w, e.g. "16K") caps the sockets' buffers: how much a
         flow queues in a slow FIFO class, where iperf3's own end-of-test
-        messages wait behind it.
+        messages wait behind it. `bitrate` (iperf3 -b, e.g. "4M") paces the sender.
         """
         server_addr = to or (self.right.addr6 if ipv6 else self.right.addr4)
         port = str(port or 5201 + secrets.randbelow(1000))
         client_args = (["--cport", str(cport)] if cport else []) + (["-w", window] if window else [])
+        client_args += ["-b", bitrate] if bitrate else []
         server = subprocess.Popen(
             ["ip", "netns", "exec", self.right.name, "iperf3", "-s", "-1", "-B", server_addr, "-p", port],
             stdout=subprocess.DEVNULL,

@@ -62,7 +62,8 @@ def _counting(pid: int = 4242) -> tuple[hosts.Counting, dict]:
         placed = place_caps(tree, [], 0)
         names = status.class_names(tree, placed)
         named.append((tree, names))
-        caps[(tree.configured, tree.direction)] = hosts.CapIndex((p, names[cap_classid(tree, p.slot)]) for p in placed)
+        held = [hosts.HeldBy(p, names[cap_classid(tree, p.slot)], cap_classid(tree, p.slot)) for p in placed]
+        caps[(tree.configured, tree.direction)] = hosts.CapIndex(held)
     return hosts.Counting(pid, hosts.plan_bins(named, config.bypass.mark)), caps
 
 
@@ -185,7 +186,7 @@ add SKHOSTS-4242-2-6 fd00::5 packets 4 bytes 4000
 
 def test_hosts_are_summed_over_their_classes_named_by_their_cap_and_ordered_by_bytes():
     counting, caps = _counting()
-    rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, 2.0, (4, 6))
+    rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, {}, 2.0, (4, 6))
 
     assert [(r.host, r.direction, r.bytes, r.packets, r.klass, r.classes) for r in rows] == [
         ("198.51.100.7", "out", 150000, 100, "cap 198.51.100.7", {"cap 198.51.100.7": 150000}),  # its own cap
@@ -197,7 +198,7 @@ def test_hosts_are_summed_over_their_classes_named_by_their_cap_and_ordered_by_b
     ]
     assert rows[0].throughput == 150000 * 8 / 2.0
     assert rows[0].cap == {
-        "host": "198.51.100.7/32",
+        "host": "198.51.100.7",
         "rate": 128000,
         "source": "config",
         "expires": None,
@@ -206,19 +207,31 @@ def test_hosts_are_summed_over_their_classes_named_by_their_cap_and_ordered_by_b
     assert rows[3].cap is None
 
 
+def test_a_host_with_a_cap_of_its_own_gets_what_its_class_sent_a_network_caps_hosts_their_counts():
+    counting, caps = _counting()
+    own = caps[("eth0", "out")].holding("198.51.100.7").classid
+    network = caps[("eth0", "out")].holding("198.51.100.9").classid
+    sent = {("eth0", "out"): {own: (120000, 80), network: (999999, 999)}}  # the queue let out less than came in
+
+    rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, sent, 2.0, (4, 6))
+
+    assert (rows[0].host, rows[0].bytes, rows[0].packets, rows[0].throughput) == ("198.51.100.7", 120000, 80, 480000)
+    assert (rows[1].host, rows[1].bytes) == ("198.51.100.9", 46000)  # its class holds the whole /24
+
+
 def test_the_class_most_of_a_hosts_bytes_landed_in_is_its_class():
     counting, _ = _counting()
     counters = {"SKHOSTS-4242-0-4": [hosts.Counted("203.0.113.1", 1, 100)]}
     counters["SKHOSTS-4242-1-4"] = [hosts.Counted("203.0.113.1", 9, 9000)]
 
-    (row,) = hosts.host_rows(counting, counters, {}, 1.0, (4,))
+    (row,) = hosts.host_rows(counting, counters, {}, {}, 1.0, (4,))
 
     assert row.klass == "web" and row.classes == {"bypass": 100, "web": 9000}
 
 
 def test_the_table_lists_the_top_and_says_how_many_were_counted():
     counting, caps = _counting()
-    rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, 2.0, (4, 6))
+    rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, {}, 2.0, (4, 6))
     document = hosts.hosts_document("2026-11-24T10:00:00+00:00", 2.0, rows, 3, ["SKHOSTS-4242-2-4"])
 
     assert hosts.render_hosts(document) == (
@@ -258,6 +271,7 @@ def _installed_save(pid: int) -> str:
 def counting_system(system, mocker):
     pid = os.getpid()  # the run's own: alive
     mocker.patch("shapekit.kernel.read.device_exists", return_value=False)  # no IFB: no ingress tree
+    mocker.patch("shapekit.kernel.read.read_classes", return_value=[])  # the cap's class, read over rtnetlink
     for tool in ("iptables-save", "ip6tables-save"):
         system.answers[(tool, "-t", "mangle")] = _installed_save(pid)
     system.answers[("ipset", "list", "-n")] = (
@@ -379,12 +393,12 @@ def test_a_cap_held_by_a_network_is_found_and_the_narrowest_wins():
 
     from shapekit.plan.limits import PlacedCap
 
-    def placed(host: str, rate: int) -> tuple[PlacedCap, str]:
-        return PlacedCap(Cap(ipaddress.ip_network(host), rate, "eth0"), 0), f"cap {host}"
+    def placed(host: str, rate: int) -> hosts.HeldBy:
+        return hosts.HeldBy(PlacedCap(Cap(ipaddress.ip_network(host), rate, "eth0"), 0), f"cap {host}", "8001:1")
 
     index = hosts.CapIndex([placed("10.0.0.0/8", 1), placed("10.1.0.0/16", 2), placed("10.1.2.3/32", 3)])
 
-    assert index.holding("10.1.2.3")[1] == "cap 10.1.2.3/32"
-    assert index.holding("10.1.9.9")[1] == "cap 10.1.0.0/16"
-    assert index.holding("10.9.9.9")[1] == "cap 10.0.0.0/8"
+    assert index.holding("10.1.2.3").name == "cap 10.1.2.3/32"
+    assert index.holding("10.1.9.9").name == "cap 10.1.0.0/16"
+    assert index.holding("10.9.9.9").name == "cap 10.0.0.0/8"
     assert index.holding("11.0.0.1") is None and index.holding("fd00::1") is None
