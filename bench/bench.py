@@ -10,6 +10,7 @@
     bench/bench.py ingress [--caps 10000]           # --in caps: build, one add, and a download's cost vs linear u32
     bench/bench.py scale [--caps 10000 100000]      # caps at ISP scale: apply, add, sync, flush, memory, a flow
     bench/bench.py metrics [--caps 10000]           # one shape-status --format prometheus sample: time, memory
+    bench/bench.py hosts [--caps 10000]             # top talkers: shape-status --hosts vs conntrack accounting
     bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
 
 Each table is printed and written as JSON to bench/results/NAME.json. The
@@ -34,6 +35,12 @@ a noisy, shared machine even when the seconds do not.
   an unlimited flow to an uncapped host against a pair with no caps; beside
   the floors and their teardown (groups newest first; the flat tree in one
   `qdisc del`, up to the flat layout's 32,767 caps).
+- hosts: the two sources `shape-status --hosts` could count hosts from, side
+  by side: its counters ipsets, and conntrack accounting (nf_conntrack_acct,
+  read from /proc/net/nf_conntrack at both ends of the same interval). Three
+  hosts at paced rates (iperf3 -b) against iperf3's goodput; the same with
+  accounting turned on after the flows began; an unlimited flow's Gbit/s with
+  each counting (interleaved rounds); and reading N hosts (N connections).
 """
 
 from __future__ import annotations
@@ -433,6 +440,151 @@ def bench_metrics(caps: int, repeat: int) -> dict[str, object]:
     return row
 
 
+# --- top talkers: where to count them --------------------------------------------------
+
+HOSTS_PACED = {"198.18.0.11": "24M", "198.18.0.12": "12M", "198.18.0.13": "6M"}
+HOSTS_CONFIG = '[device.DEV]\nrate = "1gbit"\nleaf = "pfifo"\nclassifier = "classify"\n'
+_CT_ORIG = re.compile(r"^ipv4 .* src=198\.18\.0\.1 dst=(\S+) .*? bytes=(\d+) ", re.MULTILINE)
+
+
+def conntrack_sent(p: Pair) -> dict[str, int]:
+    """Bytes sent to each host, summed over its connections, from conntrack's accounting."""
+    sent: dict[str, int] = {}
+    for host, count in _CT_ORIG.findall(p.inside("cat", "/proc/net/nf_conntrack")):
+        sent[host] = sent.get(host, 0) + int(count)
+    return sent
+
+
+def set_acct(p: Pair, on: bool) -> None:
+    p.inside("sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_acct={int(on)}")
+
+
+def hosts_pair(p: Pair) -> str:
+    """shapekit's tree and rules on the pair; the three hosts on the peer. The config's path."""
+    path = p.tmp / "hosts.toml"
+    path.write_text(HOSTS_CONFIG.replace("DEV", p.dev))
+    p.shapekit("shape-init", "--all", "--config", str(path))
+    for address in HOSTS_PACED:
+        run("ip", "-n", p.peer_ns, "addr", "add", f"{address}/15", "dev", p.peer_dev)
+    return str(path)
+
+
+def paced_flows(p: Pair, seconds: int) -> list[subprocess.Popen]:
+    servers = [
+        subprocess.Popen(["ip", "netns", "exec", p.peer_ns, "iperf3", "-s", "-1", "-B", h, "-p", str(5201 + n)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for n, h in enumerate(HOSTS_PACED)
+    ]  # fmt: skip
+    time.sleep(0.5)
+    clients = [
+        subprocess.Popen(["ip", "netns", "exec", p.ns, "iperf3", "-c", h, "-p", str(5201 + n), "-b", rate,
+                          "-t", str(seconds), "-J"], stdout=subprocess.PIPE, text=True)
+        for n, (h, rate) in enumerate(HOSTS_PACED.items())
+    ]  # fmt: skip
+    return servers + clients
+
+
+def goodputs(flows: list[subprocess.Popen]) -> dict[str, float]:
+    found = {}
+    for host, client in zip(HOSTS_PACED, flows[len(HOSTS_PACED) :], strict=True):
+        found[host] = float(json.loads(client.communicate()[0])["end"]["sum_received"]["bits_per_second"])
+    for server in flows[: len(HOSTS_PACED)]:
+        server.wait()
+    return found
+
+
+def hosts_accuracy(acct_first: bool) -> dict[str, object]:
+    """One window of 4 s inside 10 s flows, read both ways; `acct_first`: accounting on before the flows."""
+    with pair() as p:
+        config = hosts_pair(p)
+        set_acct(p, acct_first)
+        flows = paced_flows(p, 10)
+        time.sleep(3)
+        set_acct(p, True)
+        counting = subprocess.Popen(
+            ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", config, "--hosts", "-i", "4", "--json"],
+            stdout=subprocess.PIPE, text=True, env=p.env,
+        )  # fmt: skip
+        time.sleep(0.3)  # its counting is in: the conntrack window is the same, give or take its start
+        start, first = time.monotonic(), conntrack_sent(p)
+        time.sleep(4)
+        seconds, last = time.monotonic() - start, conntrack_sent(p)
+        counted = json.loads(counting.communicate()[0])
+        measured = goodputs(flows)
+    by_set = {r["host"]: r["throughput"] for r in counted["hosts"] if r["direction"] == "out"}
+    by_ct = {h: (last.get(h, 0) - first.get(h, 0)) * 8 / seconds for h in HOSTS_PACED}
+    return {
+        h: {"iperf3_mbit": measured[h] / 1e6, "ipset_ratio": by_set.get(h, 0) / measured[h],
+            "conntrack_ratio": by_ct[h] / measured[h]}
+        for h in HOSTS_PACED
+    }  # fmt: skip
+
+
+def with_counting(p: Pair) -> None:
+    """shape-status --hosts counting for the next 8 s (the throughput's 4 s inside them)."""
+    path = p.tmp / "hosts.toml"
+    path.write_text(HOSTS_CONFIG.replace("DEV", p.dev))
+    p.shapekit("shape-init", "--all", "--config", str(path))
+    argv = ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", str(path), "--hosts", "-i", "8"]
+    subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=p.env)  # the pair's end kills it
+    while "SKHOSTS" not in p.inside("ipset", "list", "-n"):
+        time.sleep(0.05)
+
+
+def with_acct(p: Pair) -> None:
+    path = p.tmp / "hosts.toml"
+    path.write_text(HOSTS_CONFIG.replace("DEV", p.dev))
+    p.shapekit("shape-init", "--all", "--config", str(path))
+    set_acct(p, True)
+
+
+def shapekit_only(p: Pair) -> None:
+    path = p.tmp / "hosts.toml"
+    path.write_text(HOSTS_CONFIG.replace("DEV", p.dev))
+    p.shapekit("shape-init", "--all", "--config", str(path))
+    set_acct(p, False)
+
+
+def hosts_read_cost(hosts: int) -> dict[str, float]:
+    """Reading `hosts` hosts both ways: --hosts' whole run less its interval, and two reads of conntrack's table
+    (each host one connection: a UDP packet to it)."""
+    send = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for n in range({hosts}): s.sendto(b'x' * 100, (f'198.19.{{n // 256}}.{{n % 256}}', 9))"
+    )
+    with pair() as p:
+        config = hosts_pair(p)
+        set_acct(p, True)
+        run("ip", "-n", p.ns, "route", "add", "198.19.0.0/16", "via", "198.18.0.2")
+        p.inside("sysctl", "-q", "-w", "net.netfilter.nf_conntrack_max=1000000")
+        argv = ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", config, "--hosts", "-i", "3", "--json"]
+        start = time.monotonic()
+        counting = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=p.env)
+        time.sleep(1)
+        p.inside(sys.executable, "-c", send)
+        document = json.loads(counting.communicate()[0])
+        hosts_s = time.monotonic() - start - document["interval_s"]
+        start = time.monotonic()
+        read = [conntrack_sent(p) for _ in range(2)]
+        conntrack_s = time.monotonic() - start
+    return {"hosts": document["hosts_counted"], "hosts_s": hosts_s, "conntrack_entries": len(read[1]),
+            "conntrack_s": conntrack_s}  # fmt: skip
+
+
+def bench_hosts(hosts: int, rounds: int) -> dict[str, object]:
+    ways = {"shapekit": shapekit_only, "shapekit_counting": with_counting, "shapekit_acct": with_acct}
+    gbit = interleaved(ways, rounds, download=False)
+    return {
+        "rounds": rounds,
+        "accuracy": hosts_accuracy(acct_first=True),
+        "accounting_turned_on_late": hosts_accuracy(acct_first=False),
+        "flow_gbit_s": gbit,
+        "counting_ratio": gbit["shapekit_counting"] / gbit["shapekit"],
+        "acct_ratio": gbit["shapekit_acct"] / gbit["shapekit"],
+        "read": hosts_read_cost(hosts),
+    }
+
+
 # --- seed 000's boot ------------------------------------------------------------------
 
 FOUR_COMMANDS = ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip")
@@ -663,7 +815,8 @@ def save(name: str, data: object, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics"]
+        "what",
+        choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics", "hosts"],
     )
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
@@ -675,7 +828,7 @@ def main() -> None:
         sys.exit("bench.py: run as root (it makes network namespaces)")
     quick = args.quick
     todo = (
-        ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics"]
+        ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics", "hosts"]
         if args.what == "all"
         else [args.what]
     )
@@ -763,6 +916,33 @@ def main() -> None:
         print(
             f"  --format prometheus {row['prometheus_s']:.3f} s {row['prometheus_mb']:.0f} MB "
             f"({row['prometheus_lines']} lines)   --json --interval 0.1 {row['json_s']:.3f} s {row['json_mb']:.0f} MB"
+        )
+    if "hosts" in todo:
+        hosts = (args.caps or [100 if quick else 10000])[0]
+        row = bench_hosts(hosts, 1 if quick else args.rounds)
+        save("hosts", row, args.out)
+        print("\ntop talkers: what shape-status --hosts counts (ipset) vs conntrack accounting, over one 4 s window")
+        for title, key in (
+            ("accounting on before the flows", "accuracy"),
+            ("turned on after", "accounting_turned_on_late"),
+        ):
+            print(f"  {title}:")
+            for host, r in row[key].items():
+                print(
+                    f"    {host}  iperf3 {r['iperf3_mbit']:6.2f} Mbit/s   ipset/iperf3 {r['ipset_ratio']:.3f}"
+                    f"   conntrack/iperf3 {r['conntrack_ratio']:.3f}"
+                )
+        print(
+            f"  unlimited flow, Gbit/s (median of {row['rounds']}): "
+            + "   ".join(f"{name} {value:.2f}" for name, value in row["flow_gbit_s"].items())
+        )
+        print(
+            f"  while counting / without: {row['counting_ratio']:.3f}   with accounting / without: {row['acct_ratio']:.3f}"
+        )
+        read = row["read"]
+        print(
+            f"  reading {read['hosts']} hosts: --hosts {read['hosts_s']:.3f} s beyond its interval; "
+            f"conntrack's table ({read['conntrack_entries']} hosts) read twice {read['conntrack_s']:.3f} s"
         )
     if "tcconfig" in todo:
         row = bench_tcconfig((args.caps or [3 if quick else 100])[0])

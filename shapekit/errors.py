@@ -48,3 +48,9 @@ class Interrupted(ShapekitError):
 
         super().__init__(f"interrupted by {signal.Signals(signum).name}; {outcome}")
         self.exit_code = 128 + signum
+        self.outcome = outcome
+
+    @property
+    def put_back(self) -> bool:
+        """Whether what the run changed is as before (or nothing was): see Journal.roll_back."""
+        return not self.outcome.startswith("putting back")

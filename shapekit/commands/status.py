@@ -9,7 +9,8 @@ import operator
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -62,12 +63,13 @@ def rule_counters(options: common.Options) -> list[status.RuleRow] | None:
     return None if counters is None else [r for f, text in counters.items() for r in status.rule_rows(f, text)]
 
 
-def status_sample(options: common.Options, devs: list[str], interval: float) -> dict:
-    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters."""
+def status_sample(options: common.Options, devs: list[str], interval: float, caught: list[int]) -> dict:
+    """One sample: each device's classes with their rate over `interval` seconds, and the rule counters.
+    A signal `caught` ends the wait."""
     trees = named_trees(options.load(), devs)  # an ingress tree is listed under its IFB device
     start = time.monotonic()
     before = {t.tree.name: read.read_classes(t.tree.name) for t in trees}
-    time.sleep(interval)
+    _wait(interval, caught, "nothing was changed")
     after = {t.tree.name: read.read_classes(t.tree.name) for t in trees}
     seconds = time.monotonic() - start
     rows = {
@@ -96,11 +98,16 @@ def hosts_sample(options: common.Options, devs: list[str], interval: float, top:
     config = options.load()
     if os.geteuid() != 0:
         raise UsageError("--hosts counts hosts with iptables rules and ipsets for the interval: run it as root")
+    if interval < MIN_HOSTS_INTERVAL:
+        raise UsageError(
+            f"--hosts counts over at least {MIN_HOSTS_INTERVAL:g} s (its rules go in a family at a time): "
+            f"give --interval {MIN_HOSTS_INTERVAL:g} or more"
+        )
     probe.require_binaries(["ipset", *probe.MANGLE_TOOLS])
     trees = named_trees(config, devs)
     runner = options.runner()
-    after = {family: read.shapekit_jump(runner, family) for family in FAMILIES}
-    missing = [f"IPv{family}" for family, position in after.items() if position is None]
+    jumps = {family: read.shapekit_jump(runner, family) for family in FAMILIES}
+    missing = [f"IPv{family}" for family, position in jumps.items() if position is None]
     if missing:
         raise UsageError(f"shapekit's rules are not installed ({', '.join(missing)}): run shape-init first")
     counting = hosts.Counting(os.getpid(), hosts.plan_bins([(t.tree, t.names) for t in trees], config.bypass.mark))
@@ -113,43 +120,67 @@ def hosts_sample(options: common.Options, devs: list[str], interval: float, top:
     held = [t for t in trees if caps[(t.tree.configured, t.tree.direction)].own]  # their classes are read too
     mine = partial(operator.eq, counting.pid)
     with run.transaction(runner) as journal:
-        change.stop_counting_hosts(runner, _gone)  # what runs killed outright left
-        journal.change(
-            "the host counters",
-            partial(change.count_hosts, runner, counting, after),
-            partial(change.stop_counting_hosts, runner, mine),
-        )
+        with options.lock():  # not across the interval: shape-limit-ip must be free to cap meanwhile
+            # what runs killed outright left, and a leftover under this run's pid (reused)
+            change.stop_counting_hosts(runner, lambda pid: pid == counting.pid or _gone(pid))
+            journal.change(
+                "the host counters",
+                partial(change.count_hosts, runner, counting, jumps),
+                partial(change.stop_counting_hosts, runner, mine),
+            )
         start = time.monotonic()
         before = {(t.tree.configured, t.tree.direction): read.read_classes(t.tree.name) for t in held}
-        _wait(interval, journal)
+        _wait(interval, journal.signals, "")
         counters = read.read_host_counters(runner, counting.set_names(FAMILIES))
         after = {(t.tree.configured, t.tree.direction): read.read_classes(t.tree.name) for t in held}
         seconds = time.monotonic() - start
-        change.stop_counting_hosts(runner, mine)
+        missed = hosts.missed_packets(counting, (read.read_rule_counters(runner) or {}).values())
+        with options.lock():
+            change.stop_counting_hosts(runner, mine)
         journal.steps.clear()
+    if journal.signals:  # one came while the counting was read or removed
+        raise Interrupted(journal.signals[0], "put back as before: the host counters")
     sent = {tree: _sent(before[tree], after[tree]) for tree in before}
     rows = hosts.host_rows(counting, counters, caps, sent, seconds, FAMILIES)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return hosts.hosts_document(when, round(seconds, 3), rows, top, hosts.full_sets(counters))
+    return hosts.hosts_document(when, round(seconds, 3), rows, top, missed)
+
+
+MIN_HOSTS_INTERVAL = 1.0
 
 
 def _sent(before: list[ClassStats], after: list[ClassStats]) -> hosts.Sent:
-    """What each class sent between two reads (a class new since the first: all it sent)."""
+    """What each class sent between two reads; a class made anew meanwhile (its counters went back, or it
+    was not there) is left out: its host is given what its set counted."""
     earlier = {c.classid: c for c in before}
     sent = {}
     for c in after:
         was = earlier.get(c.classid)
-        sent[c.classid] = (c.bytes - was.bytes, c.packets - was.packets) if was else (c.bytes, c.packets)
+        if was is not None and c.bytes >= was.bytes and c.packets >= was.packets:
+            sent[c.classid] = (c.bytes - was.bytes, c.packets - was.packets)
     return sent
 
 
-def _wait(seconds: float, journal: run.Journal) -> None:
-    """Sleep, but stop at once on a signal: the transaction then removes the counting."""
+def _wait(seconds: float, caught: list[int], outcome: str) -> None:
+    """Sleep, but stop at once on a signal `caught` (Interrupted, saying `outcome`)."""
     end = time.monotonic() + seconds
-    while not journal.signals and (left := end - time.monotonic()) > 0:
+    while not caught and (left := end - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
-    if journal.signals:
-        raise Interrupted(journal.signals[0], "")
+    if caught:
+        raise Interrupted(caught[0], outcome)
+
+
+@contextmanager
+def _caught_signals() -> Iterator[list[int]]:
+    """Ctrl-C, SIGTERM and SIGHUP end shape-status between two reads, never inside one: a KeyboardInterrupt
+    inside the sh library's wait for a child can leave its threads holding the exit up (seen once in CI)."""
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in run.STOP_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _gone(pid: int) -> bool:
@@ -267,48 +298,61 @@ def shape_status(
     if top is not None and not show_hosts:
         common.reported("shape-status", _refuse("--top goes with --hosts: add --hosts"))
 
-    if output_format == OutputFormat.prometheus:
+    with _caught_signals() as caught:
+        if output_format == OutputFormat.prometheus:
+            common.reported("shape-status", lambda: _metrics(options, dev or [], output, caught))
+            return
 
-        def metrics() -> None:
-            if output is None:
-                typer.echo(prometheus_sample(options, dev or []), nl=False)
+        def sample() -> dict:
+            if show_hosts:
+                document = hosts_sample(options, dev or [], interval, top or 10)
             else:
-                common.write_metrics(output, lambda: prometheus_sample(options, dev or []), status.prometheus_down())
+                document = status_sample(options, dev or [], interval, caught)
+            if caught:  # it came while reading: the sample is whole, but asked not to be shown
+                raise Interrupted(caught[0], "nothing was changed")
+            return document
 
-        common.reported("shape-status", metrics)
-        return
+        render = hosts.render_hosts if show_hosts else status.render
 
-    def sample() -> dict:
-        if show_hosts:
-            return hosts_sample(options, dev or [], interval, top or 10)
-        return status_sample(options, dev or [], interval)
+        def text() -> str:
+            document = sample()
+            return json.dumps(document) + "\n" if output_format == OutputFormat.json else render(document) + "\n"
 
-    render = hosts.render_hosts if show_hosts else status.render
+        if output is not None:
+            common.reported("shape-status", lambda: write_state_text(output, text()))
+            return
 
-    def text() -> str:
-        document = sample()
-        return json.dumps(document) + "\n" if output_format == OutputFormat.json else render(document) + "\n"
-
-    if output is not None:
-        common.reported("shape-status", lambda: write_state_text(output, text()))
-        return
-
-    def show() -> None:
-        while True:
-            try:
-                document = sample()
-            except Interrupted as exc:
-                if watch and exc.exit_code == 128 + signal.SIGINT:  # Ctrl-C, the way to end --watch
+        def show() -> None:
+            while True:
+                try:
+                    document = sample()
+                except Interrupted as exc:
+                    if watch and exc.exit_code == 128 + signal.SIGINT and exc.put_back:  # Ctrl-C ends --watch
+                        return
+                    raise
+                if output_format == OutputFormat.json:
+                    typer.echo(json.dumps(document))
+                else:
+                    typer.echo(("\x1b[H\x1b[2J" if watch else "") + render(document))
+                if not watch:
                     return
-                raise
-            if output_format == OutputFormat.json:
-                typer.echo(json.dumps(document))
-            else:
-                typer.echo(("\x1b[H\x1b[2J" if watch else "") + render(document))
-            if not watch:
-                return
 
-    common.reported("shape-status", show)
+        common.reported("shape-status", show)
+
+
+def _metrics(options: common.Options, devs: list[str], output: Path | None, caught: list[int]) -> None:
+    """One Prometheus sample, printed or written to `output`."""
+
+    def sample() -> str:
+        text = prometheus_sample(options, devs)
+        if caught:
+            raise Interrupted(caught[0], "nothing was changed")
+        return text
+
+    if output is None:
+        typer.echo(sample(), nl=False)
+    else:
+        common.write_metrics(output, sample, status.prometheus_down())
 
 
 def _refuse(message: str) -> Callable[[], None]:

@@ -40,7 +40,10 @@ from shapekit.plan.tree import classid
 
 PREFIX = "SKHOSTS-"  # not "SHAPEKIT-": shape-init would take these chains for stale ones of its own
 HOOKS = {"out": "POSTROUTING", "in": "PREROUTING"}
-MAX_HOSTS = 65536  # a set's maxelem: hosts counted per bin; a set this full says so
+MAX_HOSTS = 65536  # a set's maxelem: hosts counted per bin
+# Entries the SET target adds never grow a hash (ipset(8)): sized for MAX_HOSTS from the start (about 3 MB
+# when full), where the default 1024 buckets of 12 would silently refuse hosts past about 12,000.
+HASH_SIZE = 16384
 FAMILY_NAMES = {4: "inet", 6: "inet6"}
 
 
@@ -91,7 +94,8 @@ def plan_bins(trees: list[tuple[Device, dict[str, str]]], bypass_mark: int) -> t
 def plan_sets(counting: Counting, families: Iterable[int]) -> str:
     """`ipset restore` text that creates the run's sets."""
     return "".join(
-        f"create {counting.set_name(b.number, f)} hash:ip family {FAMILY_NAMES[f]} counters maxelem {MAX_HOSTS}\n"
+        f"create {counting.set_name(b.number, f)} hash:ip family {FAMILY_NAMES[f]} counters "
+        f"hashsize {HASH_SIZE} maxelem {MAX_HOSTS}\n"
         for f in families
         for b in counting.bins
     )
@@ -122,11 +126,14 @@ def plan_rules(counting: Counting, family: int, after: int) -> str:
         name, end = counting.set_name(b.number, family), "dst" if b.direction == "out" else "src"
         lines.append(f"-A {counting.chain()}-{b.number} -m set --match-set {name} {end} -j RETURN")
         lines.append(f"-A {counting.chain()}-{b.number} -j SET --add-set {name} {end}")
+        lines.append(f"-A {counting.chain()}-{b.number} {_MISSED.format(name=name, end=end)}")  # no room for it
     position = {"out": after + 1, "in": 1}
     lines += [f"-I {HOOKS[d]} {position[d]} -j {counting.chain(d)}" for d in directions]  # last: all at once
     return "\n".join([*lines, "COMMIT", ""])
 
 
+# Counts the packets of a host its set had no room for (the SET target fails silently): none, normally.
+_MISSED = "-m set ! --match-set {name} {end} ! --update-counters"
 _RUN = re.compile(rf"^{PREFIX}(\d+)(?:-|$)")
 
 
@@ -301,19 +308,22 @@ def host_rows(
     return sorted(rows.values(), key=lambda r: (-r.bytes, r.device, r.direction, r.host))
 
 
-def full_sets(counters: dict[str, list[Counted]]) -> list[str]:
-    """The sets that reached MAX_HOSTS: hosts beyond them went uncounted."""
-    return [name for name, members in counters.items() if len(members) >= MAX_HOSTS]
+def missed_packets(counting: Counting, saves_with_counters: Iterable[str]) -> int:
+    """Packets of hosts a set had no room for, from `iptables-save -c -t mangle` of each family."""
+    chain = re.escape(counting.chain())
+    missed = re.compile(rf"^\[(\d+):\d+\] -A {chain}-\d+ -m set ! --match-set \S+ \S+ ! --update-counters$", re.M)
+    return sum(int(packets) for save in saves_with_counters for packets in missed.findall(save))
 
 
-def hosts_document(when: str, seconds: float, rows: list[HostRow], top: int, full: list[str]) -> dict:
-    """A sample of the hosts as --json prints it: the `top` most, how many were counted, sets that filled."""
+def hosts_document(when: str, seconds: float, rows: list[HostRow], top: int, missed: int) -> dict:
+    """A sample of the hosts as --json prints it: the `top` most, how many were counted, and the packets of
+    hosts that went uncounted (a set full)."""
     return {
         "time": when,
         "interval_s": seconds,
         "hosts_counted": len(rows),
         "hosts": [asdict(r) for r in rows[:top]],
-        "full_sets": full,
+        "missed_packets": missed,
     }
 
 
@@ -341,5 +351,9 @@ def render_hosts(document: dict) -> str:
         for r in document["hosts"]
     ]
     out += ["", table(HEADER, cells)]
-    out += [f"{name} held {MAX_HOSTS} hosts: more went uncounted" for name in document["full_sets"]]
+    if document["missed_packets"]:
+        out.append(
+            f"{document['missed_packets']} packets went uncounted: their hosts found a set full "
+            f"({MAX_HOSTS} hosts a class and family)"
+        )
     return "\n".join(out)

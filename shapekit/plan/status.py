@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # the kernel's classes come in as data: the plan layer never 
     from shapekit.kernel.netlink import ClassStats
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 4 µs, and there is one per class
 class ClassRow:
     name: str
     classid: str
@@ -219,9 +220,15 @@ def prometheus_text(
     """A sample in Prometheus's text format: class counters and gauges, rule counters (None: not root), the
     caps in force by (device, direction, source), and when shape-init last succeeded (None: never)."""
     out = _family(UP, [("", 1)])
-    labelled = [(_class_labels(t, r), r) for t in trees for r in t.rows]  # once a class: 10,000 caps, 8 metrics
+    labelled: list[tuple[str, ClassRow]] = []  # once a class: 10,000 caps, 8 metrics
+    for tree in trees:
+        label = _tree_labels(tree)
+        labelled += [(label(r), r) for r in tree.rows]
     for metric, field, scale in CLASS_METRICS:
-        out += _family(metric, [(labels, getattr(row, field) / scale) for labels, row in labelled])
+        if scale == 1:
+            out += _family(metric, [(labels, getattr(row, field)) for labels, row in labelled])
+        else:
+            out += _family(metric, [(labels, getattr(row, field) / scale) for labels, row in labelled])
     positions: dict[tuple[int, str], int] = {}
     numbered = []  # two rules may read alike (the connmark restores): their position tells them apart
     for r in rules or []:
@@ -244,15 +251,25 @@ def _family(metric: Metric, samples: list[tuple[str, float]]) -> list[str]:
     if not samples:
         return []
     head = [f"# HELP {metric.name} {metric.help}\n", f"# TYPE {metric.name} {metric.kind}\n"]
-    return head + [f"{metric.name}{labels} {_number(value)}\n" for labels, value in samples]
+    name = metric.name
+    return head + [f"{name}{labels} {value if type(value) is int else _number(value)}\n" for labels, value in samples]
 
 
-def _class_labels(tree: TreeSample, row: ClassRow) -> str:
-    """device, direction, class id, what the class is, and a cap's host."""
-    name = row.name.removesuffix(" (default)").removesuffix(" (lapsed)")
-    name = {"(line)": "line", "(not shapekit's)": "other"}.get(name, name)
-    host = name.removeprefix("cap ") if name.startswith("cap ") and not name.startswith("cap group ") else None
-    return _labels(device=tree.device, direction=tree.direction, **{"class": row.classid}, name=name, host=host)
+def _tree_labels(tree: TreeSample) -> Callable[[ClassRow], str]:
+    """A tree's class labels: device, direction, class id, what the class is, and a cap's host."""
+    head = f'{{device="{_escaped(tree.device)}",direction="{_escaped(tree.direction)}",class="'
+
+    def labels(row: ClassRow) -> str:
+        name = row.name.removesuffix(" (default)").removesuffix(" (lapsed)")
+        name = _SPECIAL_NAMES.get(name, name)
+        host = name.startswith("cap ") and not name.startswith("cap group ")
+        tail = f',host="{_escaped(name[4:])}"}}' if host else "}"
+        return f'{head}{row.classid}",name="{_escaped(name)}"{tail}'  # a class id is hex:hex, nothing to escape
+
+    return labels
+
+
+_SPECIAL_NAMES = {"(line)": "line", "(not shapekit's)": "other"}
 
 
 def _labels(**labels: str | None) -> str:
@@ -262,10 +279,14 @@ def _labels(**labels: str | None) -> str:
 
 def _escaped(value: str) -> str:
     """A label value as the text format writes it: backslash, double quote and newline escaped."""
+    if "\\" not in value and '"' not in value and "\n" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(value: float) -> str:
+    if type(value) is int:  # counters and most gauges: 80,000 of them with 10,000 caps
+        return str(value)
     return str(int(value)) if float(value).is_integer() and abs(value) < 2**63 else repr(float(value))
 
 

@@ -130,7 +130,7 @@ def test_a_stopped_run_removes_its_counting_and_a_killed_ones_goes_with_the_next
     assert stderr == "shape-status: interrupted by SIGINT; put back as before: the host counters\n"
     assert _counting_left(netpair) == []
 
-    for then in (["--interval", "0.1"], None):  # the next run, then shape-flush
+    for then in (["--interval", "1"], None):  # the next run, then shape-flush
         killed = start()
         killed.kill()
         killed.wait()
@@ -153,9 +153,9 @@ def test_the_incident_alert_find_cap(netpair, tmp_path):
     """Seed 002's incident: a bulk download swamps the line; the metrics show it, --hosts names the host,
     one command caps it, the metrics show the cap holding, and the others go on as before."""
     config = _boot(netpair)
-    bulk, others = HOSTS[0], {HOSTS[1]: "2M", HOSTS[2]: "1M"}
-    flows = {bulk: {"seconds": 24, "port": 5201}}
-    flows |= {host: {"seconds": 24, "bitrate": rate, "port": 5301 + n} for n, (host, rate) in enumerate(others.items())}
+    bulk, others = HOSTS[0], {HOSTS[1]: "2M", HOSTS[2]: "1M"}  # all flows long enough to outlast every step
+    flows = {bulk: {"seconds": 34, "port": 5201}}
+    flows |= {host: {"seconds": 34, "bitrate": rate, "port": 5301 + n} for n, (host, rate) in enumerate(others.items())}
     path = tmp_path / "textfile" / "shapekit.prom"
     metrics_argv = ["ip", "netns", "exec", netpair.left.name, *_metrics_command(path.parent), "--config", config]
 

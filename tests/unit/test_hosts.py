@@ -88,8 +88,8 @@ def test_the_counting_is_one_set_per_bin_and_family_and_one_transaction_of_rules
     counting, _ = _counting()
 
     assert hosts.plan_sets(counting, (4, 6)).splitlines() == [
-        *(f"create SKHOSTS-4242-{n}-4 hash:ip family inet counters maxelem 65536" for n in range(4)),
-        *(f"create SKHOSTS-4242-{n}-6 hash:ip family inet6 counters maxelem 65536" for n in range(4)),
+        *(f"create SKHOSTS-4242-{n}-4 hash:ip family inet counters hashsize 16384 maxelem 65536" for n in range(4)),
+        *(f"create SKHOSTS-4242-{n}-6 hash:ip family inet6 counters hashsize 16384 maxelem 65536" for n in range(4)),
     ]
     assert hosts.plan_rules(counting, 6, 2) == (
         "*mangle\n"
@@ -105,12 +105,16 @@ def test_the_counting_is_one_set_per_bin_and_family_and_one_transaction_of_rules
         "-A SKHOSTS-4242-in -i eth0 -g SKHOSTS-4242-3\n"
         "-A SKHOSTS-4242-0 -m set --match-set SKHOSTS-4242-0-6 dst -j RETURN\n"
         "-A SKHOSTS-4242-0 -j SET --add-set SKHOSTS-4242-0-6 dst\n"
+        "-A SKHOSTS-4242-0 -m set ! --match-set SKHOSTS-4242-0-6 dst ! --update-counters\n"
         "-A SKHOSTS-4242-1 -m set --match-set SKHOSTS-4242-1-6 dst -j RETURN\n"
         "-A SKHOSTS-4242-1 -j SET --add-set SKHOSTS-4242-1-6 dst\n"
+        "-A SKHOSTS-4242-1 -m set ! --match-set SKHOSTS-4242-1-6 dst ! --update-counters\n"
         "-A SKHOSTS-4242-2 -m set --match-set SKHOSTS-4242-2-6 dst -j RETURN\n"
         "-A SKHOSTS-4242-2 -j SET --add-set SKHOSTS-4242-2-6 dst\n"
+        "-A SKHOSTS-4242-2 -m set ! --match-set SKHOSTS-4242-2-6 dst ! --update-counters\n"
         "-A SKHOSTS-4242-3 -m set --match-set SKHOSTS-4242-3-6 src -j RETURN\n"
         "-A SKHOSTS-4242-3 -j SET --add-set SKHOSTS-4242-3-6 src\n"
+        "-A SKHOSTS-4242-3 -m set ! --match-set SKHOSTS-4242-3-6 src ! --update-counters\n"
         "-I POSTROUTING 3 -j SKHOSTS-4242\n"  # right after shapekit's jump (2nd): the mark HTB classifies by
         "-I PREROUTING 1 -j SKHOSTS-4242-in\n"
         "COMMIT\n"
@@ -232,7 +236,7 @@ def test_the_class_most_of_a_hosts_bytes_landed_in_is_its_class():
 def test_the_table_lists_the_top_and_says_how_many_were_counted():
     counting, caps = _counting()
     rows = hosts.host_rows(counting, hosts.parse_counters(COUNTERS), caps, {}, 2.0, (4, 6))
-    document = hosts.hosts_document("2026-11-24T10:00:00+00:00", 2.0, rows, 3, ["SKHOSTS-4242-2-4"])
+    document = hosts.hosts_document("2026-11-24T10:00:00+00:00", 2.0, rows, 3, 17)
 
     assert hosts.render_hosts(document) == (
         "shapekit top talkers at 2026-11-24T10:00:00+00:00 (over 2s): 3 of 6 hosts\n"
@@ -241,14 +245,22 @@ def test_the_table_lists_the_top_and_says_how_many_were_counted():
         "198.51.100.7  eth0    out  600kbit  150KB  100      cap 198.51.100.7     128kbit\n"
         "198.51.100.9  eth0    out  184kbit  46KB   40       cap 198.51.100.0/24  1mbit\n"
         "fd00::5       eth0    out  16kbit   4KB    4        bulk (default)       -\n"
-        "SKHOSTS-4242-2-4 held 65536 hosts: more went uncounted"
+        "17 packets went uncounted: their hosts found a set full (65536 hosts a class and family)"
     )
     assert json.loads(json.dumps(document))["hosts_counted"] == 6
 
 
-def test_a_set_that_filled_is_named():
-    members = [hosts.Counted(f"10.0.{n // 256}.{n % 256}", 1, 1) for n in range(hosts.MAX_HOSTS)]
-    assert hosts.full_sets({"A": members, "B": members[:5]}) == ["A"]
+def test_the_packets_of_hosts_a_full_set_had_no_room_for_are_summed_from_the_rules_counters():
+    counting, _ = _counting()
+    v4 = (
+        "[0:0] -A SKHOSTS-4242-0 -m set ! --match-set SKHOSTS-4242-0-4 dst ! --update-counters\n"
+        "[7:700] -A SKHOSTS-4242-2 -m set ! --match-set SKHOSTS-4242-2-4 dst ! --update-counters\n"
+        "[9:900] -A SKHOSTS-4242-2 -m set --match-set SKHOSTS-4242-2-4 dst -j RETURN\n"
+        "[5:500] -A SKHOSTS-99-2 -m set ! --match-set SKHOSTS-99-2-4 dst ! --update-counters\n"  # another run's
+    )
+    v6 = "[2:200] -A SKHOSTS-4242-3 -m set ! --match-set SKHOSTS-4242-3-6 src ! --update-counters\n"
+
+    assert hosts.missed_packets(counting, [v4, v6]) == 9
 
 
 # --- the command, on a mocked machine --------------------------------------------------------
@@ -272,13 +284,43 @@ def counting_system(system, mocker):
     pid = os.getpid()  # the run's own: alive
     mocker.patch("shapekit.kernel.read.device_exists", return_value=False)  # no IFB: no ingress tree
     mocker.patch("shapekit.kernel.read.read_classes", return_value=[])  # the cap's class, read over rtnetlink
+    mocker.patch("shapekit.commands.status._wait")  # the interval: tested on its own
     for tool in ("iptables-save", "ip6tables-save"):
-        system.answers[(tool, "-t", "mangle")] = _installed_save(pid)
-    system.answers[("ipset", "list", "-n")] = (
-        f"SHAPEKIT-eth0-4\nSKHOSTS-{pid}-0-4\nSKHOSTS-{pid}-0-6\nSKHOSTS-{DEAD}-0-4\n"
-    )
+        system.answers[(tool, "-t", "mangle")] = "\n".join(
+            line for line in _installed_save(pid).splitlines() if f"SKHOSTS-{pid}" not in line
+        )
+
+    def installed(argv, stdin):  # from the run's install on, the kernel shows its chains and sets
+        if argv[1:] == ("--noflush",) and "-I POSTROUTING" in (stdin or ""):
+            save = argv[0].replace("restore", "save")
+            system.answers[(save, "-t", "mangle")] = _installed_save(pid)
+        if argv == ("ipset", "restore") and (stdin or "").startswith(f"create SKHOSTS-{pid}-"):
+            system.answers[("ipset", "list", "-n")] += f"SKHOSTS-{pid}-0-4\nSKHOSTS-{pid}-0-6\n"
+
+    system.hooks.append(installed)
+    for tool in ("iptables-save", "ip6tables-save"):
+        system.answers[(tool, "-c", "-t", "mangle")] = (
+            f"[3:300] -A SKHOSTS-{pid}-2 -m set ! --match-set SKHOSTS-{pid}-2-4 dst ! --update-counters\n"
+        )
+    system.answers[("ipset", "list", "-n")] = f"SHAPEKIT-eth0-4\nSKHOSTS-{DEAD}-0-4\n"
     system.answers[("ipset", "restore")] = COUNTERS.replace("4242", str(pid))
     return pid
+
+
+def _changes(system) -> list[tuple[tuple[str, ...], str | None]]:
+    """What a run gave iptables-restore, ip6tables-restore and ipset restore, in order."""
+    tools = (("iptables-restore", "--noflush"), ("ip6tables-restore", "--noflush"), ("ipset", "restore"))
+    return [(argv, stdin) for argv, stdin in system.calls if argv in tools]
+
+
+def _removal(pid: int) -> str:
+    return (
+        f"*mangle\n-D POSTROUTING -j SKHOSTS-{pid}\n:SKHOSTS-{pid} - [0:0]\n:SKHOSTS-{pid}-0 - [0:0]\n"
+        f"-X SKHOSTS-{pid}\n-X SKHOSTS-{pid}-0\nCOMMIT\n"
+    )
+
+
+LEFTOVER = f"*mangle\n-D POSTROUTING -j SKHOSTS-{DEAD}\n:SKHOSTS-{DEAD} - [0:0]\n-X SKHOSTS-{DEAD}\nCOMMIT\n"
 
 
 def test_hosts_counts_for_the_interval_and_removes_its_counting_and_leftovers(
@@ -287,7 +329,7 @@ def test_hosts_counts_for_the_interval_and_removes_its_counting_and_leftovers(
     pid = counting_system
     config = write_config(CONFIG_TOML)
 
-    result = cli(status_app, "--config", str(config), "--hosts", "--interval", "0.1", "--json", "--top", "2")
+    result = cli(status_app, "--config", str(config), "--hosts", "--json", "--top", "2")
 
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
@@ -295,31 +337,22 @@ def test_hosts_counts_for_the_interval_and_removes_its_counting_and_leftovers(
         ("198.51.100.7", "cap 198.51.100.7"),
         ("198.51.100.9", "web"),  # 1000 bytes bypassed, 45000 web
     ]
-    assert document["hosts_counted"] == 5 and 0.1 <= document["interval_s"] < 1
-    changes = [(argv, stdin) for argv, stdin in system.calls if argv[0] in ("ipset", "iptables-restore")]
-    leftover = f"*mangle\n-D POSTROUTING -j SKHOSTS-{DEAD}\n:SKHOSTS-{DEAD} - [0:0]\n-X SKHOSTS-{DEAD}\nCOMMIT\n"
-    mine = (
-        f"*mangle\n-D POSTROUTING -j SKHOSTS-{pid}\n:SKHOSTS-{pid} - [0:0]\n:SKHOSTS-{pid}-0 - [0:0]\n"
-        f"-X SKHOSTS-{pid}\n-X SKHOSTS-{pid}-0\nCOMMIT\n"
-    )
-    listed = "".join(f"list SKHOSTS-{pid}-{n}-{f} -o save\n" for f in (4, 6) for n in range(3))
-    assert (
-        [c for c in changes if c[0] != ("ipset", "list", "-n")]
-        == [
-            (("iptables-restore", "--noflush"), leftover),  # a run killed outright left these: gone first
-            (("ipset", "restore"), f"destroy SKHOSTS-{DEAD}-0-4\n"),
-            (("ipset", "restore"), hosts.plan_sets(hosts.Counting(pid, _counting(pid)[0].bins[:3]), (4, 6))),
-            (("iptables-restore", "--noflush"), _rules(pid, 4)),
-            (("ipset", "restore"), listed),
-            (("iptables-restore", "--noflush"), mine),
-            (("ipset", "restore"), f"destroy SKHOSTS-{pid}-0-4\ndestroy SKHOSTS-{pid}-0-6\n"),
-        ]
-    )
-
-
-def _rules(pid: int, family: int) -> str:
+    assert document["hosts_counted"] == 5 and document["missed_packets"] == 6  # 3 in each family
     counting = hosts.Counting(pid, _counting(pid)[0].bins[:3])  # CONFIG_TOML has no ingress tree
-    return hosts.plan_rules(counting, family, 1)
+    listed = "".join(f"list SKHOSTS-{pid}-{n}-{f} -o save\n" for f in (4, 6) for n in range(3))
+    assert _changes(system) == [
+        # a run killed outright left these: gone first (not this run's own: its pid is alive)
+        (("iptables-restore", "--noflush"), LEFTOVER),
+        (("ip6tables-restore", "--noflush"), LEFTOVER),
+        (("ipset", "restore"), f"destroy SKHOSTS-{DEAD}-0-4\n"),
+        (("ipset", "restore"), hosts.plan_sets(counting, (4, 6))),
+        (("iptables-restore", "--noflush"), hosts.plan_rules(counting, 4, 1)),
+        (("ip6tables-restore", "--noflush"), hosts.plan_rules(counting, 6, 1)),
+        (("ipset", "restore"), listed),
+        (("iptables-restore", "--noflush"), _removal(pid)),
+        (("ip6tables-restore", "--noflush"), _removal(pid)),
+        (("ipset", "restore"), f"destroy SKHOSTS-{pid}-0-4\ndestroy SKHOSTS-{pid}-0-6\n"),
+    ]
 
 
 def test_a_failed_count_is_one_line_and_what_it_made_is_removed(counting_system, system, cli, write_config):
@@ -332,15 +365,52 @@ def test_a_failed_count_is_one_line_and_what_it_made_is_removed(counting_system,
             raise CommandFailed("ip6tables-restore --noflush", "ip6tables-restore: line 12 failed")
 
     system.hooks.append(fail_rules)
-    result = cli(status_app, "--config", str(write_config(CONFIG_TOML)), "--hosts", "-i", "0.1")
+    result = cli(status_app, "--config", str(write_config(CONFIG_TOML)), "--hosts")
 
     assert result.exit_code == 1
     assert result.stderr == (
         "shape-status: `ip6tables-restore --noflush` failed: ip6tables-restore: line 12 failed; "
         "put back as before: the host counters\n"
     )
-    restores = [stdin for argv, stdin in system.calls if argv == ("ipset", "restore")]
-    assert restores[-1] == f"destroy SKHOSTS-{pid}-0-4\ndestroy SKHOSTS-{pid}-0-6\n"
+    assert _changes(system)[-3:] == [
+        (("iptables-restore", "--noflush"), _removal(pid)),
+        (("ip6tables-restore", "--noflush"), _removal(pid)),
+        (("ipset", "restore"), f"destroy SKHOSTS-{pid}-0-4\ndestroy SKHOSTS-{pid}-0-6\n"),
+    ]
+
+
+def test_a_signal_while_the_counting_is_removed_still_ends_the_run(counting_system, system, cli, write_config):
+    import signal
+
+    pid = counting_system
+
+    def term_at_removal(argv, stdin):
+        if argv == ("ip6tables-restore", "--noflush") and (stdin or "").startswith(
+            f"*mangle\n-D POSTROUTING -j SKHOSTS-{pid}"
+        ):
+            os.kill(os.getpid(), signal.SIGTERM)  # systemd stopping it, say
+
+    system.hooks.append(term_at_removal)
+    result = cli(status_app, "--config", str(write_config(CONFIG_TOML)), "--hosts")
+
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.stderr == "shape-status: interrupted by SIGTERM; put back as before: the host counters\n"
+    assert result.stdout == ""
+    assert _changes(system)[-1] == (("ipset", "restore"), f"destroy SKHOSTS-{pid}-0-4\ndestroy SKHOSTS-{pid}-0-6\n")
+
+
+def test_a_wait_ends_at_once_on_a_signal():
+    import signal
+    import time
+
+    from shapekit.commands.status import _wait
+    from shapekit.errors import Interrupted
+
+    start = time.monotonic()
+    with pytest.raises(Interrupted, match="interrupted by SIGINT; nothing was changed"):
+        _wait(60, [signal.SIGINT], "nothing was changed")
+    _wait(0.05, [], "")
+    assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize(

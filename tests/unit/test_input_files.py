@@ -6,6 +6,7 @@ blocks on it, and a file it cannot use is one line naming it and the fix.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from paths import INCIDENT_CONFIG
 
 from shapekit import state
 from shapekit.commands.limit_ip import limit_ip_app
-from shapekit.config.addresses import parse_host
+from shapekit.config.addresses import ValueProblem, parse_host
 from shapekit.config.load import load_config
 from shapekit.config.model import batch_safe_name_problem
 from shapekit.config.rules import Cap
@@ -480,3 +481,32 @@ def test_a_corrupt_limits_file_stops_shape_limit_ip_and_stays(system, cli, tmp_p
     assert f"state file {path}: caps[0].slot: [1] is not a cap's place" in result.stderr
     assert path.read_bytes() == before  # never rewritten from what could not be read
     assert system.batches() == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0.0.0.0", "255.255.255.255", "198.51.100.7", " 10.0.0.1 ", "9.99.100.249", "1.2.3.4/32", "10.0.0.0/8", "::1"],
+)
+def test_a_host_read_the_quick_way_is_what_ipaddress_reads(text):
+    assert parse_host(text) == ipaddress.ip_network(text.strip())
+    assert type(parse_host(text)) is type(ipaddress.ip_network(text.strip()))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "256.1.1.1",
+        "01.2.3.4",
+        "1.2.3",
+        "1.2.3.4.5",
+        "1.2.3.04",
+        "0x1.2.3.4",
+        "1.2.3.4 5",
+        "١.٢.٣.٤",
+        "1.2.3.٤",
+        "１.2.3.4",
+    ],
+)
+def test_what_looks_almost_like_an_address_is_still_refused(text):
+    with pytest.raises(ValueProblem, match="is not an IPv4/IPv6 address or CIDR block"):
+        parse_host(text)

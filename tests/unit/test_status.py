@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families  # a test de
 from shapekit.commands.init import init_app
 from shapekit.commands.status import status_app
 from shapekit.config.load import parse_config
-from shapekit.errors import UsageError
+from shapekit.errors import Interrupted, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.plan import status
 from shapekit.plan.limits import place_caps
@@ -68,10 +71,7 @@ def _rows() -> list[status.ClassRow]:
     device = parse_config(CONFIG, Path("shapekit.toml")).devices["skqa"]
     names = status.class_names(device, place_caps(device, [], 0))
     after, _ = tc_netlink.parse_messages(DUMP)
-    before = [
-        c if c.classid != "5c:10" else tc_netlink.ClassStats(**{**c.__dict__, "bytes": c.bytes - 500_000})
-        for c in after
-    ]
+    before = [c if c.classid != "5c:10" else c._replace(bytes=c.bytes - 500_000) for c in after]
     return status.class_rows(names, before, after, seconds=2.0)
 
 
@@ -134,11 +134,14 @@ def test_without_root_the_rule_counters_are_named_missing():
 def sampled(mocker):
     documents = iter([{"n": 1}, {"n": 2}])
 
-    def sample(options, devs, interval):
+    def sample(options, devs, interval, caught):
         try:
             return next(documents)
         except StopIteration:
-            raise KeyboardInterrupt from None
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: caught, then the wait ends at once
+            time.sleep(0.5)
+            assert caught == [signal.SIGINT]
+            raise Interrupted(signal.SIGINT, "nothing was changed") from None
 
     return mocker.patch("shapekit.commands.status.status_sample", side_effect=sample)
 
