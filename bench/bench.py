@@ -443,7 +443,7 @@ def bench_metrics(caps: int, repeat: int) -> dict[str, object]:
 # --- top talkers: where to count them --------------------------------------------------
 
 HOSTS_PACED = {"198.18.0.11": "24M", "198.18.0.12": "12M", "198.18.0.13": "6M"}
-HOSTS_CONFIG = '[device.DEV]\nrate = "1gbit"\nleaf = "pfifo"\nclassifier = "classify"\n'
+HOSTS_CONFIG = '[device.DEV]\nrate = "10gbit"\nleaf = "pfifo"\nclassifier = "classify"\n'
 _CT_ORIG = re.compile(r"^ipv4 .* src=198\.18\.0\.1 dst=(\S+) .*? bytes=(\d+) ", re.MULTILINE)
 
 

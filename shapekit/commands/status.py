@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import operator
@@ -336,6 +337,7 @@ def shape_status(
                     typer.echo(("\x1b[H\x1b[2J" if watch else "") + render(document))
                 if not watch:
                     return
+                gc.collect()  # the console runs without the collector (common.console); a watch lives on
 
         common.reported("shape-status", show)
 
