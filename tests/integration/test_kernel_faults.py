@@ -177,8 +177,7 @@ def boot(
         pair.left.run(*argv)
     config = str(pair.write_config(CONFIG))
     changed = str(pair.write_config(CHANGED, "changed.toml"))
-    for command in ("shape-init", "shape-bypass", "shape-mark", "shape-limit-ip"):
-        pair.shapekit(command, "--config", config)
+    pair.shapekit("shape-init", "--all", "--config", config)  # the four boot commands in one process: quicker
     for argv in prepare:
         pair.shapekit(*argv, "--config", config)
     return config, changed

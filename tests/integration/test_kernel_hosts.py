@@ -180,6 +180,7 @@ def test_the_incident_alert_find_cap(netpair, tmp_path):
         swamped = rate(quiet, loud, "bulk")  # 1. the alert: the class's rate rises
         found = _hosts(netpair, config, "--interval", "2", "--json")  # 2. who is it
         before = _received(found)
+        classes = netpair.classes()
         capped = netpair.shapekit(  # 3. cap it
             "shape-limit-ip", "add", bulk, "1mbit", "--for", "1h", "--comment", "incident 4711", "--config", config
         )
@@ -188,6 +189,7 @@ def test_the_incident_alert_find_cap(netpair, tmp_path):
         time.sleep(4)
         held_to = metrics()
         after = _received(_hosts(netpair, config, "--interval", "3", "--json"))
+        classes_after = netpair.classes()
     finally:
         for thread in threads:
             thread.join()
@@ -207,9 +209,12 @@ def test_the_incident_alert_find_cap(netpair, tmp_path):
     assert abs(cap_rate - 1e6) <= 0.1e6  # HTB holds the wire bytes to the cap
     assert after[bulk]["cap"]["comment"] == "incident 4711" and after[bulk]["klass"] == f"cap {bulk}"
     assert abs(after[bulk]["throughput"] - 1e6) <= 0.15e6  # IP bytes: a little under the wire's
-    for host, paced in others.items():  # untouched: at their pace before and after, in their class, no cap
+    assert {cid: classes_after[cid] for cid in classes} == classes  # the cap only added its own classes
+    for host, paced in others.items():  # untouched: their class, no cap, and their pace kept throughout
         expected = float(paced.rstrip("M")) * 1e6
         for row in (before[host], after[host]):
-            assert abs(row["throughput"] - expected) <= 0.1 * expected, (host, row)
+            # a 2-3 s window of a paced 1-2 Mbit/s TCP flow on a busy 2-core machine: iperf3 -b catches up
+            # in bursts (CI once saw 1.75 of 2); the whole flow's goodput below holds it to 10%
+            assert abs(row["throughput"] - expected) <= 0.25 * expected, (host, row)
             assert row["klass"] == "interactive" and row["cap"] is None
         assert abs(goodputs[host] - expected) <= 0.1 * expected
