@@ -289,7 +289,8 @@ def shape_status(
     outright leaves them to the next --hosts or shape-flush). Needs root.
 
     Exit status: 0 done (Ctrl-C ends --watch cleanly); 2 bad input; 1 --output
-    could not be written, or a system command failed (its counting removed).
+    could not be written, or a system command failed (its counting removed);
+    130, 143 stopped by Ctrl-C or SIGTERM (its counting removed).
     """
 
     options = common.make_options(config, False, False)
