@@ -493,21 +493,20 @@ def goodputs(flows: list[subprocess.Popen]) -> dict[str, float]:
     return found
 
 
-def hosts_accuracy(acct_first: bool) -> dict[str, object]:
-    """One window of 4 s inside 10 s flows, read both ways; `acct_first`: accounting on before the flows."""
+def hosts_accuracy(acct_first: bool, window: int) -> dict[str, object]:
+    """One window of `window` s inside flows 6 s longer, read both ways; `acct_first`: accounting on before
+    the flows."""
     with pair() as p:
         config = hosts_pair(p)
         set_acct(p, acct_first)
-        flows = paced_flows(p, 10)
+        flows = paced_flows(p, window + 6)
         time.sleep(3)
         set_acct(p, True)
-        counting = subprocess.Popen(
-            ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", config, "--hosts", "-i", "4", "--json"],
-            stdout=subprocess.PIPE, text=True, env=p.env,
-        )  # fmt: skip
+        argv = ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", config, "--hosts", "-i", str(window)]
+        counting = subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, text=True, env=p.env)
         time.sleep(0.3)  # its counting is in: the conntrack window is the same, give or take its start
         start, first = time.monotonic(), conntrack_sent(p)
-        time.sleep(4)
+        time.sleep(window)
         seconds, last = time.monotonic() - start, conntrack_sent(p)
         counted = json.loads(counting.communicate()[0])
         measured = goodputs(flows)
@@ -560,7 +559,8 @@ def hosts_read_cost(hosts: int) -> dict[str, float]:
         argv = ["ip", "netns", "exec", p.ns, tool("shape-status"), "--config", config, "--hosts", "-i", "3", "--json"]
         start = time.monotonic()
         counting = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=p.env)
-        time.sleep(1)
+        while "SKHOSTS" not in p.inside("ipset", "list", "-n"):  # counting: send now
+            time.sleep(0.05)
         p.inside(sys.executable, "-c", send)
         document = json.loads(counting.communicate()[0])
         hosts_s = time.monotonic() - start - document["interval_s"]
@@ -571,13 +571,14 @@ def hosts_read_cost(hosts: int) -> dict[str, float]:
             "conntrack_s": conntrack_s}  # fmt: skip
 
 
-def bench_hosts(hosts: int, rounds: int) -> dict[str, object]:
+def bench_hosts(hosts: int, rounds: int, window: int) -> dict[str, object]:
     ways = {"shapekit": shapekit_only, "shapekit_counting": with_counting, "shapekit_acct": with_acct}
     gbit = interleaved(ways, rounds, download=False)
     return {
         "rounds": rounds,
-        "accuracy": hosts_accuracy(acct_first=True),
-        "accounting_turned_on_late": hosts_accuracy(acct_first=False),
+        "window_s": window,
+        "accuracy": hosts_accuracy(acct_first=True, window=window),
+        "accounting_turned_on_late": hosts_accuracy(acct_first=False, window=window),
         "flow_gbit_s": gbit,
         "counting_ratio": gbit["shapekit_counting"] / gbit["shapekit"],
         "acct_ratio": gbit["shapekit_acct"] / gbit["shapekit"],
@@ -919,9 +920,12 @@ def main() -> None:
         )
     if "hosts" in todo:
         hosts = (args.caps or [100 if quick else 10000])[0]
-        row = bench_hosts(hosts, 1 if quick else args.rounds)
+        row = bench_hosts(hosts, 1 if quick else args.rounds, 1 if quick else 4)
         save("hosts", row, args.out)
-        print("\ntop talkers: what shape-status --hosts counts (ipset) vs conntrack accounting, over one 4 s window")
+        print(
+            "\ntop talkers: what shape-status --hosts counts (ipset) vs conntrack accounting, "
+            f"over one {row['window_s']} s window"
+        )
         for title, key in (
             ("accounting on before the flows", "accuracy"),
             ("turned on after", "accounting_turned_on_late"),
