@@ -10,8 +10,7 @@ import operator
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -171,19 +170,6 @@ def _wait(seconds: float, caught: list[int], outcome: str) -> None:
         raise Interrupted(caught[0], outcome)
 
 
-@contextmanager
-def _caught_signals() -> Iterator[list[int]]:
-    """Ctrl-C, SIGTERM and SIGHUP end shape-status between two reads, never inside one: a KeyboardInterrupt
-    inside the sh library's wait for a child can leave its threads holding the exit up (seen once in CI)."""
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in run.STOP_SIGNALS}
-    try:
-        yield caught
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _gone(pid: int) -> bool:
     """Whether no process `pid` runs: its counting is a leftover."""
     try:
@@ -300,7 +286,9 @@ def shape_status(
     if top is not None and not show_hosts:
         common.reported("shape-status", _refuse("--top goes with --hosts: add --hosts"))
 
-    with _caught_signals() as caught:
+    # Ctrl-C ends shape-status between two reads, never inside one: a KeyboardInterrupt inside the sh
+    # library's wait for a child can leave its threads holding the exit up (seen once in CI)
+    with run.caught_signals([]) as caught:
         if output_format == OutputFormat.prometheus:
             common.reported("shape-status", lambda: _metrics(options, dev or [], output, caught))
             return

@@ -125,9 +125,26 @@ def transaction(runner: Runner) -> Iterator[Journal]:
     signal not stopping that.
     """
     journal = Journal(dry_run=runner.dry_run)
-    previous = {s: signal.signal(s, lambda signum, _: journal.signals.append(signum)) for s in STOP_SIGNALS}
-    try:
+    with caught_signals(journal.signals), _put_back_on_failure(journal):
         yield journal
+
+
+@contextmanager
+def caught_signals(caught: list[int]) -> Iterator[list[int]]:
+    """Ctrl-C, SIGTERM and SIGHUP recorded in `caught` instead of raised: a run stops between two steps."""
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def _put_back_on_failure(journal: Journal) -> Iterator[None]:
+    """Every step of `journal` put back when the run fails or is stopped; the one line says how that went."""
+    try:
+        yield
     except CommandFailed as exc:
         outcome = journal.roll_back()
         if journal.signals:  # the signal reached the running tool too
@@ -142,9 +159,6 @@ def transaction(runner: Runner) -> Iterator[Journal]:
     except BaseException:  # a bug: nothing may stay half-done either
         journal.roll_back()
         raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def in_order(*steps: Callable[[], None]) -> Callable[[], None]:

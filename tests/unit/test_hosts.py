@@ -13,7 +13,7 @@ from shapekit.commands.status import status_app
 from shapekit.config.load import parse_config
 from shapekit.config.rules import Cap
 from shapekit.plan import hosts, status
-from shapekit.plan.limits import place_caps
+from shapekit.plan.limits import cap_classid, place_caps
 
 CONFIG = {
     "device": {
@@ -65,12 +65,6 @@ def _counting(pid: int = 4242) -> tuple[hosts.Counting, dict]:
         held = [hosts.HeldBy(p, names[cap_classid(tree, p.slot)], cap_classid(tree, p.slot)) for p in placed]
         caps[(tree.configured, tree.direction)] = hosts.CapIndex(held)
     return hosts.Counting(pid, hosts.plan_bins(named, config.bypass.mark)), caps
-
-
-def cap_classid(tree, slot):
-    from shapekit.plan.limits import cap_classid as classid
-
-    return classid(tree, slot)
 
 
 def test_each_class_mark_of_a_sent_tree_has_a_bin_the_rest_one_and_an_ingress_tree_one():
