@@ -391,3 +391,23 @@ def test_a_batch_run_in_parts_failing_in_its_second_part_is_put_back_whole(netpa
     assert "put back as before" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert after[0] == before[0], state_diff(before[0], after[0])
     assert after[1] == before[1], "the state files changed"
+
+
+def test_hosts_failing_at_any_step_leaves_no_counting_and_the_rest_as_before(netpair, faults):
+    """shape-status --hosts puts its counting in for the interval only: whichever of its steps fails (a set,
+    a family's rules, its removal), it exits 1 and the kernel holds exactly what it held before."""
+    config, _ = boot(netpair, ())
+    argv = ("shape-status", "--hosts", "--interval", "1", "--config", config)
+    assert _faulted(netpair, faults, None, *argv).returncode == 0
+    steps = faults.steps
+    print(f"shape-status --hosts: {steps} steps")
+    assert steps >= 4, faults.log  # its sets, both families' rules, their removal
+    before = comparable(kernel_state(netpair, [netpair.dev]))
+    for n in range(1, steps + 1):
+        result = _faulted(netpair, faults, n, *argv)
+        what = f"{faults.step(n)}: {result.stderr}"
+        assert faults.fired, f"step {n} never came: {faults.log}"
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, what
+        assert "put back as before: the host counters" in result.stderr, what
+        after = comparable(kernel_state(netpair, [netpair.dev]))
+        assert after == before, f"{what}\n{state_diff(before, after)}"
