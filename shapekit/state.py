@@ -104,22 +104,23 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
     write_state_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_state_text(path: Path, text: str) -> None:
-    """`write_state` of JSON text already made."""
+def write_state_text(path: Path, text: str, durable: bool = True) -> None:
+    """`write_state` of text already made; `durable`: on disk before it replaces the old file."""
     try:
-        _replace(path, text)
+        _replace(path, text, durable)
     except OSError as exc:
         raise CommandFailed(f"writing {path}", exc.strerror or str(exc)) from None
 
 
-def _replace(path: Path, text: str) -> None:
+def _replace(path: Path, text: str, durable: bool) -> None:
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as out:
             out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -241,13 +242,38 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 def write_metrics(path: Path, sample: Callable[[], str], down: str) -> None:
     """A Prometheus sample into `path`, replaced whole (node_exporter never reads half a file); a failed
-    sample leaves `down` there (its `..._up 0`), and its error still ends the command."""
+    sample leaves `down` there (its `..._up 0`), and its error still ends the command. Not synced to disk,
+    as node_exporter's textfile collector asks: the next sample replaces it within seconds."""
     try:
         text = sample()
     except ShapekitError:
-        write_state_text(path, down)
+        write_state_text(path, down, durable=False)
         raise
-    write_state_text(path, text)
+    write_state_text(path, text, durable=False)
+
+
+def in_background(work: Callable[[], T]) -> Callable[[], T]:
+    """Start `work` in a thread of its own now; the returned call waits for it and gives what it returned,
+    or raises what it raised (for a read that waits on a process while this one parses)."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the waiting thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def wait() -> T:
+        thread.join()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    return wait
 
 
 def output_option(help_text: str) -> Any:

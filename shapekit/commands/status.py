@@ -82,6 +82,7 @@ def status_sample(options: common.Options, devs: list[str], interval: float, cau
 def prometheus_sample(options: common.Options, devs: list[str]) -> str:
     """One read of each tree's classes and the rule counters, in Prometheus's text format (no interval:
     Prometheus takes rates of the counters itself)."""
+    counters = common.in_background(lambda: rule_counters(options))  # two iptables-save while this parses
     samples, caps = [], {}
     for named in named_trees(options.load(), devs):
         tree, classes = named.tree, read.read_classes(named.tree.name)
@@ -89,7 +90,7 @@ def prometheus_sample(options: common.Options, devs: list[str]) -> str:
         samples.append(status.TreeSample(tree.configured, tree.direction, rows))
         for source in ("config", "run-time"):
             caps[(tree.configured, tree.direction, source)] = sum(p.cap.source == source for p in named.placed)
-    return status.prometheus_text(samples, rule_counters(options), caps, load_last_init(state_dir()))
+    return status.prometheus_text(samples, counters(), caps, load_last_init(state_dir()))
 
 
 def hosts_sample(options: common.Options, devs: list[str], interval: float, top: int) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families  # a test dependency: Prometheus's parser
 
+from shapekit.commands import common
 from shapekit.commands.init import init_app
 from shapekit.commands.status import status_app
 from shapekit.config.load import parse_config
@@ -265,10 +266,12 @@ def test_format_prometheus_prints_one_read(metrics, cli):
     assert metrics.call_args.args[1] == ["eth0"]
 
 
-def test_output_replaces_the_file_whole_and_a_failed_sample_leaves_up_0(metrics, cli, tmp_path):
+def test_output_replaces_the_file_whole_and_a_failed_sample_leaves_up_0(metrics, cli, tmp_path, mocker):
     path = tmp_path / "textfile" / "shapekit.prom"
+    fsync = mocker.spy(os, "fsync")
 
     assert cli(status_app, "--format", "prometheus", "--output", str(path)).exit_code == 0
+    assert fsync.call_count == 0  # node_exporter's textfile collector asks for a rename, not a sync
     assert path.read_text() == "shapekit_up 1\n"
     assert [p.name for p in path.parent.iterdir()] == ["shapekit.prom"]  # no temporary file left
 
@@ -364,3 +367,10 @@ def test_two_rules_that_read_alike_are_two_series():
     samples = next(f for f in text_string_to_metric_families(text) if f.name == "shapekit_rule_matched_bytes").samples
     assert [s.labels["position"] for s in samples] == ["1", "2"]
     assert len({tuple(sorted(s.labels.items())) for s in samples}) == 2
+
+
+def test_in_background_gives_what_the_work_returned_or_raises_what_it_raised():
+    assert common.in_background(lambda: 42)() == 42
+    failing = common.in_background(lambda: (_ for _ in ()).throw(UsageError("iptables-save is not installed")))
+    with pytest.raises(UsageError, match="iptables-save is not installed"):
+        failing()
