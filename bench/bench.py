@@ -11,7 +11,8 @@
     bench/bench.py scale [--caps 10000 100000]      # caps at ISP scale: apply, add, sync, flush, memory, a flow
     bench/bench.py metrics [--caps 10000]           # one shape-status --format prometheus sample: time, memory
     bench/bench.py hosts [--caps 10000]             # top talkers: shape-status --hosts vs conntrack accounting
-    bench/bench.py all --quick                      # tiny N: keeps the script working (CI)
+    bench/bench.py latency [--seconds 20]           # seed 000's promise: ssh, DNS, ping under 8 torrent uploads
+    bench/bench.py all --quick [--skip latency]     # tiny N: keeps the script working (CI)
 
 Each table is printed and written as JSON to bench/results/NAME.json. The
 three apply columns run side by side in one run, so their ratios hold on
@@ -41,11 +42,18 @@ a noisy, shared machine even when the seconds do not.
   hosts at paced rates (iperf3 -b) against iperf3's goodput; the same with
   accounting turned on after the flows began; an unlimited flow's Gbit/s with
   each counting (interleaved rounds); and reading N hosts (N connections).
+- latency: seed 000's promise under 8 torrent uploads, round trips of ping,
+  DNS, ssh, a TCP connect and the torrent class's own, with no shaping,
+  shapekit, seed 000's script, FireQOS and wondershaper (bench/latency.py
+  says how); also a PNG of their CDFs. `tests/distro/run --bench latency`
+  runs it in Debian's kernel, with the leaves this one lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import importlib.util
 import ipaddress
 import json
 import os
@@ -61,22 +69,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers import delete_namespaces, run, save, table, tool
+from latency import bench_latency, plot, report
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LINE = "10gbit"
-
-
-def run(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None, capture_stderr: bool = False) -> str:
-    """A command's stdout (and its stderr after it, `capture_stderr`); RuntimeError when it fails."""
-    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:8])}: {result.stderr.strip()[:500]}")
-    return result.stdout + (result.stderr if capture_stderr else "")
-
-
-def tool(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name) or name
 
 
 class Pair:
@@ -114,10 +112,7 @@ class Pair:
             run("ip", "-n", ns, "link", "set", "lo", "up")
 
     def down(self) -> None:
-        for ns in (self.ns, self.peer_ns):
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_namespaces(self.ns, self.peer_ns)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def inside(self, *argv: str, stdin: str | None = None) -> str:
@@ -362,11 +357,11 @@ def changed_rows(caps: int) -> str:
     return "host,rate\n" + "".join(rows)
 
 
-def bench_scale(sizes: list[int], repeat: int, rounds: int) -> list[dict[str, object]]:
-    return [scale_row(caps, repeat, rounds) for caps in sizes]
+def bench_scale(sizes: list[int], repeat: int, rounds: int, flow_s: int = 4) -> list[dict[str, object]]:
+    return [scale_row(caps, repeat, rounds, flow_s) for caps in sizes]
 
 
-def scale_row(caps: int, repeat: int, rounds: int) -> dict[str, object]:
+def scale_row(caps: int, repeat: int, rounds: int, flow_s: int) -> dict[str, object]:
     """Caps at ISP scale: apply, one add, sync, flush, memory, an unlimited flow; floors side by side."""
     row: dict[str, object] = {"caps": caps}
     with pair() as p, pair() as none:
@@ -384,8 +379,8 @@ def scale_row(caps: int, repeat: int, rounds: int) -> dict[str, object]:
             none.shapekit(command, "--config", zero)
         flows: dict[str, list[float]] = {"with": [], "none": []}
         for _ in range(rounds):
-            flows["with"].append(p.throughput())
-            flows["none"].append(none.throughput())
+            flows["with"].append(p.throughput(flow_s))
+            flows["none"].append(none.throughput(flow_s))
         row["flow_ratio"] = statistics.median(flows["with"]) / statistics.median(flows["none"])
         row["flush_s"] = p.timed(lambda: p.shapekit("shape-flush", "--config", config))
     with pair() as p:
@@ -571,9 +566,9 @@ def hosts_read_cost(hosts: int) -> dict[str, float]:
             "conntrack_s": conntrack_s}  # fmt: skip
 
 
-def bench_hosts(hosts: int, rounds: int, window: int) -> dict[str, object]:
+def bench_hosts(hosts: int, rounds: int, window: int, flow_s: int = 4) -> dict[str, object]:
     ways = {"shapekit": shapekit_only, "shapekit_counting": with_counting, "shapekit_acct": with_acct}
-    gbit = interleaved(ways, rounds, download=False)
+    gbit = interleaved(ways, rounds, download=False, flow_s=flow_s)
     return {
         "rounds": rounds,
         "window_s": window,
@@ -640,7 +635,9 @@ def bench_add(sizes: list[int], repeat: int) -> list[dict[str, object]]:
 # --- per-packet cost -----------------------------------------------------------------
 
 
-def interleaved(ways: dict[str, Callable[[Pair], object]], rounds: int, download: bool) -> dict[str, float]:
+def interleaved(
+    ways: dict[str, Callable[[Pair], object]], rounds: int, download: bool, flow_s: int = 4
+) -> dict[str, float]:
     """Median Gbit/s of one unlimited flow after each setup, a fresh pair each time.
 
     Rounds are interleaved, so drift on a shared machine hits every column alike.
@@ -650,7 +647,7 @@ def interleaved(ways: dict[str, Callable[[Pair], object]], rounds: int, download
         for name, setup in ways.items():
             with pair() as p:
                 setup(p)
-                results[name].append(p.throughput(download=download))
+                results[name].append(p.throughput(flow_s, download=download))
     return {name: statistics.median(values) / 1e9 for name, values in results.items()}
 
 
@@ -660,7 +657,7 @@ def seed_rules(dev: str, caps: int) -> str:
     return "*mangle\n" + "\n".join([*rules, "-A POSTROUTING -j CONNMARK --restore-mark"]) + "\nCOMMIT\n"
 
 
-def bench_packet(caps: int, rounds: int) -> dict[str, object]:
+def bench_packet(caps: int, rounds: int, flow_s: int = 4) -> dict[str, object]:
     def shapekit_with(n: int) -> Callable[[Pair], None]:
         return lambda p: shapekit_boot(p, n) and None
 
@@ -674,7 +671,7 @@ def bench_packet(caps: int, rounds: int) -> dict[str, object]:
         "seed_0": seed_with(0),
         f"seed_{caps}": seed_with(caps),
     }
-    gbit = interleaved(ways, rounds, download=False)
+    gbit = interleaved(ways, rounds, download=False, flow_s=flow_s)
     return {
         "caps": caps,
         "rounds": rounds,
@@ -702,7 +699,7 @@ def linear_filters(dev: str, caps: int) -> str:
     )
 
 
-def bench_ingress(caps: int, rounds: int, repeat: int) -> dict[str, object]:
+def bench_ingress(caps: int, rounds: int, repeat: int, flow_s: int = 4) -> dict[str, object]:
     def boot(p: Pair, n: int) -> str:
         path = p.tmp / "shapekit.toml"
         path.write_text(ingress_config(p.dev, n))
@@ -719,7 +716,7 @@ def bench_ingress(caps: int, rounds: int, repeat: int) -> dict[str, object]:
         f"shapekit_{caps}": lambda p: boot(p, caps),
         f"linear_{caps}": linear,
     }
-    gbit = interleaved(ways, rounds, download=True)
+    gbit = interleaved(ways, rounds, download=True, flow_s=flow_s)
     with pair() as p:
         path = p.tmp / "shapekit.toml"
         path.write_text(ingress_config(p.dev, caps))
@@ -798,41 +795,78 @@ def tcset_rules(classes: str, filters: str) -> list[tuple[int, str]]:
     return sorted((rates.get(cid, 0), str(ipaddress.ip_address(int(dst, 16)))) for cid, dst in rules)
 
 
-# --- output --------------------------------------------------------------------------
-
-
-def table(rows: list[dict[str, object]], columns: list[tuple[str, str, str]]) -> str:
-    header = [title for _, title, _ in columns]
-    body = [[format(row[key], spec) if key in row else "-" for key, _, spec in columns] for row in rows]
-    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body])
-
-
-def save(name: str, data: object, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+def compile_shapekit() -> None:
+    """Byte-compile the shapekit that bench runs, as an install does (pip writes the .pyc files): otherwise,
+    with PYTHONDONTWRITEBYTECODE set, every command compiles its modules again (+0.06 s a run)."""
+    spec = importlib.util.find_spec("shapekit")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("bench.py: shapekit is not installed in this Python: run it with the checkout's .venv/bin/python")
+    for where in spec.submodule_search_locations:
+        if os.access(where, os.W_OK):  # the distro-kernel guest sees the checkout read-only
+            compileall.compile_dir(where, quiet=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "what",
-        choices=["all", "apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics", "hosts"],
+        choices=[
+            "all",
+            "apply",
+            "add",
+            "packet",
+            "boot",
+            "tcconfig",
+            "ingress",
+            "scale",
+            "metrics",
+            "hosts",
+            "latency",
+        ],
     )
     parser.add_argument("--caps", type=int, nargs="+", help="N (default per table: see above)")
     parser.add_argument("--repeat", type=int, default=10, help="adds to time (median)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
+    parser.add_argument(
+        "--leaves",
+        nargs="*",
+        choices=["pfifo", "sfq", "fq_codel", "cake"],
+        help="latency: shapekit's leaves to run (default: each of these the kernel has)",
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=["seed", "fireqos", "wondershaper"],
+        default=["seed", "fireqos", "wondershaper"],
+        help="latency: the other shapers to run (wondershaper only where the kernel has CBQ)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, help="latency: how long the probes run under load (default 20, --quick 4)"
+    )
+    parser.add_argument(
+        "--gso-segs",
+        type=int,
+        help="latency: also run shapekit with A's GSO super-packets held to N segments (gso_max_segs N)",
+    )
+    parser.add_argument(
+        "--congestion", help="latency: the uploads' TCP congestion control, e.g. cubic (default: the kernel's)"
+    )
+    parser.add_argument("--skip", nargs="*", default=[], help="with all: tables to leave out, e.g. latency scale")
     parser.add_argument("--quick", action="store_true", help="tiny N and one round: checks that the script works")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (it makes network namespaces)")
+    compile_shapekit()
     quick = args.quick
-    todo = (
-        ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics", "hosts"]
-        if args.what == "all"
-        else [args.what]
-    )
+    flow_s = 1 if quick else 4  # seconds of each unlimited flow whose Gbit/s a table gives
+    tables = ["apply", "add", "packet", "boot", "tcconfig", "ingress", "scale", "metrics", "hosts", "latency"]
+    unknown = [name for name in args.skip if name not in tables]
+    if unknown:
+        parser.error(f"--skip {unknown[0]}: not a table (the tables: {', '.join(tables)})")
+    if args.skip and args.what != "all":
+        parser.error("--skip goes with all")
+    todo = [name for name in tables if name not in args.skip] if args.what == "all" else [args.what]
     if "apply" in todo:
         rows = bench_apply(args.caps or ([10] if quick else [100, 1000, 10000]))
         save("apply", rows, args.out)
@@ -859,7 +893,7 @@ def main() -> None:
         print(table(rows, [("caps", "caps", "d"), ("median_s", "median", ".3f"), ("max_s", "max", ".3f")]))
     if "packet" in todo:
         caps = (args.caps or [10 if quick else 10000])[0]
-        row = bench_packet(caps, 1 if quick else args.rounds)
+        row = bench_packet(caps, 1 if quick else args.rounds, flow_s)
         save("packet", row, args.out)
         print(f"\nunlimited TCP flow, Gbit/s (median of {row['rounds']}), with {caps} caps vs none")
         for name, value in row["gbit_s"].items():
@@ -874,7 +908,7 @@ def main() -> None:
         )
     if "ingress" in todo:
         caps = (args.caps or [10 if quick else 10000])[0]
-        row = bench_ingress(caps, 1 if quick else args.rounds, 2 if quick else args.repeat)
+        row = bench_ingress(caps, 1 if quick else args.rounds, 2 if quick else args.repeat, flow_s)
         save("ingress", row, args.out)
         print(
             f"\nunlimited download through the IFB, Gbit/s (median of {row['rounds']}), with {caps} --in caps vs none"
@@ -887,7 +921,7 @@ def main() -> None:
         )
     if "scale" in todo:
         rows = bench_scale(
-            args.caps or ([10] if quick else [10000, 100000]), 2 if quick else 5, 1 if quick else args.rounds
+            args.caps or ([10] if quick else [10000, 100000]), 2 if quick else 5, 1 if quick else args.rounds, flow_s
         )
         save("scale", rows, args.out)
         print("\ncaps at scale (seconds; MB: peak resident memory of the command; flow: unlimited, N caps / none)")
@@ -920,7 +954,7 @@ def main() -> None:
         )
     if "hosts" in todo:
         hosts = (args.caps or [100 if quick else 10000])[0]
-        row = bench_hosts(hosts, 1 if quick else args.rounds, 1 if quick else 4)
+        row = bench_hosts(hosts, 1 if quick else args.rounds, 1 if quick else 4, flow_s)
         save("hosts", row, args.out)
         print(
             "\ntop talkers: what shape-status --hosts counts (ipset) vs conntrack accounting, "
@@ -948,6 +982,12 @@ def main() -> None:
             f"  reading {read['hosts']} hosts: --hosts {read['hosts_s']:.3f} s beyond its interval; "
             f"conntrack's table ({read['conntrack_entries']} hosts) read twice {read['conntrack_s']:.3f} s"
         )
+    if "latency" in todo:
+        seconds = args.seconds if args.seconds is not None else (4 if quick else 20)
+        result = bench_latency(args.leaves, args.peers, seconds, 2 if quick else 3, args.congestion, args.gso_segs)
+        save("latency", result, args.out)
+        plot(result, args.out / "latency.png")
+        print("\n" + report(result))
     if "tcconfig" in todo:
         row = bench_tcconfig((args.caps or [3 if quick else 100])[0])
         save("tcconfig", row, args.out)
