@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import delete_namespaces, run, table, tool
+from probe import INTERVAL
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / ".peers"
@@ -362,8 +363,8 @@ def measure(
             started.append(trio.start_in(trio.a, *argv))
         time.sleep(max(0.0, at - time.time()))
         before = (time.monotonic(), _received(trio))
-        count = str(int(probe_s / 0.02))
-        clients["ping"] = trio.start_in(trio.b, "ping", "-n", "-i", "0.02", "-c", count, "-W", "2", A_IP)
+        count = str(int(probe_s / INTERVAL))  # ping at the other probes' pace
+        clients["ping"] = trio.start_in(trio.b, "ping", "-n", "-i", str(INTERVAL), "-c", count, "-W", "2", A_IP)
         probes = {name: _finish(name, clients[name]) for name in PROBES}
         after = (time.monotonic(), _received(trio))
         stopped = [p.args for p in started[len(started) - len(ports) :] if p.poll() is not None]
