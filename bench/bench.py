@@ -151,6 +151,13 @@ class Pair:
             server.wait()
 
 
+def gso_choice(text: str) -> str:
+    """--gso's values: shapekit's gso_max_segs settings other than auto."""
+    if text == "keep" or (text.isdigit() and 1 <= int(text) <= 65535):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not keep or a number of segments (1..65535)")
+
+
 @contextmanager
 def pair() -> Iterator[Pair]:
     p = Pair()
@@ -844,9 +851,13 @@ def main() -> None:
         "--seconds", type=float, help="latency: how long the probes run under load (default 20, --quick 4)"
     )
     parser.add_argument(
-        "--gso-segs",
-        type=int,
-        help="latency: also run shapekit with A's GSO super-packets held to N segments (gso_max_segs N)",
+        "--gso",
+        nargs="*",
+        default=[],
+        type=gso_choice,
+        metavar="keep|N",
+        help="latency: also run shapekit with these gso_max_segs settings: keep (the kernel's 64 KB "
+        "super-packets) or N segments; shapekit's own, auto, always runs",
     )
     parser.add_argument(
         "--congestion", help="latency: the uploads' TCP congestion control, e.g. cubic (default: the kernel's)"
@@ -984,7 +995,7 @@ def main() -> None:
         )
     if "latency" in todo:
         seconds = args.seconds if args.seconds is not None else (4 if quick else 20)
-        result = bench_latency(args.leaves, args.peers, seconds, 2 if quick else 3, args.congestion, args.gso_segs)
+        result = bench_latency(args.leaves, args.peers, seconds, 2 if quick else 3, args.congestion, args.gso)
         save("latency", result, args.out)
         plot(result, args.out / "latency.png")
         print("\n" + report(result))

@@ -136,8 +136,9 @@ def shaped_kbit() -> int:
     return int(LINE_MBIT * 1000 * SHAPED)
 
 
-def shapekit_config(dev: str, leaf: str, fw: bool) -> str:
-    """conf/shapekit.toml with its line and shaped partition at SHAPED of the bottleneck, on `dev`."""
+def shapekit_config(dev: str, leaf: str, fw: bool, gso: str | None = None) -> str:
+    """conf/shapekit.toml with its line and shaped partition at SHAPED of the bottleneck, on `dev`; `gso`: its
+    gso_max_segs setting ("keep" or a number), else shapekit's own ("auto")."""
     text = (HERE.parent / "conf" / "shapekit.toml").read_text()
     line = f'"{shaped_kbit()}kbit"'
     for old, new in (
@@ -145,12 +146,18 @@ def shapekit_config(dev: str, leaf: str, fw: bool) -> str:
         ('rate = "100mbit"', f"rate = {line}"),
         ('"50mbit"', line),
         ('leaf = "sfq"', f'leaf = "{leaf}"'),
-        ('classifier = "fw"', f'classifier = "{"fw" if fw else "classify"}"'),
+        ('classifier = "fw"', f'classifier = "{"fw" if fw else "classify"}"\n{gso_setting(gso)}'),
     ):
         if old not in text:
             raise RuntimeError(f"conf/shapekit.toml no longer holds {old}: update bench/latency.py")
         text = text.replace(old, new)
     return text
+
+
+def gso_setting(gso: str | None) -> str:
+    if gso is None:
+        return ""
+    return f"gso_max_segs = {gso}" if gso.isdigit() else f'gso_max_segs = "{gso}"'
 
 
 def seed_tc(dev: str, leaf: str, fw: bool) -> str:
@@ -273,17 +280,15 @@ def no_shaping(trio: Trio) -> None:
     pass
 
 
-def shapekit_with(leaf: str, gso_segs: int | None = None) -> Callable[[Trio], None]:
-    """shapekit's boot with this leaf; `gso_segs`: A's device also sends GSO super-packets of at most that
-    many segments (`ip link set dev A gso_max_segs N`), which HTB then charges and sends one at a time."""
+def shapekit_with(leaf: str, gso: str | None = None) -> Callable[[Trio], None]:
+    """shapekit's boot with this leaf; `gso`: the device's gso_max_segs setting ("keep": the kernel's 64 KB
+    GSO super-packets, which HTB charges and sends whole; a number: at most that many segments)."""
 
     def apply(trio: Trio) -> None:
         path = trio.tmp / f"shapekit-{leaf}.toml"
-        path.write_text(shapekit_config(trio.dev, leaf, trio.kernel_has("fw")))
+        path.write_text(shapekit_config(trio.dev, leaf, trio.kernel_has("fw"), gso))
         env = {**os.environ, "SHAPEKIT_STATE_DIR": str(trio.tmp / "state")}
         trio.run_in(trio.a, tool("shape-init"), "--all", "--config", str(path), env=env)
-        if gso_segs:
-            trio.run_in(trio.a, "ip", "link", "set", "dev", trio.dev, "gso_max_segs", str(gso_segs))
 
     return apply
 
@@ -313,7 +318,7 @@ def wondershaper(trio: Trio) -> None:
     trio.run_in(trio.a, "bash", str(program), trio.dev, str(LINE_MBIT * 1000 * 10), str(shaped_kbit()))
 
 
-def setups(leaves: list[str], peers: list[str], gso_segs: int | None) -> list[Setup]:
+def setups(leaves: list[str], peers: list[str], gso: list[str]) -> list[Setup]:
     known = {
         "seed": Setup("seed", seed_script),
         "fireqos": Setup("fireqos", fireqos),
@@ -323,9 +328,9 @@ def setups(leaves: list[str], peers: list[str], gso_segs: int | None) -> list[Se
         Setup("none", no_shaping),
         *(Setup(f"shapekit-{leaf}", shapekit_with(leaf), (leaf,)) for leaf in leaves),
         *(
-            Setup(f"shapekit-{leaf} gso {gso_segs}", shapekit_with(leaf, gso_segs), (leaf,))
+            Setup(f"shapekit-{leaf} gso {value}", shapekit_with(leaf, value), (leaf,))
+            for value in gso
             for leaf in leaves
-            if gso_segs
         ),
         *(known[peer] for peer in peers),
     ]
@@ -429,14 +434,14 @@ def bench_latency(
     probe_s: float,
     warm_s: float,
     congestion: str | None = None,
-    gso_segs: int | None = None,
+    gso: list[str] | None = None,
 ) -> dict[str, object]:
     """Every configuration this kernel can run, each in namespaces of its own, one after another: the
     uploads run `warm_s` (slow start, the queues filling), then `probe_s` more while the probes run.
 
     `leaves`: shapekit's leaves to run (None: each of pfifo, sfq, fq_codel and cake the kernel has).
     `congestion`: the uploads' TCP congestion control (None: the kernel's default).
-    `gso_segs`: also run each leaf with A's GSO super-packets held to this many segments.
+    `gso`: also run each leaf with each of these gso_max_segs settings ("keep" or a number of segments).
     """
     runs: dict[str, dict[str, object]] = {}
     skipped: dict[str, str] = {}
@@ -446,7 +451,7 @@ def bench_latency(
         default_congestion = trio.run_in(trio.a, "sysctl", "-n", "net.ipv4.tcp_congestion_control").strip()
         has = {kind: trio.kernel_has(kind) for kind in ("pfifo", "sfq", "fq_codel", "cake")}
     chosen = leaves if leaves is not None else [leaf for leaf, ok in has.items() if ok]
-    for setup in setups(chosen, peers, gso_segs):
+    for setup in setups(chosen, peers, gso or []):
         with trio_up() as trio:
             missing = [kind for kind in setup.needs if not trio.kernel_has(kind)]
             if missing:

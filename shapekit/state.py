@@ -19,15 +19,17 @@ from typing import Any, TypeVar
 
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config.files import InputProblem, read_bounded
-from shapekit.config.model import device_name_problem
+from shapekit.config.model import MAX_GSO_SEGS, device_name_problem
 from shapekit.config.rules import CAP_MINORS, CAP_SLOTS, DIRECTIONS, Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import CommandFailed, UsageError
+from shapekit.plan.gso import Held
 
 DEFAULT_STATE_DIR = Path("/var/lib/shapekit")
 BYPASS_FILE = "bypass.json"
 LIMITS_FILE = "limits.json"
 TABLES_FILE = "tables.json"  # the IP families whose mangle table shapekit created
+GSO_FILE = "gso.json"  # the devices whose gso_max_segs shape-init holds, and their value before
 INIT_FILE = "init.json"  # when shape-init last finished without an error (shape-status --format prometheus)
 # 100,000 caps are about 20 MB: a bigger file is not one shapekit wrote.
 MAX_STATE_BYTES = 256 << 20
@@ -504,9 +506,13 @@ def load_created_tables(directory: Path) -> set[int]:
 
 def save_created_tables(directory: Path, families: set[int]) -> None:
     """Write tables.json; with no family left, remove it (shape-flush leaves nothing behind)."""
-    path = directory / TABLES_FILE
-    if families:
-        write_state(path, {"mangle_created": sorted(families)})
+    _write_or_remove(directory / TABLES_FILE, {"mangle_created": sorted(families)} if families else None)
+
+
+def _write_or_remove(path: Path, data: dict[str, Any] | None) -> None:
+    """Write a state file, or (None) remove it: shape-flush leaves nothing behind."""
+    if data is not None:
+        write_state(path, data)
         return
     try:
         path.unlink(missing_ok=True)
@@ -524,3 +530,29 @@ def load_last_init(directory: Path) -> float | None:
 
 def save_last_init(directory: Path, when: float) -> None:
     write_state(directory / INIT_FILE, {"finished": when})
+
+
+def load_held_gso(directory: Path) -> dict[str, Held]:
+    """The devices whose gso_max_segs shape-init holds (gso.json): what it set and what to put back."""
+    path = directory / GSO_FILE
+    data = read_state(path)
+    held = {}
+    for dev, item in data.items():
+        where = _dev(path, dev, dev)
+        if not isinstance(item, dict):
+            raise state_problem(path, where, f"{_show(item)} is not a table of held and was")
+        _known_keys(path, where, item, ("held", "was"))
+        held[where] = Held(*(_segs(path, f"{where}.{key}", item.get(key)) for key in ("held", "was")))
+    return held
+
+
+def _segs(path: Path, where: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_GSO_SEGS:
+        raise state_problem(path, where, f"{_show(value)} is not a number of segments (1..{MAX_GSO_SEGS})")
+    return value
+
+
+def save_held_gso(directory: Path, held: dict[str, Held]) -> None:
+    """Write gso.json; with nothing held, remove it."""
+    data = {dev: {"held": h.held, "was": h.was} for dev, h in sorted(held.items())}
+    _write_or_remove(directory / GSO_FILE, data or None)

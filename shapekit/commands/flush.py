@@ -10,11 +10,21 @@ import typer
 
 from shapekit.commands import common
 from shapekit.errors import CommandFailed
-from shapekit.kernel import change, probe, read
+from shapekit.kernel import change, probe, read, run
+from shapekit.plan import gso as plan_gso
 from shapekit.plan import hosts as plan_hosts
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import tree as plan
-from shapekit.state import BYPASS_FILE, LIMITS_FILE, load_created_tables, save_created_tables, state_dir
+from shapekit.plan.gso import Held
+from shapekit.state import (
+    BYPASS_FILE,
+    LIMITS_FILE,
+    load_created_tables,
+    load_held_gso,
+    save_created_tables,
+    save_held_gso,
+    state_dir,
+)
 
 
 def flush(options: common.Options, devs: list[str], forget: bool) -> None:
@@ -25,6 +35,7 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
     runner = options.runner()
     with options.lock():
         created = set() if devs else load_created_tables(state_dir())  # a broken file: refused before any change
+        held = load_held_gso(state_dir())
         ifbs = read.shapekit_ifbs(runner)
         names = devs or read.devices_with_root(runner, plan.root_handle(), "htb")
         for dev in names:
@@ -33,6 +44,7 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
         for ifb, owner in ifbs.items():
             if not devs or owner in devs:
                 change.remove_ingress(runner, owner, ifb)
+        _release_gso(runner, devs, held)
         if not devs:
             change.flush_mangle(runner, created)
             if created and not options.dry_run:
@@ -44,6 +56,17 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
         if forget and not options.dry_run:
             for name in (BYPASS_FILE, LIMITS_FILE):
                 _forget(state_dir() / name)
+
+
+def _release_gso(runner: run.Runner, devs: list[str], held: dict[str, Held]) -> None:
+    """Put back the gso_max_segs shape-init held (where nobody set another since); forget the devices done."""
+    released = [dev for dev in held if not devs or dev in devs]
+    for dev in released:
+        if read.device_exists(dev):  # a device gone took its setting with it
+            cmds = plan_gso.release(dev, read.gso_max_segs(runner, dev), held[dev])
+            runner.run_each(f"{dev}: put back its gso_max_segs", cmds)
+    if released and not runner.dry_run:
+        save_held_gso(state_dir(), {dev: h for dev, h in held.items() if dev not in released})
 
 
 def _forget(path: Path) -> None:

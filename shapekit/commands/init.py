@@ -16,13 +16,15 @@ from shapekit.config.rules import Bypass, Cap
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import change, probe, read, run
 from shapekit.plan import drift, status
+from shapekit.plan import gso as plan_gso
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
 from shapekit.plan import mangle as plan_mangle
 from shapekit.plan import tree as plan
+from shapekit.plan.gso import Held
 from shapekit.plan.limits import PlacedCap, place_caps
 from shapekit.plan.mangle import EVERY, FAMILIES, MARK
-from shapekit.state import RuntimeBypass, save_caps, save_last_init, state_dir
+from shapekit.state import RuntimeBypass, load_held_gso, save_caps, save_held_gso, save_last_init, state_dir
 
 
 def init(options: common.Options, devs: list[str], skip_unknown: bool = False, skip_absent: bool = False) -> None:
@@ -145,6 +147,7 @@ def build_trees(
 ) -> None:
     """Each device's trees, with the caps `placed` (by tree) as classes and ingress filters. Hold the lock."""
     ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
+    held = load_held_gso(state_dir())
     # Every plan first: a cap that cannot be placed is refused before anything changes.
     plans = []
     for device in devices:
@@ -153,13 +156,42 @@ def build_trees(
         inbound = (
             _ingress_tree(runner, config, device.ingress, bypass, placed[device.ingress.name]) if device.ingress else []
         )
-        plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound))
-    for device, egress, inbound in plans:
+        gso = _plan_gso(runner, device, held)
+        plans.append((device, plan.plan_init(device, config.bypass, current) + caps, inbound, gso))
+    for device, egress, inbound, (gso_cmds, after) in plans:
         change.apply_tree(runner, device.name, egress)
         if device.ingress is None and device.name in ifbs:  # ingress shaping taken out of the config
             change.remove_ingress(runner, device.name, ifbs[device.name])
         if device.ingress is not None:
             change.apply_ingress(runner, device.ingress, inbound)
+        held = _hold_gso(runner, device.name, gso_cmds, after, held)  # last: a failed ingress tree leaves it as it was
+
+
+def _plan_gso(runner: run.Runner, device: Device, held: dict[str, Held]) -> tuple[list[plan.Argv], Held | None]:
+    """The device's gso_max_segs commands and what shapekit holds after them (read only when it may change)."""
+    want, before = plan_gso.wanted_segs(device), held.get(device.name)
+    if want is None and before is None:
+        return [], None
+    return plan_gso.plan_hold(device.name, want, read.gso_max_segs(runner, device.name), before)
+
+
+def _hold_gso(
+    runner: run.Runner, dev: str, cmds: list[plan.Argv], after: Held | None, held: dict[str, Held]
+) -> dict[str, Held]:
+    """Hold the device's GSO super-packets as its config asks (after its tree): recorded first, so that
+    shape-flush can put the value back whatever stops this run; the record put back if the change fails."""
+    others = {name: h for name, h in held.items() if name != dev}
+    now = others if after is None else {**others, dev: after}
+    if runner.dry_run or now == held:
+        change.hold_gso(runner, dev, cmds)
+        return now
+    save_held_gso(state_dir(), now)
+    try:
+        change.hold_gso(runner, dev, cmds)
+    except CommandFailed:
+        save_held_gso(state_dir(), held)
+        raise
+    return now
 
 
 def _ingress_tree(
@@ -189,8 +221,12 @@ def check_drift(options: common.Options, devs: list[str]) -> list[str]:
     placed = {t.name: place_caps(t, saved, now) for d in config.devices.values() for t in d.trees}
     differences = []
     ifbs = {owner: ifb for ifb, owner in read.shapekit_ifbs(runner).items()}
+    held = load_held_gso(state_dir())
     for device in devices:
         differences += _tree_drift(runner, device, placed[device.name], saved, now)
+        want, before = plan_gso.wanted_segs(device), held.get(device.name)
+        if want is not None or before is not None:
+            differences += plan_gso.gso_drift(device.name, want, read.gso_max_segs(runner, device.name), before)
         if device.ingress is None and device.name in ifbs:
             differences.append(
                 f"{device.name}: arriving traffic is shaped through {ifbs[device.name]}, which the config does not ask for"

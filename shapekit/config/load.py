@@ -24,6 +24,7 @@ from shapekit.config.model import (
     MARK_BASE,
     MAX_BURST,
     MAX_DEPTH,
+    MAX_GSO_SEGS,
     MAX_MINOR,
     MAX_OVERHEAD,
     MAX_PRIO,
@@ -33,6 +34,7 @@ from shapekit.config.model import (
     TOP_MINOR,
     Config,
     Device,
+    GsoMaxSegs,
     HtbClass,
     Leaf,
     LinkLayer,
@@ -60,7 +62,18 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_CONFIG = Path("/etc/shapekit/shapekit.toml")
 
 
-_DEVICE_KEYS = {"rate", "default", "leaf", "classifier", "classes", "limits", "ingress", "overhead", "linklayer"}
+_DEVICE_KEYS = {
+    "rate",
+    "default",
+    "leaf",
+    "classifier",
+    "classes",
+    "limits",
+    "ingress",
+    "overhead",
+    "linklayer",
+    "gso_max_segs",
+}
 
 
 _INGRESS_KEYS = {"rate", "default", "leaf", "classes", "overhead", "linklayer"}
@@ -212,7 +225,24 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
     )
     if ingress is not None:
         ingress = replace(ingress, limits=tuple(c for c in limits if c.direction == "in"))
-    return replace(device, limits=tuple(c for c in limits if c.direction == "out"), ingress=ingress)
+    return replace(
+        device,
+        limits=tuple(c for c in limits if c.direction == "out"),
+        ingress=ingress,
+        gso_max_segs=_gso_max_segs(path, f"{key}.gso_max_segs", table.get("gso_max_segs", "auto")),
+    )
+
+
+def _gso_max_segs(path: Path, key: str, value: Any) -> GsoMaxSegs:
+    if value in ("auto", "keep"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GSO_SEGS:
+        raise ConfigError(
+            path,
+            key,
+            f'{value!r} is not "auto", "keep" or a number of segments a GSO super-packet may hold (1..{MAX_GSO_SEGS})',
+        )
+    return value
 
 
 def _parse_ingress(path: Path, dev: str, table: dict[str, Any]) -> Device:

@@ -68,6 +68,14 @@ MIN_OVERHEAD = -64
 MAX_OVERHEAD = 256  # bytes a packet costs on the line beyond its length; HTB takes 0..65535, real lines < 100
 
 
+# A shaped device's gso_max_segs: "auto" holds it to what the line sends in a millisecond
+# (shapekit.plan.gso), "keep" leaves it, a number holds it to that.
+GsoMaxSegs = int | Literal["auto", "keep"]
+
+
+MAX_GSO_SEGS = 65535  # the kernel's GSO_MAX_SEGS
+
+
 LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "cake", "pfifo", "none")
 
 
@@ -124,6 +132,7 @@ class Device:
     ingress: Device | None = None  # [device.X.ingress]
     overhead: int = 0  # bytes each packet costs on the line beyond its length
     linklayer: LinkLayer = "ethernet"
+    gso_max_segs: GsoMaxSegs = "auto"  # egress trees only
 
     @property
     def configured(self) -> str:

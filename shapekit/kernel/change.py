@@ -129,6 +129,14 @@ def apply_tree(runner: run.Runner, dev: str, cmds: list[Argv]) -> None:
         raise _undo_tree(runner, dev, cmds, exc) from None
 
 
+def hold_gso(runner: run.Runner, dev: str, cmds: list[Argv]) -> None:
+    """Set the device's gso_max_segs, after its tree; on failure leave the device without the tree."""
+    try:
+        runner.run_each(f"{dev}: the size of its GSO super-packets, which HTB sends whole", cmds)
+    except CommandFailed as exc:
+        raise _undo_tree(runner, dev, [], exc) from None
+
+
 def _undo_tree(runner: run.Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -> CommandFailed:
     match = run.BATCH_FAILED_LINE.search(exc.stderr)
     failed = shlex.join(cmds[int(match.group(1)) - 1]) if match and int(match.group(1)) <= len(cmds) else exc.command

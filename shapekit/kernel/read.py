@@ -168,6 +168,14 @@ def ifb_alias(runner: run.Runner, name: str) -> str | None:
     return links[0].get("ifalias", "") if links else None
 
 
+def gso_max_segs(runner: run.Runner, dev: str) -> int:
+    """The device's gso_max_segs now (`ip -d -j link show`)."""
+    links = json.loads(runner.query(("ip", "-d", "-j", "link", "show", "dev", dev)) or "[]")
+    if not links or "gso_max_segs" not in links[0]:
+        raise CommandFailed(f"ip -d -j link show dev {dev}", "no gso_max_segs in its output: iproute2 is too old")
+    return int(links[0]["gso_max_segs"])
+
+
 def read_ingress_hook(runner: run.Runner, dev: str) -> plan_ingress.IngressHook:
     qdiscs = json.loads(runner.query(("tc", "-j", "qdisc", "show", "dev", dev)) or "[]")
     qdisc = next((q["kind"] for q in qdiscs if q.get("kind") in ("ingress", "clsact")), None)

@@ -144,7 +144,7 @@ def _ipset_state(save: str) -> str:
 def kernel_state(pair: NetPair, devs: list[str]) -> dict[str, str]:
     """Everything shapekit can change inside the left namespace, comparable before and after a run.
 
-    Keys: "links" (every link: name, kind, up or not, alias), per device in
+    Keys: "links" (every link: name, kind, up or not, alias, gso_max_segs), per device in
     `devs` and per IFB device present "qdisc DEV", "class DEV", "filter DEV",
     "filter DEV ingress" (when it has an ingress or clsact qdisc), "filter DEV
     parent H" (per classful qdisc H); "mangle4", "mangle6" (iptables-save and
@@ -160,7 +160,8 @@ def kernel_state(pair: NetPair, devs: list[str]) -> dict[str, str]:
     ifbs = [link["ifname"] for link in links if link.get("linkinfo", {}).get("info_kind") == "ifb"]
     shown = [
         f"{link['ifname']} kind={link.get('linkinfo', {}).get('info_kind', '-')} "
-        f"{'up' if 'UP' in link.get('flags', []) else 'down'} alias={link.get('ifalias', '')!r}"
+        f"{'up' if 'UP' in link.get('flags', []) else 'down'} alias={link.get('ifalias', '')!r} "
+        f"gso_max_segs={link.get('gso_max_segs')}"
         for link in links
     ]
     state = {"links": "\n".join(sorted(shown))}

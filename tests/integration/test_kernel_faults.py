@@ -27,6 +27,7 @@ rate = "1gbit"
 default = "bulk"
 leaf = "pfifo"
 classifier = "classify"
+gso_max_segs = 4
 
 [device.DEV.classes.bulk]
 rate = "10mbit"
@@ -67,9 +68,10 @@ sport = "5900:5999"
 "198.18.1.0/24" = { rate = "4mbit", direction = "in" }
 """
 # The config changed under a running box: a cap inserted before the others (every minor after it moves),
-# another bypass port, another [[mark]] rule for arriving traffic.
+# another bypass port, another [[mark]] rule for arriving traffic, GSO held to another size.
 CHANGED = (
-    CONFIG.replace('"198.18.0.101" = "3mbit"', '"198.18.0.100" = "1mbit"\n"198.18.0.101" = "3mbit"')
+    CONFIG.replace("gso_max_segs = 4", "gso_max_segs = 8")
+    .replace('"198.18.0.101" = "3mbit"', '"198.18.0.100" = "1mbit"\n"198.18.0.101" = "3mbit"')
     .replace('ports = ["22/tcp"]', 'ports = ["22/tcp", "443/tcp"]')
     .replace(
         'sport = "5900:5999"',
@@ -283,15 +285,17 @@ def _faulted(netpair: NetPair, faults: Faults, fail_at: int | None, *argv: str, 
         netpair.env = plain
 
 
-def _tree(state: dict[str, str], dev: str, ifb: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The keys of `dev`'s egress tree, and of its ingress tree (the IFB and the redirect on dev's ingress hook)."""
+def _tree(state: dict[str, str], dev: str, ifb: str) -> tuple[dict[str, str], ...]:
+    """The keys of `dev`'s egress tree, of its ingress tree (the IFB and the redirect on dev's ingress hook),
+    and dev's gso_max_segs (held after the tree, so it may be the old value with the tree gone)."""
     egress = {k: v for k, v in state.items() if k in (f"class {dev}", f"filter {dev} parent 5c:")}
     ingress = {k: v for k, v in state.items() if ifb in k or k == f"filter {dev} ingress"}
     qdiscs = state[f"qdisc {dev}"].splitlines()
     egress["qdiscs"] = "\n".join(q for q in qdiscs if not q.startswith("qdisc ingress "))
     ingress["qdiscs"] = "\n".join(q for q in qdiscs if q.startswith("qdisc ingress "))
     ingress["ifb"] = str(f"{ifb} " in state["links"])
-    return egress, ingress
+    gso = next(line.rsplit(" ", 1)[1] for line in state["links"].splitlines() if line.startswith(f"{dev} "))
+    return egress, ingress, {"gso": gso}
 
 
 def test_shape_init_failing_at_any_step_leaves_each_tree_whole_or_gone(netpair, faults):
@@ -322,7 +326,8 @@ def test_shape_init_failing_at_any_step_leaves_each_tree_whole_or_gone(netpair, 
 
 def test_shape_init_all_failing_leaves_each_tree_whole_or_gone_and_the_rules_sets_and_state_as_before(netpair, faults):
     """shape-init --all: a tree step failing leaves that tree gone, as shape-init does; any later step (the
-    sets, the chains) fails inside one transaction, put back as before with the trees left built."""
+    sets, the chains) fails inside one transaction, put back as before with the trees (and their GSO hold,
+    and its record) left built."""
     dev, ifb = netpair.dev, f"ifb-{netpair.dev}"
     config, changed = boot(netpair, ())
     assert _faulted(netpair, faults, None, "shape-init", "--config", changed).returncode == 0
@@ -331,6 +336,7 @@ def test_shape_init_all_failing_leaves_each_tree_whole_or_gone_and_the_rules_set
     boot(netpair, ())
     assert _faulted(netpair, faults, None, "shape-init", "--all", "--config", changed).returncode == 0
     steps, built = faults.steps, _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
+    held = saved_files(netpair)["gso.json"]  # the trees' GSO hold, recorded with them
     reset(netpair)
     unshaped = _tree(comparable(kernel_state(netpair, [dev])), dev, ifb)
     print(f"shape-init --all: {steps} steps, the trees' {tree_steps} first")
@@ -350,7 +356,7 @@ def test_shape_init_all_failing_leaves_each_tree_whole_or_gone_and_the_rules_set
             assert now in ((was, whole, gone) if n <= tree_steps else (whole,)), f"{what}\n{state_diff(whole, now)}"
         for key in ("mangle4", "mangle6", "ipset"):
             assert after[key] == before[key], f"{what}\n{state_diff(before, after)}"
-        assert saved_files(netpair) == files, what
+        assert saved_files(netpair) == (files if n <= tree_steps else {**files, "gso.json": held}), what
 
 
 def test_shape_flush_failing_at_any_step_is_finished_by_running_it_again(netpair, faults):

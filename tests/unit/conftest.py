@@ -30,6 +30,7 @@ class System:
     hooks: list = field(default_factory=list)  # each sees (argv, stdin) first, and may raise
     answers: dict[tuple[str, ...], str] = field(default_factory=dict)  # argv → its stdout
     flat: set[str] = field(default_factory=set)  # devices whose shapekit tree has no group filter (built flat)
+    gso: dict[str, int] = field(default_factory=dict)  # dev -> gso_max_segs, when not the kernel's 65535
 
     def answer(self, argv, stdin=None):
         argv = tuple(argv)
@@ -37,6 +38,10 @@ class System:
             hook(argv, stdin)
         if argv in self.answers:
             return self.answers[argv]
+        if argv[:5] == ("ip", "-d", "-j", "link", "show"):
+            return json.dumps([{"ifname": argv[6], "gso_max_segs": self.gso.get(argv[6], 65535)}])
+        if argv[:4] == ("ip", "link", "set", "dev") and argv[5] == "gso_max_segs":
+            self.gso[argv[4]] = int(argv[6])
         if argv == ("tc", "-batch", "-") and stdin and stdin.startswith("class show dev "):
             # read.show_classes, a qdisc at a time: each device's `tc class show` answer once
             devices = dict.fromkeys(line.split()[3] for line in stdin.splitlines())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from paths import HOLD_GSO, READ_GSO
 
 from shapekit.commands.init import init_app
 from shapekit.errors import CommandFailed
@@ -118,7 +119,9 @@ def test_all_checks_everything_then_builds_the_tree_the_sets_and_every_chain_onc
         ("unshare", "--net", "--", *V6),
         ("ip", "-j", "link", "show", "type", "ifb"),
         ("tc", "-j", "qdisc", "show", "dev", "eth0"),
+        READ_GSO,
         ("tc", "-batch", "-"),  # the tree with the cap's group and class
+        HOLD_GSO,
         ("ipset", "list", "-n"),
         ("ipset", "restore"),
         ("iptables-save", "-t", "mangle"),
@@ -127,7 +130,7 @@ def test_all_checks_everything_then_builds_the_tree_the_sets_and_every_chain_onc
         V6,
     ]
     assert calls[4][1] == PROBED_V4
-    assert [stdin for _, stdin in calls[8:9] + calls[10:11] + calls[13:]] == [TREE, SETS, CHAINS_V4, CHAINS_V6]
+    assert [stdin for _, stdin in calls[9:10] + calls[12:13] + calls[15:]] == [TREE, SETS, CHAINS_V4, CHAINS_V6]
     assert json.loads((tmp_path / "state" / "limits.json").read_text()) == {"caps": []}
 
 
@@ -201,7 +204,7 @@ def test_a_failed_ip6tables_restore_puts_back_the_v4_rules_and_the_sets_and_keep
     )
     assert "put back as before: eth0's cap sets, the IPv4 rules" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-    after = [(argv, stdin) for argv, stdin in system.calls][15:]
+    after = [(argv, stdin) for argv, stdin in system.calls][17:]
     assert after[0][0] == V4 and "-D POSTROUTING -j SHAPEKIT" in after[0][1]  # the v4 chains undone first
     assert after[1][0] == ("ipset", "list", "-n")  # then the sets as they were (none): those there now go
     assert [argv for argv, _ in system.calls].count(("tc", "-batch", "-")) == 1  # the tree stays, as after shape-init

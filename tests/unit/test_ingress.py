@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from paths import DOWNLOAD_CONFIG
+from paths import DOWNLOAD_CONFIG, HOLD_GSO, READ_GSO
 
 from shapekit.commands.bypass import bypass_app
 from shapekit.commands.flush import flush_app
@@ -144,6 +144,7 @@ def test_init_makes_the_ifb_its_tree_and_filters_then_the_redirect(system, cli, 
         (("ipset", "list", "-t"), None),  # nor cap sets made before cap groups
         (("ip", "-j", "link", "show", "type", "ifb"), None),
         (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),
+        (READ_GSO, None),
         (BATCH, system.batches()[0]),  # eth0's egress tree, as without ingress
         (("tc", "-j", "qdisc", "show", "dev", "eth0"), None),  # its ingress hook before: what a failure puts back
         (("ip", "link", "add", "ifb-eth0", "type", "ifb"), None),
@@ -153,6 +154,7 @@ def test_init_makes_the_ifb_its_tree_and_filters_then_the_redirect(system, cli, 
         ),
         (BATCH, IFB_BATCH),
         (BATCH, "qdisc add dev eth0 handle ffff: ingress\n" + REDIRECT),
+        (HOLD_GSO, None),  # eth0's GSO held last: the IFB's super-packets come from GRO, not from TCP here
     ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from paths import INCIDENT_CONFIG, SEED_CONFIG
+from paths import HOLD_GSO, HOLD_GSO_SCRIPT, INCIDENT_CONFIG, READ_GSO, SEED_CONFIG
 
 from shapekit.commands.flush import flush_app
 from shapekit.commands.init import init_app
@@ -63,7 +63,9 @@ def test_seed_000_tree_is_one_batch_after_the_kernel_probes(system, cli):
         (("ipset", "list", "-t"), None),  # nor cap sets made before cap groups
         (LIST_IFBS, None),  # none of shapekit's: no ingress shaping to take away
         (READ_ROOT, None),
+        (READ_GSO, None),  # 65535, the kernel's: to be held to 9, what the 100mbit line sends in a millisecond
         (BATCH, SEED_000_BATCH),
+        (HOLD_GSO, None),  # after the tree
     ]
 
 
@@ -196,7 +198,7 @@ def test_percentages_are_of_the_parents_ceil_and_resolve_to_the_seeds_own_rates(
     result = cli(init_app, "--config", str(write_config(text)), "--dry-run")
 
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT + HOLD_GSO_SCRIPT
 
 
 def test_a_percentage_rounds_down_to_whole_bits(system, cli, write_config):
@@ -295,14 +297,16 @@ def test_dry_run_prints_a_script_and_runs_only_queries(system, cli, mocker):
     result = cli(init_app, "--config", str(SEED_CONFIG), "--dry-run")
 
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT
-    assert system.calls == [(READ_ROOT, None), (LIST_IFBS, None), (READ_ROOT, None)]
+    assert result.stdout == "# eth0: shapekit's HTB tree (run as one tc -batch)\n" + SEED_000_SCRIPT + HOLD_GSO_SCRIPT
+    assert system.calls == [(READ_ROOT, None), (LIST_IFBS, None), (READ_ROOT, None), (READ_GSO, None)]
 
 
 def test_verbose_echoes_each_command(system, cli):
     result = cli(init_app, "--config", str(SEED_CONFIG), "-v")
 
-    assert result.stderr.splitlines() == [f"+ {line}" for line in SEED_000_SCRIPT.splitlines()]
+    assert result.stderr.splitlines() == [f"+ {line}" for line in SEED_000_SCRIPT.splitlines()] + [
+        "+ ip link set dev eth0 gso_max_segs 9"
+    ]
 
 
 def test_dev_selects_devices(system, cli, write_config):

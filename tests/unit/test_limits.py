@@ -8,7 +8,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from paths import INCIDENT_CONFIG
+from paths import HOLD_GSO, INCIDENT_CONFIG, READ_GSO
 
 from shapekit.commands.init import init_app
 from shapekit.commands.limit_ip import limit_ip_app
@@ -913,6 +913,7 @@ def test_init_over_a_flat_tree_moves_its_caps_into_groups(booted, cli, tmp_path)
             (GROUP_FILTER, None),  # shapekit's tree without the group filter: built flat
             (("ip", "-j", "link", "show", "type", "ifb"), None),
             (READ_ROOT, None),
+            (READ_GSO, None),
             (
                 BATCH,
                 "qdisc del dev eth0 root\n"
@@ -930,6 +931,7 @@ def test_init_over_a_flat_tree_moves_its_caps_into_groups(booted, cli, tmp_path)
                 + "class add dev eth0 parent 8001: classid 8001:4 htb rate 1mbit ceil 1mbit quantum 1984\n"
                 "qdisc add dev eth0 parent 8001:4 handle 8103: sfq perturb 10\n",  # the run-time cap, in group 1 too
             ),
+            (HOLD_GSO, None),
             (("ipset", "list", "-n"), None),  # the sets there: refilled with the groups' entries and swapped in
             (("ipset", "save", "SHAPEKIT-eth0-4"), None),
             (("ipset", "save", "SHAPEKIT-eth0-6"), None),
