@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from shapekit.config.addresses import Network, PortProto, ValueProblem, parse_host, parse_port_proto
 from shapekit.config.files import InputProblem, read_bounded
-from shapekit.config.model import MAX_GSO_SEGS, device_name_problem
+from shapekit.config.model import MAX_GSO_SEGS, device_name_problem, is_gso_segs
 from shapekit.config.rules import CAP_MINORS, CAP_SLOTS, DIRECTIONS, Cap, check_cap
 from shapekit.config.units import UnitError, format_rate, parse_rate
 from shapekit.errors import CommandFailed, UsageError
@@ -39,6 +39,7 @@ _LOST = {
     BYPASS_FILE: "the run-time bypass entries in it are lost",
     TABLES_FILE: "shape-flush then leaves the mangle tables in place",
     INIT_FILE: "shape-status then reports no last shape-init until the next one",
+    GSO_FILE: "shape-flush then leaves gso_max_segs as shape-init held it",
 }
 T = TypeVar("T")
 
@@ -547,7 +548,7 @@ def load_held_gso(directory: Path) -> dict[str, Held]:
 
 
 def _segs(path: Path, where: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_GSO_SEGS:
+    if not is_gso_segs(value):
         raise state_problem(path, where, f"{_show(value)} is not a number of segments (1..{MAX_GSO_SEGS})")
     return value
 

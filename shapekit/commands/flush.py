@@ -44,7 +44,6 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
         for ifb, owner in ifbs.items():
             if not devs or owner in devs:
                 change.remove_ingress(runner, owner, ifb)
-        _release_gso(runner, devs, held)
         if not devs:
             change.flush_mangle(runner, created)
             if created and not options.dry_run:
@@ -53,6 +52,7 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
                 names = read.list_sets(runner)
                 text = plan_limits.plan_destroy_sets(names) + plan_hosts.plan_sets_removal(names, plan_hosts.every_run)
                 change.ipset_restore(runner, "remove shapekit's sets", text)
+        _release_gso(runner, devs, held)  # last: the rest of shapekit is gone even if the kernel refuses it
         if forget and not options.dry_run:
             for name in (BYPASS_FILE, LIMITS_FILE):
                 _forget(state_dir() / name)
@@ -63,7 +63,7 @@ def _release_gso(runner: run.Runner, devs: list[str], held: dict[str, Held]) -> 
     released = [dev for dev in held if not devs or dev in devs]
     for dev in released:
         if read.device_exists(dev):  # a device gone took its setting with it
-            cmds = plan_gso.release(dev, read.gso_max_segs(runner, dev), held[dev])
+            cmds = plan_gso.release(dev, read.read_gso(runner, dev), held[dev])
             runner.run_each(f"{dev}: put back its gso_max_segs", cmds)
     if released and not runner.dry_run:
         save_held_gso(state_dir(), {dev: h for dev, h in held.items() if dev not in released})
@@ -94,6 +94,8 @@ def shape_flush(
     it), its mangle chains (SHAPEKIT*, and the SKHOSTS* of shape-status --hosts) and the jumps to them, in iptables and
     ip6tables, and its ipsets. A mangle table goes too when a shapekit command
     created it (iptables-nft) and nothing but shapekit's chains is in it.
+    Last, each device's gso_max_segs that shape-init held goes back to its
+    value before (gso.json), unless someone has set another since.
 
     With --dev, only those devices' trees (and IFBs) go; the chains stay for the
     other devices. Run-time entries stay saved (the boot sequence re-applies them)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from enum import Enum
@@ -167,12 +168,19 @@ def build_trees(
         held = _hold_gso(runner, device.name, gso_cmds, after, held)  # last: a failed ingress tree leaves it as it was
 
 
+def _read_gso(runner: run.Runner, device: Device, held: dict[str, Held]) -> plan_gso.Gso | None:
+    """The device's gso_max_segs when shapekit may hold it or holds it (None: neither, so not read)."""
+    if plan_gso.wanted_segs(device) is None and device.name not in held:
+        return None
+    return read.read_gso(runner, device.name)
+
+
 def _plan_gso(runner: run.Runner, device: Device, held: dict[str, Held]) -> tuple[list[plan.Argv], Held | None]:
-    """The device's gso_max_segs commands and what shapekit holds after them (read only when it may change)."""
-    want, before = plan_gso.wanted_segs(device), held.get(device.name)
-    if want is None and before is None:
+    """The device's gso_max_segs commands and what shapekit holds after them."""
+    now = _read_gso(runner, device, held)
+    if now is None:
         return [], None
-    return plan_gso.plan_hold(device.name, want, read.gso_max_segs(runner, device.name), before)
+    return plan_gso.plan_hold(device.name, plan_gso.wanted_segs(device), now, held.get(device.name))
 
 
 def _hold_gso(
@@ -185,11 +193,11 @@ def _hold_gso(
     if runner.dry_run or now == held:
         change.hold_gso(runner, dev, cmds)
         return now
-    save_held_gso(state_dir(), now)
     try:
-        change.hold_gso(runner, dev, cmds)
+        change.hold_gso(runner, dev, cmds, record=lambda: save_held_gso(state_dir(), now))
     except CommandFailed:
-        save_held_gso(state_dir(), held)
+        with contextlib.suppress(CommandFailed):  # the record as it was; the hold's own error is the one to tell
+            save_held_gso(state_dir(), held)
         raise
     return now
 
@@ -224,9 +232,10 @@ def check_drift(options: common.Options, devs: list[str]) -> list[str]:
     held = load_held_gso(state_dir())
     for device in devices:
         differences += _tree_drift(runner, device, placed[device.name], saved, now)
-        want, before = plan_gso.wanted_segs(device), held.get(device.name)
-        if want is not None or before is not None:
-            differences += plan_gso.gso_drift(device.name, want, read.gso_max_segs(runner, device.name), before)
+        gso = _read_gso(runner, device, held)
+        if gso is not None:
+            want = plan_gso.wanted_segs(device)
+            differences += plan_gso.gso_drift(device.name, want, gso.segs, held.get(device.name))
         if device.ingress is None and device.name in ifbs:
             differences.append(
                 f"{device.name}: arriving traffic is shaped through {ifbs[device.name]}, which the config does not ask for"
@@ -235,6 +244,9 @@ def check_drift(options: common.Options, devs: list[str]) -> list[str]:
             differences += _ingress_drift(runner, config, device.ingress, bypass, placed[device.ingress.name])
     if devs:
         return differences  # a device's own check: its trees
+    for dev in sorted(held.keys() - config.devices.keys()):
+        if read.device_exists(dev):
+            differences += plan_gso.unconfigured_drift(dev, read.read_gso(runner, dev).segs, held[dev])
     egress = {d.name: placed[d.name] for d in config.devices.values()}
     sets = "".join(plan_limits.plan_sets(name, caps, now) for name, caps in egress.items())
     for family in FAMILIES:
@@ -338,6 +350,12 @@ def shape_init(
     Replaces whatever root qdisc the device had (shapekit's earlier tree
     included) in one `tc -batch`; running it twice gives the same kernel state.
     If a command fails, the device is left unshaped, never half-shaped.
+
+    On a line slower than about 520mbit it then holds the device's
+    gso_max_segs to about what the line sends in a millisecond (2 at 20mbit),
+    so that HTB does not send 64 KB TCP super-packets in one burst; the value
+    before goes to gso.json in the state directory, and shape-flush puts it
+    back. gso_max_segs = "keep" in [device.X] leaves it alone.
 
     With [device.X.ingress], arriving traffic is shaped too: shapekit makes an
     IFB device (ifb-X), builds the ingress tree there with u32 filters for the

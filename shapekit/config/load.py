@@ -40,6 +40,7 @@ from shapekit.config.model import (
     LinkLayer,
     device_name_problem,
     ifb_name,
+    is_gso_segs,
 )
 from shapekit.config.rules import MARK_BITS_WHY, MAX_MARK, check_bypass_mark, parse_bypass, parse_limits, parse_marks
 from shapekit.config.units import (
@@ -236,7 +237,7 @@ def _parse_device(path: Path, name: str, raw: Any) -> Device:
 def _gso_max_segs(path: Path, key: str, value: Any) -> GsoMaxSegs:
     if value in ("auto", "keep"):
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GSO_SEGS:
+    if not is_gso_segs(value):
         raise ConfigError(
             path,
             key,

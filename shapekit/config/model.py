@@ -76,6 +76,11 @@ GsoMaxSegs = int | Literal["auto", "keep"]
 MAX_GSO_SEGS = 65535  # the kernel's GSO_MAX_SEGS
 
 
+def is_gso_segs(value: object) -> bool:
+    """Whether `value` is a gso_max_segs the kernel takes."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GSO_SEGS
+
+
 LEAVES: tuple[Leaf, ...] = ("sfq", "fq_codel", "cake", "pfifo", "none")
 
 

@@ -129,12 +129,18 @@ def apply_tree(runner: run.Runner, dev: str, cmds: list[Argv]) -> None:
         raise _undo_tree(runner, dev, cmds, exc) from None
 
 
-def hold_gso(runner: run.Runner, dev: str, cmds: list[Argv]) -> None:
-    """Set the device's gso_max_segs, after its tree; on failure leave the device without the tree."""
+def hold_gso(runner: run.Runner, dev: str, cmds: list[Argv], record: Callable[[], None] = lambda: None) -> None:
+    """Set the device's gso_max_segs, after its tree, `record` first (what shape-flush puts back); if either
+    fails, take the tree away: the device's sent traffic unshaped, its gso_max_segs as it was."""
     try:
+        record()
         runner.run_each(f"{dev}: the size of its GSO super-packets, which HTB sends whole", cmds)
     except CommandFailed as exc:
-        raise _undo_tree(runner, dev, [], exc) from None
+        try:
+            runner.tc_batch(f"{dev}: undo", plan_flush(dev, read.read_root(runner, dev)))
+        except CommandFailed as undo:
+            raise exc.then(f"removing {dev}'s tree failed too: {undo}") from None
+        raise exc.then(f"{dev}'s sent traffic was left unshaped (its tree removed, gso_max_segs as it was)") from None
 
 
 def _undo_tree(runner: run.Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -> CommandFailed:

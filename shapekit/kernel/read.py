@@ -13,11 +13,12 @@ import re
 import socket
 from collections.abc import Callable
 
-from shapekit.config.model import IFB_ALIAS, Device
+from shapekit.config.model import IFB_ALIAS, MAX_GSO_SEGS, Device
 from shapekit.errors import CommandFailed, UsageError
 from shapekit.kernel import netlink as tc_netlink
 from shapekit.kernel import run
 from shapekit.plan import drift
+from shapekit.plan import gso as plan_gso
 from shapekit.plan import hosts as plan_hosts
 from shapekit.plan import ingress as plan_ingress
 from shapekit.plan import limits as plan_limits
@@ -168,12 +169,15 @@ def ifb_alias(runner: run.Runner, name: str) -> str | None:
     return links[0].get("ifalias", "") if links else None
 
 
-def gso_max_segs(runner: run.Runner, dev: str) -> int:
-    """The device's gso_max_segs now (`ip -d -j link show`)."""
+def read_gso(runner: run.Runner, dev: str) -> plan_gso.Gso:
+    """The device's gso_max_segs now, and its driver's limit (`ip -d -j link show`; Linux 5.19+ shows it)."""
     links = json.loads(runner.query(("ip", "-d", "-j", "link", "show", "dev", dev)) or "[]")
     if not links or "gso_max_segs" not in links[0]:
-        raise CommandFailed(f"ip -d -j link show dev {dev}", "no gso_max_segs in its output: iproute2 is too old")
-    return int(links[0]["gso_max_segs"])
+        raise UsageError(
+            f"`ip -d -j link show dev {dev}` shows no gso_max_segs (an old iproute2): upgrade iproute2, "
+            f'or set gso_max_segs = "keep" in [device.{dev}]'
+        )
+    return plan_gso.Gso(int(links[0]["gso_max_segs"]), int(links[0].get("tso_max_segs", MAX_GSO_SEGS)))
 
 
 def read_ingress_hook(runner: run.Runner, dev: str) -> plan_ingress.IngressHook:

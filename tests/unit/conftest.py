@@ -31,6 +31,7 @@ class System:
     answers: dict[tuple[str, ...], str] = field(default_factory=dict)  # argv → its stdout
     flat: set[str] = field(default_factory=set)  # devices whose shapekit tree has no group filter (built flat)
     gso: dict[str, int] = field(default_factory=dict)  # dev -> gso_max_segs, when not the kernel's 65535
+    tso_max: dict[str, int] = field(default_factory=dict)  # dev -> its driver's tso_max_segs, when not 65535
 
     def answer(self, argv, stdin=None):
         argv = tuple(argv)
@@ -39,7 +40,10 @@ class System:
         if argv in self.answers:
             return self.answers[argv]
         if argv[:5] == ("ip", "-d", "-j", "link", "show"):
-            return json.dumps([{"ifname": argv[6], "gso_max_segs": self.gso.get(argv[6], 65535)}])
+            segs = self.gso.get(argv[6], 65535)
+            return json.dumps(
+                [{"ifname": argv[6], "gso_max_segs": segs, "tso_max_segs": self.tso_max.get(argv[6], 65535)}]
+            )
         if argv[:4] == ("ip", "link", "set", "dev") and argv[5] == "gso_max_segs":
             self.gso[argv[4]] = int(argv[6])
         if argv == ("tc", "-batch", "-") and stdin and stdin.startswith("class show dev "):

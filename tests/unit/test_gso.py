@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from paths import HOLD_GSO, READ_GSO, SEED_CONFIG
+from paths import HOLD_GSO, HOLD_GSO_SCRIPT, READ_GSO, SEED_CONFIG
 
 from shapekit.commands.flush import flush_app
 from shapekit.commands.init import init_app
 from shapekit.config.load import load_config
 from shapekit.errors import CommandFailed
 from shapekit.plan import gso
-from shapekit.plan.gso import Held
+from shapekit.plan.gso import Gso, Held
 
 PUT_BACK = ("ip", "link", "set", "dev", "eth0", "gso_max_segs", "65535")
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
@@ -53,7 +53,12 @@ def test_auto_holds_a_super_packet_to_what_the_line_sends_in_a_millisecond(write
     ],
 )
 def test_plan_hold(want, now, before, cmds, after):
-    assert gso.plan_hold("eth0", want, now, before) == (cmds, after)
+    assert gso.plan_hold("eth0", want, Gso(now, 65535), before) == (cmds, after)
+
+
+def test_the_value_put_back_is_no_more_than_the_driver_takes_now():
+    """A bond whose members changed may take less than it did: the kernel refuses more than tso_max_segs."""
+    assert gso.release("eth0", Gso(9, 64), Held(9, 65535)) == [PUT_BACK[:-1] + ("64",)]
 
 
 def test_drift_names_the_value_and_what_the_config_holds():
@@ -91,8 +96,11 @@ def test_init_records_the_value_to_put_back_and_holds_it_once(system, cli, tmp_p
 
 
 def test_a_failed_hold_leaves_the_device_unshaped_and_the_record_as_before(system, cli, tmp_path):
+    recorded = []
+
     def refuse(argv, stdin):
         if argv == HOLD_GSO:
+            recorded.append(json.loads((tmp_path / "state" / "gso.json").read_text()))  # written first
             raise CommandFailed(" ".join(argv), "Error: Invalid argument\n")
 
     system.hooks.append(refuse)
@@ -103,20 +111,50 @@ def test_a_failed_hold_leaves_the_device_unshaped_and_the_record_as_before(syste
     assert result.exit_code == 1
     assert result.stderr == (
         "shape-init: `ip link set dev eth0 gso_max_segs 9` failed: Error: Invalid argument; "
-        "eth0 was left unshaped (shapekit's partial tree removed)\n"
+        "eth0's sent traffic was left unshaped (its tree removed, gso_max_segs as it was)\n"
     )
+    assert recorded == [{"eth0": {"held": 9, "was": 65535}}]
     assert system.batches()[-1] == "qdisc del dev eth0 root\n"
+    assert not (tmp_path / "state" / "gso.json").exists()
+
+
+def test_a_record_that_cannot_be_written_leaves_the_device_unshaped_and_unheld(system, cli, mocker):
+    mocker.patch(
+        "shapekit.commands.init.save_held_gso", side_effect=CommandFailed("writing gso.json", "No space left on device")
+    )
+    system.roots["eth0"] = SHAPEKIT_ROOT
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "shape-init: `writing gso.json` failed: No space left on device; "
+        "eth0's sent traffic was left unshaped (its tree removed, gso_max_segs as it was)\n"
+    )
+    assert HOLD_GSO not in [argv for argv, _ in system.calls]
+    assert system.batches()[-1] == "qdisc del dev eth0 root\n"
+
+
+def test_dry_run_init_prints_the_hold_and_writes_no_record(system, cli, tmp_path):
+    result = cli(init_app, "--config", str(SEED_CONFIG), "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.endswith(HOLD_GSO_SCRIPT)
+    assert "eth0" not in system.gso
     assert not (tmp_path / "state" / "gso.json").exists()
 
 
 def test_flush_puts_the_value_back_and_forgets_it(system, cli, tmp_path):
     cli(init_app, "--config", str(SEED_CONFIG))
     system.roots["eth0"] = SHAPEKIT_ROOT
+    start = len(system.calls)
 
     result = cli(flush_app)
 
     assert result.exit_code == 0, result.stderr
-    assert [argv for argv, _ in system.calls][-5:-3] == [READ_GSO, PUT_BACK]  # after the tree, before the chains
+    calls = [argv for argv, _ in system.calls[start:]]
+    assert calls[-2:] == [READ_GSO, PUT_BACK]  # last: the tree, chains and sets are gone even if it is refused
+    assert calls.index(("tc", "-batch", "-")) < calls.index(READ_GSO)
     assert system.gso["eth0"] == 65535
     assert not (tmp_path / "state" / "gso.json").exists()
 
@@ -128,8 +166,8 @@ def test_flush_leaves_a_value_someone_set_since(system, cli, tmp_path):
     result = cli(flush_app)
 
     assert result.exit_code == 0, result.stderr
-    assert PUT_BACK[:-1] + ("16",) not in [argv for argv, _ in system.calls] and system.gso["eth0"] == 16
-    assert PUT_BACK not in [argv for argv, _ in system.calls]
+    assert [argv for argv, _ in system.calls][-1] == READ_GSO  # read, and left
+    assert system.gso["eth0"] == 16
     assert not (tmp_path / "state" / "gso.json").exists()
 
 
@@ -174,6 +212,35 @@ def test_a_broken_record_is_refused_before_any_change(system, cli, tmp_path):
         assert result.exit_code == 2
         assert "gso.json" in result.stderr and "eth0.held" in result.stderr
         assert len(result.stderr.splitlines()) == 1
+    assert system.batches() == []
+    assert not [argv for argv, _ in system.calls if argv[:3] == ("ip", "link", "set")]
+
+
+def test_check_reports_a_raised_value_and_a_device_held_but_no_longer_configured(system, cli, tmp_path):
+    cli(init_app, "--config", str(SEED_CONFIG))
+    system.gso["eth0"] = 65535  # raised by hand
+    held = json.loads((tmp_path / "state" / "gso.json").read_text())
+    (tmp_path / "state" / "gso.json").write_text(json.dumps({**held, "eth1": {"held": 2, "was": 65535}}))
+    system.gso["eth1"] = 2  # held by an earlier config that shaped eth1
+
+    result = cli(init_app, "--check", "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "eth0: gso_max_segs is 65535; the config holds it to 9 (run shape-init)" in lines
+    assert "eth1: gso_max_segs is held to 2, but the config does not shape eth1 (shape-flush --dev eth1)" in lines
+
+
+def test_old_iproute2_without_gso_max_segs_is_refused_before_any_change(system, cli):
+    system.answers[READ_GSO] = json.dumps([{"ifname": "eth0"}])
+
+    result = cli(init_app, "--config", str(SEED_CONFIG))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "shape-init: `ip -d -j link show dev eth0` shows no gso_max_segs (an old iproute2): upgrade iproute2, "
+        'or set gso_max_segs = "keep" in [device.eth0]\n'
+    )
     assert system.batches() == []
 
 
