@@ -190,14 +190,13 @@ def _hold_gso(
     shape-flush can put the value back whatever stops this run; the record put back if the change fails."""
     others = {name: h for name, h in held.items() if name != dev}
     now = others if after is None else {**others, dev: after}
-    if runner.dry_run or now == held:
-        change.hold_gso(runner, dev, cmds)
-        return now
+    recorded = not runner.dry_run and now != held
     try:
-        change.hold_gso(runner, dev, cmds, record=lambda: save_held_gso(state_dir(), now))
+        change.hold_gso(runner, dev, cmds, record=lambda: save_held_gso(state_dir(), now) if recorded else None)
     except CommandFailed:
-        with contextlib.suppress(CommandFailed):  # the record as it was; the hold's own error is the one to tell
-            save_held_gso(state_dir(), held)
+        if recorded:
+            with contextlib.suppress(CommandFailed):  # the record as it was; the hold's own error is the one to tell
+                save_held_gso(state_dir(), held)
         raise
     return now
 

@@ -136,11 +136,8 @@ def hold_gso(runner: run.Runner, dev: str, cmds: list[Argv], record: Callable[[]
         record()
         runner.run_each(f"{dev}: the size of its GSO super-packets, which HTB sends whole", cmds)
     except CommandFailed as exc:
-        try:
-            runner.tc_batch(f"{dev}: undo", plan_flush(dev, read.read_root(runner, dev)))
-        except CommandFailed as undo:
-            raise exc.then(f"removing {dev}'s tree failed too: {undo}") from None
-        raise exc.then(f"{dev}'s sent traffic was left unshaped (its tree removed, gso_max_segs as it was)") from None
+        outcome = f"{dev}'s sent traffic was left unshaped (its tree removed, gso_max_segs as it was)"
+        raise _without_tree(runner, dev, exc, f"{dev}'s tree", outcome) from None
 
 
 def _undo_tree(runner: run.Runner, dev: str, cmds: list[Argv], exc: CommandFailed) -> CommandFailed:
@@ -148,11 +145,17 @@ def _undo_tree(runner: run.Runner, dev: str, cmds: list[Argv], exc: CommandFaile
     failed = shlex.join(cmds[int(match.group(1)) - 1]) if match and int(match.group(1)) <= len(cmds) else exc.command
     # Keep the error; drop the line number and HTB's quantum warnings about other lines.
     stderr = "\n".join(line for line in exc.stderr.splitlines() if not _NOISE.match(line))
+    outcome = f"{dev} was left unshaped (shapekit's partial tree removed)"
+    return _without_tree(runner, dev, CommandFailed(failed, stderr), f"the partial tree from {dev}", outcome)
+
+
+def _without_tree(runner: run.Runner, dev: str, failure: CommandFailed, tree: str, removed: str) -> CommandFailed:
+    """Take `dev`'s tree away after `failure`: the failure, then `removed`, or why removing `tree` failed too."""
     try:
         runner.tc_batch(f"{dev}: undo", plan_flush(dev, read.read_root(runner, dev)))
     except CommandFailed as undo:
-        return CommandFailed(failed, stderr, f"removing the partial tree from {dev} failed too: {undo}")
-    return CommandFailed(failed, stderr, f"{dev} was left unshaped (shapekit's partial tree removed)")
+        return failure.then(f"removing {tree} failed too: {undo}")
+    return failure.then(removed)
 
 
 def put_back_prefs(runner: run.Runner, dev: str, prefs: list[tuple[int, int]], before: list[U32Filter]) -> None:

@@ -18,6 +18,15 @@ PUT_BACK = ("ip", "link", "set", "dev", "eth0", "gso_max_segs", "65535")
 SHAPEKIT_ROOT = {"kind": "htb", "handle": "5c:", "root": True}
 
 
+LEFT_UNSHAPED = "eth0's sent traffic was left unshaped (its tree removed, gso_max_segs as it was)\n"
+
+
+def init_over_a_tree(system, cli):
+    """shape-init where eth0 has shapekit's tree (what a failed hold takes away)."""
+    system.roots["eth0"] = SHAPEKIT_ROOT
+    return cli(init_app, "--config", str(SEED_CONFIG))
+
+
 def device(write_config, line: str, setting: str = ""):
     text = f'[device.eth0]\nrate = "{line}"\n{setting}'
     return load_config(write_config(text), check_owner=False).devices["eth0"]
@@ -104,14 +113,12 @@ def test_a_failed_hold_leaves_the_device_unshaped_and_the_record_as_before(syste
             raise CommandFailed(" ".join(argv), "Error: Invalid argument\n")
 
     system.hooks.append(refuse)
-    system.roots["eth0"] = SHAPEKIT_ROOT
 
-    result = cli(init_app, "--config", str(SEED_CONFIG))
+    result = init_over_a_tree(system, cli)
 
     assert result.exit_code == 1
     assert result.stderr == (
-        "shape-init: `ip link set dev eth0 gso_max_segs 9` failed: Error: Invalid argument; "
-        "eth0's sent traffic was left unshaped (its tree removed, gso_max_segs as it was)\n"
+        "shape-init: `ip link set dev eth0 gso_max_segs 9` failed: Error: Invalid argument; " + LEFT_UNSHAPED
     )
     assert recorded == [{"eth0": {"held": 9, "was": 65535}}]
     assert system.batches()[-1] == "qdisc del dev eth0 root\n"
@@ -122,15 +129,11 @@ def test_a_record_that_cannot_be_written_leaves_the_device_unshaped_and_unheld(s
     mocker.patch(
         "shapekit.commands.init.save_held_gso", side_effect=CommandFailed("writing gso.json", "No space left on device")
     )
-    system.roots["eth0"] = SHAPEKIT_ROOT
 
-    result = cli(init_app, "--config", str(SEED_CONFIG))
+    result = init_over_a_tree(system, cli)
 
     assert result.exit_code == 1
-    assert result.stderr == (
-        "shape-init: `writing gso.json` failed: No space left on device; "
-        "eth0's sent traffic was left unshaped (its tree removed, gso_max_segs as it was)\n"
-    )
+    assert result.stderr == "shape-init: `writing gso.json` failed: No space left on device; " + LEFT_UNSHAPED
     assert HOLD_GSO not in [argv for argv, _ in system.calls]
     assert system.batches()[-1] == "qdisc del dev eth0 root\n"
 
@@ -249,3 +252,21 @@ def test_a_fast_line_with_nothing_held_reads_no_gso(system, cli, write_config):
 
     assert result.exit_code == 0, result.stderr
     assert not [argv for argv, _ in system.calls if argv[0] == "ip" and "link" in argv and argv[-1] != "ifb"]
+
+
+def test_a_failed_hold_whose_tree_cannot_be_removed_says_both(system, cli):
+    def refuse(argv, stdin):
+        if argv == HOLD_GSO:
+            raise CommandFailed(" ".join(argv), "Error: Invalid argument\n")
+        if argv == ("tc", "-batch", "-") and stdin == "qdisc del dev eth0 root\n":
+            raise CommandFailed("tc -batch -", "RTNETLINK answers: Device or resource busy\n")
+
+    system.hooks.append(refuse)
+
+    result = init_over_a_tree(system, cli)
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "shape-init: `ip link set dev eth0 gso_max_segs 9` failed: Error: Invalid argument; removing eth0's tree "
+        "failed too: `tc -batch -` failed: RTNETLINK answers: Device or resource busy\n"
+    )
