@@ -845,7 +845,8 @@ def main() -> None:
         nargs="*",
         choices=["seed", "fireqos", "wondershaper"],
         default=["seed", "fireqos", "wondershaper"],
-        help="latency: the other shapers to run (wondershaper only where the kernel has CBQ)",
+        help="latency: the other shapers to run (wondershaper as Debian 12 ships it: CBQ, which kernels since "
+        "6.1.80 refuse, and the run says what it left)",
     )
     parser.add_argument(
         "--seconds", type=float, help="latency: how long the probes run under load (default 20, --quick 4)"

@@ -24,8 +24,10 @@ Each configuration shapes A's side at SHAPED of the line, as seed 000's tree:
 - fireqos: FireQOS (Debian's package, unpacked into bench/.peers) with the same
   classes, rates and matches, and its own choice of leaf (fq_codel) where the
   kernel has it;
-- wondershaper: Debian 12's wondershaper (CBQ, so kernels before 6.3 only) at
-  the same uplink.
+- wondershaper: Debian 12's wondershaper at the same uplink, run as shipped. It
+  builds a CBQ tree, and Linux retired CBQ in 6.3 and in 6.1.80, so Debian 12's
+  own kernels since 6.1.0-19 (2024) refuse it: there its tc commands fail, it
+  leaves only its ingress policer, and the run measures what its users get.
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ class Setup:
     """One configuration: how it shapes A, and whether this kernel can run it."""
 
     name: str
-    apply: Callable[[Trio], None]
+    apply: Callable[[Trio], str | None]  # a note on what it left, where that is not what it meant to
     needs: tuple[str, ...] = ()
 
 
@@ -313,16 +315,26 @@ def fireqos(trio: Trio) -> None:
     trio.run_in(trio.a, "bash", str(program), "-nc", str(config), "start", env=env)
 
 
-def wondershaper(trio: Trio) -> None:
+def wondershaper(trio: Trio) -> str | None:
+    """Debian 12's wondershaper as shipped; where the kernel refuses its CBQ root it carries on (it checks
+    no command), so say what it left."""
     program = unpacked("wondershaper") / "sbin" / "wondershaper"
-    trio.run_in(trio.a, "bash", str(program), trio.dev, str(LINE_MBIT * 1000 * 10), str(shaped_kbit()))
+    argv = ["bash", str(program), trio.dev, str(LINE_MBIT * 1000 * 10), str(shaped_kbit())]
+    ran = subprocess.run(["ip", "netns", "exec", trio.a, *argv], capture_output=True, text=True)
+    qdiscs = trio.run_in(trio.a, "tc", "qdisc", "show", "dev", trio.dev)
+    if " cbq " in qdiscs:
+        return None
+    first_error = next((line.strip() for line in ran.stderr.splitlines() if line.strip()), "no error shown")
+    policer = trio.run_in(trio.a, "tc", "filter", "show", "dev", trio.dev, "parent", "ffff:")
+    left = "its ingress policer" if "police" in policer else "an ingress qdisc" if "ingress" in qdiscs else "nothing"
+    return f"the kernel refused its CBQ root ({first_error}) and it went on: it left {left}, A's uploads unshaped"
 
 
 def setups(leaves: list[str], peers: list[str], gso: list[str]) -> list[Setup]:
     known = {
         "seed": Setup("seed", seed_script),
         "fireqos": Setup("fireqos", fireqos),
-        "wondershaper": Setup("wondershaper", wondershaper, ("cbq avpkt 1000 bandwidth 10mbit",)),
+        "wondershaper": Setup("wondershaper", wondershaper),
     }
     return [
         Setup("none", no_shaping),
@@ -445,6 +457,7 @@ def bench_latency(
     """
     runs: dict[str, dict[str, object]] = {}
     skipped: dict[str, str] = {}
+    notes: dict[str, str] = {}
     with trio_up() as trio:
         runs["idle"] = measure(trio, min(probe_s, 5.0), load=False)
         kernel = os.uname().release
@@ -457,7 +470,8 @@ def bench_latency(
             if missing:
                 skipped[setup.name] = f"this kernel has no {missing[0].split()[0]}"
                 continue
-            setup.apply(trio)
+            if note := setup.apply(trio):
+                notes[setup.name] = note
             runs[setup.name] = measure(trio, probe_s, warm_s, congestion=congestion)
     return {
         "kernel": kernel,
@@ -468,6 +482,7 @@ def bench_latency(
         "probe_s": probe_s,
         "torrent_ceil_mbit": TORRENT_CEIL_KBIT / 1000,
         "skipped": skipped,
+        "notes": notes,
         "runs": {name: summary(measured) for name, measured in runs.items()},
         "rtt_ms": {name: {probe: r["rtt_ms"] for probe, r in m["probes"].items()} for name, m in runs.items()},
     }
@@ -525,6 +540,7 @@ def report(result: dict[str, object]) -> str:
     goodputs = [("torrent_mbit", "torrent Mbit/s", ""), ("default_mbit", "default Mbit/s", "")]
     lines.append(table(rows, [(key, key, "") for key in ("config", *PROBES)] + goodputs))
     lines += [f"  {name}: skipped, {why}" for name, why in result["skipped"].items()]
+    lines += [f"  {name}: {note}" for name, note in result.get("notes", {}).items()]
     return "\n".join(lines)
 
 
