@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+from typer.completion import completion_init
 
 from shapekit import __version__
+from shapekit.config.addresses import host_text
 from shapekit.config.load import config_path, load_config
 from shapekit.config.model import Config, Device
 from shapekit.config.rules import Bypass, Cap
@@ -204,12 +206,33 @@ VersionOption = Annotated[
 ]
 
 
-DevOption = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--dev", "-d", metavar="DEV", help="Only this device (repeatable). Default: every one.", show_default=False
-    ),
-]
+def complete_devices(ctx: typer.Context, incomplete: str) -> list[str]:
+    """--dev <TAB>: the devices the config (--config, given before, or the default) shapes."""
+    chosen = ctx.params.get("config") or (ctx.parent.params.get("config") if ctx.parent else None)
+    try:
+        devices = load_config(config_path(chosen), check_owner=False).devices
+    except (ShapekitError, OSError):  # no config (yet), or a bad one: nothing to offer
+        return []
+    return [dev for dev in devices if dev.startswith(incomplete)]
+
+
+def complete_capped_hosts(ctx: typer.Context, incomplete: str) -> list[str]:
+    """shape-limit-ip remove <TAB>: the hosts with a run-time cap (the ones remove lifts)."""
+    try:
+        caps = load_caps(state_dir())
+    except (ShapekitError, OSError):
+        return []
+    return sorted({host_text(cap.host) for cap in caps if host_text(cap.host).startswith(incomplete)})
+
+
+def dev_option(help_text: str) -> Any:
+    """A command's --dev/-d: a device the config shapes (completed from it)."""
+    return typer.Option(
+        "--dev", "-d", metavar="DEV", help=help_text, show_default=False, autocompletion=complete_devices
+    )
+
+
+DevOption = Annotated[Optional[list[str]], dev_option("Only this device (repeatable). Default: every one.")]
 
 
 def reported(prog: str, action: Callable[[], T]) -> T:
@@ -298,6 +321,8 @@ def console(app: typer.Typer, prog: str) -> None:
     shape-status --watch, which lives on, collects after each sample.
     """
     gc.disable()
+    if f"_{prog.replace('-', '_').upper()}_COMPLETE" in os.environ:  # bash asks for completions (init/install)
+        completion_init()
     try:
         code = app(prog_name=prog, standalone_mode=False)
     except _ClickUsageError as exc:

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from shapekit.commands import common
-from shapekit.config.addresses import Network, ValueProblem, parse_host
+from shapekit.config.addresses import Network, ValueProblem, host_text, parse_host
 from shapekit.config.cap_file import parse_cap_rows, read_cap_file
 from shapekit.config.model import Config, Device
 from shapekit.config.rules import CAP_NOT_A_SHARE, IPSET_MAX_TIMEOUT, Cap, check_cap
@@ -605,7 +605,7 @@ def limit_list(options: common.Options) -> list[CapRow]:
 
 def _row(tree: Device, placed: PlacedCap) -> CapRow:
     cap = placed.cap
-    host = str(cap.host.network_address) if cap.host.prefixlen == cap.host.max_prefixlen else str(cap.host)
+    host = host_text(cap.host)
     expires = None
     if cap.expires is not None:
         expires = datetime.datetime.fromtimestamp(cap.expires, datetime.timezone.utc).isoformat(timespec="seconds")
@@ -648,10 +648,7 @@ def add_cap(
     ctx: typer.Context,
     host: Annotated[str, typer.Argument(help="IPv4/IPv6 address or CIDR block.", show_default=False)],
     rate: Annotated[str, typer.Argument(help="tc rate: 128kbit, 2mbit, 64kbps (bytes/s).", show_default=False)],
-    dev: Annotated[
-        Optional[str],
-        typer.Option("--dev", "-d", metavar="DEV", help="Device (needed when the config shapes several)."),
-    ] = None,
+    dev: Annotated[Optional[str], common.dev_option("Device (needed when the config shapes several).")] = None,
     duration: Annotated[
         Optional[str], typer.Option("--for", metavar="DURATION", help="Lapse by itself after 90s, 30m, 2h, 1d...")
     ] = None,
@@ -681,10 +678,13 @@ def add_cap(
 @limit_ip_app.command("remove")
 def remove_cap(
     ctx: typer.Context,
-    host: Annotated[str, typer.Argument(help="The capped address or CIDR block.", show_default=False)],
-    dev: Annotated[
-        Optional[str], typer.Option("--dev", "-d", metavar="DEV", help="Device, when the host is capped on several.")
-    ] = None,
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="The capped address or CIDR block.", show_default=False, autocompletion=common.complete_capped_hosts
+        ),
+    ],
+    dev: Annotated[Optional[str], common.dev_option("Device, when the host is capped on several.")] = None,
     inbound: Annotated[bool, typer.Option("--in", help="Only the cap on traffic arriving from HOST.")] = False,
     outbound: Annotated[bool, typer.Option("--out", help="Only the cap on traffic sent to HOST.")] = False,
     config: common.ConfigOption = None,
@@ -712,10 +712,7 @@ def sync_caps(
             show_default=False,
         ),
     ],
-    dev: Annotated[
-        Optional[str],
-        typer.Option("--dev", "-d", metavar="DEV", help="Device (needed when the config shapes several)."),
-    ] = None,
+    dev: Annotated[Optional[str], common.dev_option("Device (needed when the config shapes several).")] = None,
     config: common.ConfigOption = None,
     dry_run: common.DryRunOption = False,
     verbose: common.VerboseOption = False,

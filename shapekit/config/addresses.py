@@ -16,6 +16,11 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # ASCII digits; no 
 _DOTTED_QUAD = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}", re.ASCII)
 
 
+def host_text(host: Network) -> str:
+    """A host as people write it: an address alone, a block with its prefix."""
+    return str(host.network_address) if host.prefixlen == host.max_prefixlen else str(host)
+
+
 class ValueProblem(ValueError):
     """A host or port that is not valid; the message says why."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from shapekit.config.addresses import host_text
 from shapekit.config.model import TOP_MINOR, Device
 from shapekit.config.rules import BYPASS_MINOR
 from shapekit.plan.limits import PlacedCap, cap_classid, group_classid, group_of
@@ -57,8 +58,7 @@ def class_names(device: Device, caps: list[PlacedCap], lapsed: list[PlacedCap] =
 
 
 def _host(placed: PlacedCap) -> str:
-    host = placed.cap.host
-    return str(host.network_address) if host.prefixlen == host.max_prefixlen else str(host)
+    return host_text(placed.cap.host)
 
 
 def class_rows(

@@ -347,6 +347,15 @@ def test_install_places_the_commands_config_and_init_files(tmp_path):
     version = sh(str(dest / "opt/shapekit/bin/shape-init"), "--version")
     assert version.stdout.startswith("shapekit ")
     assert (dest / "etc/shapekit/shapekit.toml").stat().st_mode & 0o777 == 0o644
+    man = dest / "usr/local/share/man"
+    for page in ("man8/shape-init.8", "man8/shape-limit-ip.8", "man8/shape-limit-ip-remove.8", "man5/shapekit.toml.5"):
+        assert (man / page).is_file(), page
+    shown = sh("man", "-l", str(man / "man8/shape-limit-ip-remove.8")).stdout
+    assert "shape-limit-ip remove" in shown and "--dev" in shown
+    completions = dest / "usr/local/share/bash-completion/completions"
+    for command in ("shape-init", "shape-mark", "shape-bypass", "shape-limit-ip", "shape-flush", "shape-status"):
+        script = (completions / command).read_text()
+        assert "complete -o default -F " in script and script.rstrip().endswith(f" {command}"), command
 
 
 def test_the_benchmark_script_runs(tmp_path):
