@@ -54,7 +54,8 @@ def pages(name: str, command: Any, parent: Any = None) -> dict[str, str]:
     text = text.replace(r"(1)\fP", rf"({SECTION})\fP")
     found = {f"{ctx.command_path.replace(' ', '-')}.{SECTION}": text}
     for verb_name, verb in getattr(command, "commands", {}).items():
-        found |= pages(verb_name, verb, ctx)
+        if not verb.hidden:
+            found |= pages(verb_name, verb, ctx)
     return found
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -217,9 +218,9 @@ def complete_devices(ctx: typer.Context, incomplete: str) -> list[str]:
 
 
 def complete_capped_hosts(ctx: typer.Context, incomplete: str) -> list[str]:
-    """shape-limit-ip remove <TAB>: the hosts with a run-time cap (the ones remove lifts)."""
+    """shape-limit-ip remove <TAB>: the hosts with a run-time cap in force (the ones remove lifts)."""
     try:
-        caps = load_caps(state_dir())
+        caps = live_caps(load_caps(state_dir()), time.time())
     except (ShapekitError, OSError):
         return []
     return sorted({host_text(cap.host) for cap in caps if host_text(cap.host).startswith(incomplete)})

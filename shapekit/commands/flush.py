@@ -53,9 +53,13 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
                 text = plan_limits.plan_destroy_sets(names) + plan_hosts.plan_sets_removal(names, plan_hosts.every_run)
                 change.ipset_restore(runner, "remove shapekit's sets", text)
         _release_gso(runner, devs, held)  # last: the rest of shapekit is gone even if the kernel refuses it
-        if forget and not options.dry_run:
-            for name in (BYPASS_FILE, LIMITS_FILE):
-                _forget(state_dir() / name)
+        if forget:
+            for path in (state_dir() / name for name in (BYPASS_FILE, LIMITS_FILE)):
+                if options.dry_run:
+                    if path.exists():
+                        runner.note(f"--forget: delete {path}")
+                else:
+                    _forget(path)
 
 
 def _release_gso(runner: run.Runner, devs: list[str], held: dict[str, Held]) -> None:

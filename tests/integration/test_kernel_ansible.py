@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_netpair
+from faults import make_faults
 from netns import NetPair, script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +101,11 @@ class Edge:
 
     def cap_task(self, **args: object) -> dict:
         return {"shapekit.shapekit.cap": {"config": str(self.dest), **args}}
+
+    def cap_class(self, classid: str) -> str:
+        """The cap's class line as tc shows it (its rate)."""
+        lines = self.tc("class", "show", "dev", self.pair.dev).splitlines()
+        return next((line for line in lines if f" {classid} " in line), "")
 
     def tc(self, *argv: str) -> str:
         return self.pair.left.run("tc", *argv).stdout
@@ -195,17 +201,33 @@ def test_cap_add_repeat_rerate_and_remove(edge):
     )
     assert listed["expires"] and listed["dev"] == edge.pair.dev
     assert edge.shapekit("shape-init", "--check").returncode == 0
+    assert "rate 128Kbit" in edge.cap_class(listed["classid"])
 
     # The same cap again, written another way (the unit's case, a /32): nothing to do.
     (repeated,) = edge.run([edge.cap_task(**{**cap, "host": f"{host}/32", "rate": "128Kbit"})])
     assert repeated["changed"] is False, repeated
 
-    (rerated,) = edge.run([edge.cap_task(**{**cap, "rate": "256kbit"})])
-    assert rerated["changed"] is True
-    assert [c["rate"] for c in rerated["caps"]] == ["256kbit"]
+    # A decimal rate, then the same in other units: nothing to do (compared exactly, not as floats).
+    rerated, same = edge.run(
+        [edge.cap_task(**{**cap, "rate": "4.1mbit"}), edge.cap_task(**{**cap, "rate": "4100kbit"})]
+    )
+    assert rerated["changed"] is True and same["changed"] is False, (rerated, same)
+    assert [c["rate"] for c in rerated["caps"]] == ["4100kbit"]
+    assert "rate 4100Kbit" in edge.cap_class(listed["classid"])
 
-    (bad,) = edge.run([edge.cap_task(host="198.18.0.300", rate="1mbit")])
-    assert bad["failed"] is True and bad["rc"] == 2 and "198.18.0.300" in bad["msg"] and "\n" not in bad["msg"]
+    # Bad input fails with shapekit's line and changes nothing, in check mode too.
+    checked_bad = {"check_mode": True}
+    bad_rate, bad_for, bad_host = edge.run(
+        [
+            {**edge.cap_task(**{**cap, "rate": "20mb"}), **checked_bad},
+            edge.cap_task(**{**cap, "for": ""}),
+            edge.cap_task(host="198.18.0.300", rate="1mbit"),
+        ]
+    )
+    assert bad_rate["failed"] is True and bad_rate["rc"] == 2 and "'20mb' is ambiguous" in bad_rate["msg"]
+    assert bad_for["failed"] is True and bad_for["rc"] == 2 and "--for" in bad_for["msg"], bad_for
+    assert bad_host["failed"] is True and "198.18.0.300" in bad_host["msg"] and "\n" not in bad_host["msg"]
+    assert [c["rate"] for c in json.loads(edge.shapekit("shape-limit-ip", "list", "--json").stdout)] == ["4100kbit"]
 
     (remove_checked,) = edge.run([edge.cap_task(host=host, state="absent")], "--check")
     assert remove_checked["changed"] is True
@@ -215,6 +237,42 @@ def test_cap_add_repeat_rerate_and_remove(edge):
     assert json.loads(edge.shapekit("shape-limit-ip", "list", "--json").stdout) == []
     (removed_again,) = edge.run([edge.cap_task(host=host, state="absent")])
     assert removed_again["changed"] is False
+    assert "rate 4100Kbit" not in edge.tc("class", "show", "dev", edge.pair.dev)
+
+
+def test_cap_absent_leaves_a_config_cap_with_a_warning(edge):
+    edge.run([edge.config_task(CONFIG + '\n[device.DEV.limits]\n"198.18.0.9" = "1mbit"\n')])
+    host = "198.18.0.9"
+    only_config, added, lifted = edge.run(
+        [
+            edge.cap_task(host=host, state="absent"),
+            edge.cap_task(host=host, rate="2mbit"),
+            edge.cap_task(host=host, state="absent"),
+        ]
+    )
+    assert only_config["changed"] is False and not only_config.get("failed"), only_config
+    assert added["changed"] is True and [c["source"] for c in added["caps"]] == ["run-time"]
+    assert lifted["changed"] is True and [(c["source"], c["rate"]) for c in lifted["caps"]] == [("config", "1mbit")]
+    assert any("stays capped by the config" in warning for warning in lifted.get("warnings", [])), lifted
+
+
+def test_config_absent_forget_deletes_the_saved_caps(edge):
+    edge.run([edge.config_task(CONFIG), edge.cap_task(host="198.18.0.2", rate="1mbit")])
+    saved = edge.pair.workdir / "state" / "limits.json"
+    assert saved.exists()
+    kept, forgotten, again = edge.run(
+        [
+            edge.config_task(state="absent"),
+            edge.config_task(state="absent", forget=True),
+            edge.config_task(state="absent", forget=True),
+        ]
+    )
+    assert kept["changed"] is True and forgotten["changed"] is True and again["changed"] is False, (
+        kept,
+        forgotten,
+        again,
+    )
+    assert not saved.exists()
 
 
 def test_check_diff_as_a_person_reads_it(edge):
@@ -227,3 +285,20 @@ def test_check_diff_as_a_person_reads_it(edge):
     assert f"+tc qdisc add dev {dev} root handle 5c: htb default " in out
     assert "changed: [localhost]" in out and "changed=1" in out and "failed=0" in out
     assert not edge.dest.exists()
+
+
+def test_a_failed_boot_puts_the_old_config_back(edge, tmp_path):
+    edge.run([edge.config_task(CONFIG)])
+    classes = edge.tc("class", "show", "dev", edge.pair.dev)
+    faults = make_faults(tmp_path)  # tests/faults/fake-tool first in PATH: the first change the kernel gets fails
+    edge.env = faults.env(edge.env, edge.pair.left.name)
+    faults.arm(1)
+
+    (failed,) = edge.run([edge.config_task(CONFIG.replace('rate = "20mbit"', 'rate = "30mbit"'))])
+
+    assert faults.fired
+    assert failed["failed"] is True and failed["rc"] == 1, failed
+    assert failed["msg"].endswith("; the old config was applied again"), failed["msg"]
+    assert edge.dest.read_text() == CONFIG.replace("DEV", edge.pair.dev)
+    assert edge.tc("class", "show", "dev", edge.pair.dev) == classes
+    assert edge.shapekit("shape-init", "--check").returncode == 0

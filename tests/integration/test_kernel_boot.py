@@ -353,9 +353,18 @@ def test_install_places_the_commands_config_and_init_files(tmp_path):
     shown = sh("man", "-l", str(man / "man8/shape-limit-ip-remove.8")).stdout
     assert "shape-limit-ip remove" in shown and "--dev" in shown
     completions = dest / "usr/local/share/bash-completion/completions"
-    for command in ("shape-init", "shape-mark", "shape-bypass", "shape-limit-ip", "shape-flush", "shape-status"):
-        script = (completions / command).read_text()
-        assert "complete -o default -F " in script and script.rstrip().endswith(f" {command}"), command
+    commands = (
+        "shape-init",
+        "shape-mark",
+        "shape-bypass",
+        "shape-limit-ip",
+        "shape-flush",
+        "shape-status",
+        "shape-import",
+    )
+    for command in commands:
+        assert (completions / command).read_text() == (INIT / "bash-completion").read_text(), command
+        assert (dest / "usr/local/sbin" / command).readlink() == Path(f"/opt/shapekit/bin/{command}")
 
 
 def test_the_benchmark_script_runs(tmp_path):

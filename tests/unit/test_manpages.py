@@ -3,6 +3,7 @@ commands' own definitions (init/manpages.py), and shapekit.toml(5) from its scdo
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -59,7 +60,8 @@ def test_every_option_is_on_its_page(man_dir, name):
     command = dict(every_command())[name]
     page = (man_dir / "man8" / f"{name}.8").read_text()
     assert missing_options(page, command) == []
-    assert command.help.split()[0] in page  # its description
+    first_line = inspect.cleandoc(command.help).splitlines()[0]
+    assert f"\n{first_line}\n" in page  # its description, as --help gives it
 
 
 def test_the_option_check_sees_a_missing_option(man_dir):

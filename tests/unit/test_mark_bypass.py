@@ -398,8 +398,11 @@ def test_flush_forget_deletes_the_run_time_entries(system, cli, tmp_path):
 
     cli(flush_app)
     assert saved.exists()  # kept for the next boot
+    dry = cli(flush_app, "--forget", "--dry-run")
+    assert f"# --forget: delete {saved}\n" in dry.stdout and saved.exists()
     cli(flush_app, "--forget")
     assert not saved.exists()
+    assert "--forget" not in cli(flush_app, "--forget", "--dry-run").stdout  # nothing left to delete
 
 
 @pytest.mark.parametrize("text", ['{"ports": 5}', '{"hosts": null}', '{"ports": ["22/xyz"]}', "[1, 2]", "{not json"])

@@ -18,7 +18,7 @@ def shapekit_command(module: AnsibleModule, name: str) -> str:
 
 def run_shapekit(
     module: AnsibleModule, argv: list[str], allowed: tuple[int, ...] = (0,), shown: dict[str, str] | None = None
-) -> tuple[int, str]:
+) -> tuple[int, str, str]:
     """Run one shapekit command; on an exit status not in `allowed`, fail the task with shapekit's own
     one-line message (its stderr), as a person running the command would read it. `shown`: paths in
     the message to name otherwise (a scratch copy of the config by the file it stands for)."""
@@ -28,4 +28,4 @@ def run_shapekit(
         for path, name in (shown or {}).items():
             message = message.replace(path, name)
         module.fail_json(msg=message, rc=rc, cmd=" ".join(argv), stdout=out, stderr=err)
-    return rc, out
+    return rc, out, err

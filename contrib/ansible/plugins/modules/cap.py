@@ -12,7 +12,10 @@ description:
     removed or lapses.
   - Idempotent. A cap in force for O(host) in O(direction) (on O(dev)) with the same rate, the same
     O(comment) and, with O(for), some expiry (without, none) is left as it is, its expiry too.
-  - Bad input (a host, a rate, a device) fails the task with shapekit's one-line message and changes nothing.
+  - Bad input (a host, a rate, a duration, a device) fails the task with shapekit's one-line message and
+    changes nothing, in check mode too (C(shape-limit-ip add --dry-run) checks it first).
+  - O(state=absent) lifts the host's run-time caps, on each device it has one (or on O(dev)); a cap from the
+    config then takes over again, with a warning.
   - Needs shapekit installed on the host and its trees built (M(shapekit.shapekit.config)), and root.
 version_added: 0.1.0
 author: shapekit developers (@shapekit)
@@ -60,6 +63,7 @@ attributes:
     support: full
 notes:
   - A cap from the config (C([device.X.limits])) cannot be lifted here; change the config instead.
+  - To extend a cap's O(for), lift it (O(state=absent)) and add it again.
 seealso:
   - module: shapekit.shapekit.config
 """
@@ -93,6 +97,7 @@ caps:
 
 import ipaddress
 import json
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -102,31 +107,31 @@ from ansible_collections.shapekit.shapekit.plugins.module_utils.shapekit import 
     shapekit_command,
 )
 
-# tc's units in bits per second (tc(8)); a rate in any other form is compared as written.
-UNITS = {"bit": 1, "bps": 8}
+# tc's units in bits per second (tc(8)), as decimals: 4.1mbit is 4100kbit exactly.
+UNITS = {"bit": Decimal(1), "bps": Decimal(8)}
 for _prefix, _power in (("k", 1), ("m", 2), ("g", 3), ("t", 4)):
-    UNITS[_prefix + "bit"] = 1000**_power
-    UNITS[_prefix + "bps"] = 8 * 1000**_power
-    UNITS[_prefix + "ibit"] = 1024**_power
-    UNITS[_prefix + "ibps"] = 8 * 1024**_power
+    UNITS[_prefix + "bit"] = Decimal(1000) ** _power
+    UNITS[_prefix + "bps"] = 8 * Decimal(1000) ** _power
+    UNITS[_prefix + "ibit"] = Decimal(1024) ** _power
+    UNITS[_prefix + "ibps"] = 8 * Decimal(1024) ** _power
 
 
-def bits_per_second(rate: str) -> float | str:
+def bits_per_second(rate: str) -> Decimal | str:
+    """A rate as bits/s, to compare what the task asks with what shapekit lists; else its text."""
     text = rate.strip().lower()
-    for unit in sorted(UNITS, key=len, reverse=True):
-        if text.endswith(unit):
-            try:
-                return float(text[: -len(unit)]) * UNITS[unit]
-            except ValueError:
-                break
-    return text
-
-
-def network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    unit = next((unit for unit in sorted(UNITS, key=len, reverse=True) if text.endswith(unit)), None)
     try:
-        return ipaddress.ip_network(host.strip(), strict=False)
+        return Decimal(text[: -len(unit)]) * UNITS[unit] if unit else text
+    except InvalidOperation:
+        return text
+
+
+def network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A host as shapekit reads it (an address, or a block without host bits), else None."""
+    try:
+        return ipaddress.ip_network(host.strip())
     except ValueError:
-        return host.strip()
+        return None
 
 
 def caps_of(module: AnsibleModule, limit_ip: str, config: str, host: str) -> list[dict[str, Any]]:
@@ -145,20 +150,56 @@ def describe(caps: list[dict[str, Any]]) -> str:
 
 
 def satisfied(cap: dict[str, Any], params: dict[str, Any]) -> bool:
-    """Whether a cap in force is the one asked for."""
+    """Whether a cap in force is the one asked for (a cap that lapses: any expiry; its expiry is kept)."""
     return (
         bits_per_second(cap["rate"]) == bits_per_second(params["rate"])
         and (cap.get("comment") or "") == params["comment"]
-        and bool(cap.get("expires")) == bool(params["for"])
+        and bool(cap.get("expires")) == (params["for"] is not None)
     )
 
 
-def selected(caps: list[dict[str, Any]], params: dict[str, Any], direction: str | None) -> list[dict[str, Any]]:
-    return [
-        cap
-        for cap in caps
-        if (direction is None or cap["direction"] == direction) and params["dev"] in (None, cap["dev"])
-    ]
+def selected(caps: list[dict[str, Any]], dev: str | None, direction: str | None) -> list[dict[str, Any]]:
+    return [cap for cap in caps if direction in (None, cap["direction"]) and dev in (None, cap["dev"])]
+
+
+def add_argv(limit_ip: str, params: dict[str, Any], direction: str) -> list[str]:
+    argv = [limit_ip, "add", params["host"], params["rate"], "--config", params["config"]]
+    argv += ["--for", params["for"]] if params["for"] is not None else []  # "" too: shapekit refuses it
+    argv += ["--comment", params["comment"]] if params["comment"] else []
+    argv += ["--in"] if direction == "in" else []
+    return argv + (["--dev", params["dev"]] if params["dev"] else [])
+
+
+def present(module: AnsibleModule, limit_ip: str, before: list[dict[str, Any]]) -> dict[str, Any]:
+    params = module.params
+    direction = params["direction"] or "out"
+    argv = add_argv(limit_ip, params, direction)
+    run_shapekit(module, [*argv, "--dry-run"])  # bad input fails here, in check mode too, with shapekit's line
+    mine = selected(before, params["dev"], direction)
+    if any(satisfied(cap, params) for cap in mine):
+        return {"changed": False, "caps": before}
+    if not module.check_mode:
+        run_shapekit(module, argv)
+        return {"changed": True, "caps": caps_of(module, limit_ip, params["config"], params["host"])}
+    wanted = {"host": params["host"], "direction": direction, "rate": params["rate"], "dev": params["dev"] or "-",
+              "expires": params["for"] and f"+{params['for']}", "comment": params["comment"]}  # fmt: skip
+    return {"changed": True, "caps": before, "would_be": [cap for cap in before if cap not in mine] + [wanted]}
+
+
+def absent(module: AnsibleModule, limit_ip: str, before: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lift the host's run-time caps (on each device it has one); a cap from the config stays, with a warning."""
+    params = module.params
+    run_time = [cap for cap in selected(before, params["dev"], params["direction"]) if cap["source"] == "run-time"]
+    result = {"changed": bool(run_time), "caps": before, "would_be": [cap for cap in before if cap not in run_time]}
+    if not run_time or module.check_mode:
+        return result
+    for dev in sorted({cap["dev"] for cap in run_time}):
+        argv = [limit_ip, "remove", params["host"], "--config", params["config"], "--dev", dev]
+        run_shapekit(module, argv + (["--" + params["direction"]] if params["direction"] else []))
+    result["caps"] = caps_of(module, limit_ip, params["config"], params["host"])
+    if selected(result["caps"], params["dev"], params["direction"]):
+        module.warn(f"{params['host']} stays capped by the config ([device.X.limits] in {params['config']})")
+    return result
 
 
 def main() -> None:
@@ -177,41 +218,19 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
+    if network(params["host"]) is None:
+        module.fail_json(
+            msg=f"{params['host']}: not an IPv4/IPv6 address or CIDR block (e.g. 203.0.113.7, 2001:db8::/64)"
+        )
     limit_ip = shapekit_command(module, "shape-limit-ip")
-    config = params["config"]
-    before = caps_of(module, limit_ip, config, params["host"])
-    direction = params["direction"] if params["state"] == "absent" else params["direction"] or "out"
-    mine = selected(before, params, direction)
-
-    if params["state"] == "present":
-        changed = not any(satisfied(cap, params) for cap in mine)
-        argv = [limit_ip, "add", params["host"], params["rate"], "--config", config]
-        argv += ["--for", params["for"]] if params["for"] else []
-        argv += ["--comment", params["comment"]] if params["comment"] else []
-        argv += ["--in"] if direction == "in" else []
-        wanted = [{"host": params["host"], "direction": direction, "rate": params["rate"], "dev": params["dev"] or "?",
-                   "expires": params["for"] and "+" + params["for"], "comment": params["comment"]}]  # fmt: skip
-    else:
-        run_time = [cap for cap in mine if cap["source"] == "run-time"]
-        if mine and not run_time:
-            where = f"remove it from [device.X.limits] in {config}"
-            module.fail_json(msg=f"{params['host']} is capped by the config, not at run time: {where}", caps=before)
-        if len(run_time) < len(mine):
-            module.warn(f"{params['host']} stays capped by the config once its run-time cap is lifted")
-        changed = bool(run_time)
-        argv = [limit_ip, "remove", params["host"], "--config", config]
-        argv += ["--" + direction] if direction else []
-        wanted = [cap for cap in mine if cap not in run_time]
-    argv += ["--dev", params["dev"]] if params["dev"] else []
-
-    result = {"changed": changed, "caps": before}
-    if changed and not module.check_mode:
-        run_shapekit(module, argv)
-        result["caps"] = caps_of(module, limit_ip, config, params["host"])
-    if module._diff:
-        # In check mode, what the caps would be: the others, and the one asked for.
-        after = [cap for cap in before if cap not in mine] + wanted if module.check_mode and changed else result["caps"]
-        result["diff"] = {"before": describe(before), "after": describe(after)}
+    before = caps_of(module, limit_ip, params["config"], params["host"])
+    result = (present if params["state"] == "present" else absent)(module, limit_ip, before)
+    would_be = result.pop("would_be", result["caps"])
+    if module._diff:  # in check mode, what the caps would be
+        result["diff"] = {
+            "before": describe(before),
+            "after": describe(would_be if module.check_mode else result["caps"]),
+        }
     module.exit_json(**result)
 
 

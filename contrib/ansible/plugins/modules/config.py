@@ -13,7 +13,8 @@ description:
     task with shapekit's one-line message, and neither the file nor the kernel changes.
   - Whether the kernel differs is what C(shape-init --check) says. A file that changes only in ways the
     kernel does not see (comments) is written without rebuilding the trees.
-  - If the boot sequence fails, shapekit has already undone what it applied, and O(dest) is left as it was.
+  - If the boot sequence fails, shapekit has undone what it applied (or left a device unshaped, never
+    half-shaped), O(dest) is left as it was, and the module applies that old config again.
   - O(state=absent) runs C(shape-flush) and removes O(dest).
   - Needs shapekit installed on the host (C(init/install)) and root (C(become)).
 version_added: 0.1.0
@@ -44,6 +45,12 @@ options:
     description: With O(state=absent), also delete the saved run-time entries (C(shape-flush --forget)).
     type: bool
     default: false
+  skip_absent:
+    description:
+      - Skip configured devices that do not exist now (C(--skip-absent)), as the init scripts do at boot, so that
+        a hot-plug device that is down (ppp0, wg0) does not fail the task. V(false) fails it instead.
+    type: bool
+    default: true
 attributes:
   check_mode:
     description: Reports what would change, and changes nothing.
@@ -54,6 +61,10 @@ attributes:
     details: The config file's diff, and the script C(shape-init --all --dry-run) prints when the kernel differs.
 notes:
   - Run-time entries (C(shape-limit-ip add), C(shape-bypass add)) stay saved across config changes.
+  - A device taken out of the config keeps its tree until C(shape-flush --dev DEV) or O(state=absent), since
+    C(shape-init) builds and compares the devices the config names.
+  - The new config is checked in a private temporary directory of the module's own (root) process, since
+    shapekit refuses a config that a user other than root could change.
 seealso:
   - module: shapekit.shapekit.cap
 """
@@ -88,6 +99,7 @@ script:
 """
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -107,10 +119,8 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def write_beside(dest: str, text: str) -> str:
-    """`text` in a new file in dest's directory (made if missing), so that it can replace dest atomically."""
-    directory = os.path.dirname(dest) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+def write_in(directory: str, text: str) -> str:
+    """`text` in a new file in `directory`, mode 0644."""
     descriptor, path = tempfile.mkstemp(prefix=".shapekit-", suffix=".toml", dir=directory)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -122,42 +132,82 @@ def lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def present(module: AnsibleModule, dest: str, content: str) -> dict[str, Any]:
-    init = shapekit_command(module, "shape-init")
-    before = read_text(dest)
-    scratch = os.path.join(module.tmpdir, "shapekit.toml")
-    with open(scratch, "w", encoding="utf-8") as handle:
-        handle.write(content)
-    shown = {scratch: f"{dest} (new)"}
-    # Bad input is exit 2 with one line, before anything is read from or done to the kernel.
-    script = run_shapekit(module, [init, "--all", "--dry-run", "--config", scratch], shown=shown)[1]
-    check_rc, differences = run_shapekit(module, [init, "--check", "--config", scratch], (0, 1), shown)
-    kernel_differs = check_rc == 1
-    file_differs = before != content
-    result = {
-        "changed": kernel_differs or file_differs,
-        "kernel_differences": lines(differences) if kernel_differs else [],
-        "script": script if kernel_differs else "",
-    }
-    if module._diff:
-        result["diff"] = [{"before_header": dest, "after_header": dest, "before": before or "", "after": content}]
-        if kernel_differs:
-            result["diff"].append(
-                {
-                    "before_header": f"the kernel (shape-init --check: {len(result['kernel_differences'])} differences)",
-                    "after_header": "shape-init --all --dry-run",
-                    "before": "",
-                    "after": script,
-                }
+class Boot:
+    """shape-init on the host, with the options every run of it here takes."""
+
+    def __init__(self, module: AnsibleModule, dest: str) -> None:
+        self.module = module
+        self.dest = dest
+        self.command = shapekit_command(module, "shape-init")
+        self.options = ["--skip-absent"] if module.params["skip_absent"] else []
+
+    def run(self, config: str, *argv: str, allowed: tuple[int, ...] = (0,)) -> tuple[int, str, str]:
+        shown = {config: f"{self.dest} (new)"} if config != self.dest else {}
+        return run_shapekit(self.module, [self.command, *argv, *self.options, "--config", config], allowed, shown)
+
+    def kernel_differences(self, config: str) -> list[str]:
+        """What `shape-init --check` finds different; a check that cannot run fails the task."""
+        rc, out, err = self.run(config, "--check", allowed=(0, 1))
+        if rc == 1 and err.strip():  # exit 1 is also a failed system command, said on stderr
+            self.module.fail_json(msg=err.strip(), rc=rc, stdout=out, stderr=err)
+        return lines(out) if rc == 1 else []
+
+    def apply(self, staged: str, before: str | None) -> None:
+        """The boot sequence with the new config; if it fails, shapekit has undone its run (or left the device
+        unshaped), and the old config, still in dest, is applied again."""
+        rc, out, err = self.run(staged, "--all", allowed=(0, 1, 2))
+        if rc == 0:
+            return
+        message = err.strip() or f"shape-init --all: exit status {rc}"
+        if before is not None:
+            again_rc, _out, again_err = self.run(self.dest, "--all", allowed=(0, 1, 2))
+            message += (
+                "; the old config was applied again"
+                if again_rc == 0
+                else f"; the old one failed too: {again_err.strip()}"
             )
+        self.module.fail_json(msg=message, rc=rc, stdout=out, stderr=err)
+
+
+def present(module: AnsibleModule, dest: str, content: str) -> dict[str, Any]:
+    boot = Boot(module, dest)
+    before = read_text(dest)
+    # A private directory of this (root) process: shapekit refuses a config others could change.
+    scratch_dir = tempfile.mkdtemp(prefix="shapekit-")
+    try:
+        scratch = write_in(scratch_dir, content)
+        # Bad input is exit 2 with one line, before anything is read from or done to the kernel.
+        script = boot.run(scratch, "--all", "--dry-run")[1]
+        differences = boot.kernel_differences(scratch)
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+    result = {
+        "changed": bool(differences) or before != content,
+        "kernel_differences": differences,
+        "script": script if differences else "",
+        "diff": [{"before_header": dest, "after_header": dest, "before": before or "", "after": content}],
+    }
+    if differences:
+        result["diff"].append(
+            {
+                "before_header": f"the kernel (shape-init --check: {len(differences)} differences)",
+                "after_header": "shape-init --all --dry-run",
+                "before": "",
+                "after": script,
+            }
+        )
     if module.check_mode or not result["changed"]:
         return result
-    staged = write_beside(dest, content)
+    directory = os.path.dirname(dest) or "."
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        os.chmod(directory, 0o755)  # not the umask's: shapekit refuses a config in a directory others can write
+    staged = write_in(directory, content)  # beside dest, so that it replaces dest whole
     try:
-        if kernel_differs:
-            # On failure shapekit has undone its run; dest stays as it was.
-            run_shapekit(module, [init, "--all", "--config", staged], shown={staged: f"{dest} (new)"})
+        if differences:
+            boot.apply(staged, before)
         module.atomic_move(staged, dest)
+        os.chmod(dest, 0o644)  # atomic_move gives a new file the umask's mode
     finally:
         if os.path.exists(staged):
             os.unlink(staged)
@@ -168,19 +218,18 @@ def absent(module: AnsibleModule, dest: str, forget: bool) -> dict[str, Any]:
     flush = shapekit_command(module, "shape-flush")
     before = read_text(dest)
     options = ["--forget"] if forget else []
-    script = run_shapekit(module, [flush, *options, "--dry-run"])[1]
+    script = run_shapekit(module, [flush, *options, "--dry-run"])[1]  # with --forget: the files it deletes too
     kernel_has = bool(script.strip())
     result = {
         "changed": kernel_has or before is not None,
         "kernel_differences": lines(script),
         "script": script,
+        "diff": [{"before_header": dest, "after_header": dest, "before": before or "", "after": ""}],
     }
-    if module._diff:
-        result["diff"] = [{"before_header": dest, "after_header": dest, "before": before or "", "after": ""}]
-        if kernel_has:
-            result["diff"].append(
-                {"before_header": "the kernel", "after_header": "shape-flush --dry-run", "before": "", "after": script}
-            )
+    if kernel_has:
+        result["diff"].append(
+            {"before_header": "the kernel", "after_header": "shape-flush --dry-run", "before": "", "after": script}
+        )
     if module.check_mode or not result["changed"]:
         return result
     if kernel_has:
@@ -188,6 +237,11 @@ def absent(module: AnsibleModule, dest: str, forget: bool) -> dict[str, Any]:
     if before is not None:
         os.unlink(dest)
     return result
+
+
+def finish(module: AnsibleModule, result: dict[str, Any]) -> None:
+    """The task's result; its diff only with --diff."""
+    module.exit_json(**{key: value for key, value in result.items() if key != "diff" or module._diff})
 
 
 def main() -> None:
@@ -198,6 +252,7 @@ def main() -> None:
             "dest": {"type": "path", "default": DEFAULT_CONFIG},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
             "forget": {"type": "bool", "default": False},
+            "skip_absent": {"type": "bool", "default": True},
         },
         mutually_exclusive=[["content", "src"]],
         required_if=[["state", "present", ["content", "src"], True]],
@@ -205,10 +260,10 @@ def main() -> None:
     )
     params = module.params
     if params["state"] == "absent":
-        module.exit_json(**absent(module, params["dest"], params["forget"]))
+        finish(module, absent(module, params["dest"], params["forget"]))
     if params["content"] is None:
         module.fail_json(msg="src is read on the controller by this module's action plugin: run it as a task")
-    module.exit_json(**present(module, params["dest"], params["content"]))
+    finish(module, present(module, params["dest"], params["content"]))
 
 
 if __name__ == "__main__":
