@@ -44,9 +44,12 @@ def commands() -> dict[str, Any]:
     return dict(sorted(found.items()))
 
 
+# click-man reads click's Context, Option and utils from its module global `click`: typer's own.
+click_man.core.click = SimpleNamespace(Context=typer_click.Context, Option=TyperOption, utils=typer_click_utils)
+
+
 def pages(name: str, command: Any, parent: Any = None) -> dict[str, str]:
     """The page of `command` and of each of its verbs, by file name."""
-    click_man.core.click = SimpleNamespace(Context=typer_click.Context, Option=TyperOption, utils=typer_click_utils)
     ctx = typer_click.Context(command, info_name=name, parent=parent)
     text = click_man.core.generate_man_page(ctx, version=f"shapekit {__version__}")
     # click-man writes section 1 and names the verbs' pages in it.

@@ -55,10 +55,9 @@ def flush(options: common.Options, devs: list[str], forget: bool) -> None:
         _release_gso(runner, devs, held)  # last: the rest of shapekit is gone even if the kernel refuses it
         if forget:
             for path in (state_dir() / name for name in (BYPASS_FILE, LIMITS_FILE)):
-                if options.dry_run:
-                    if path.exists():
-                        runner.note(f"--forget: delete {path}")
-                else:
+                if path.exists():
+                    runner.note(f"--forget: delete {path}")  # what --dry-run prints
+                if not options.dry_run:
                     _forget(path)
 
 
